@@ -1,0 +1,22 @@
+"""fnn: fused linear + activation layers for PyTorch, written in Triton.
+
+    y = fnn.linear_act(x, weight, bias, activation="sigmoid")   # act(F.linear(x, weight, bias))
+    model = fnn.FNN([2, 32, 1], bias=False)                     # a network of FusedLinear layers
+"""
+
+from . import reference
+from .functional import FNNFunction, LinearActFunction, backend, fnn_forward, linear_act, linear_sigmoid
+from .modules import FNN, FusedLinear
+
+__all__ = [
+    "FNN",
+    "FNNFunction",
+    "FusedLinear",
+    "LinearActFunction",
+    "backend",
+    "fnn_forward",
+    "linear_act",
+    "linear_sigmoid",
+    "reference",
+]
+__version__ = "0.1.0"

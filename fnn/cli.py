@@ -1,0 +1,117 @@
+"""`python -m fnn train`: seed 000's network trained with the fused layers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .data import seed000_data
+from .functional import backend
+from .modules import FNN
+
+
+def describe_backend(device: torch.device) -> str:
+    """A sentence naming what runs the kernels on `device`."""
+    kind = backend(device)
+    if kind == "triton":
+        return f"compiled Triton kernels on {torch.cuda.get_device_name(device)}"
+    if kind == "interpreter":
+        return "Triton kernels in Triton's interpreter on the CPU (TRITON_INTERPRET=1)"
+    return "the PyTorch reference on the CPU (fnn.reference; set TRITON_INTERPRET=1 to run the kernels)"
+
+
+def seed000_model(seed: int, device: torch.device) -> FNN:
+    """Seed 000's 2-32-1 sigmoid network without bias, weights drawn as the seed draws them:
+    torch.manual_seed(seed); w1 = randn(2, 32); w2 = randn(32, 1) (in x out, hence the .T)."""
+    torch.manual_seed(seed)
+    w1, w2 = torch.randn(2, 32), torch.randn(32, 1)
+    model = FNN([2, 32, 1], activation="sigmoid", bias=False, device=device)
+    with torch.no_grad():
+        model.layers[0].weight.copy_(w1.T)
+        model.layers[1].weight.copy_(w2.T)
+    return model
+
+
+def train(
+    epochs: int = 101,
+    lr: float = 0.001,
+    seed: int = 2,
+    device: str = "auto",
+    plot: str | None = "fnn_loss.png",
+    progress: bool = True,
+) -> list[float]:
+    """Train seed 000's network by SGD on 0.5 * sum((y_hat - y)^2); return the mean
+    cross-entropy of every epoch (the loss the seed prints), measured before its update."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    print(f"backend: {describe_backend(dev)}")
+    x, y = (t.to(dev) for t in seed000_data())
+    model = seed000_model(seed, dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    history: list[float] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr, leave=False)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        y_hat = model(x)
+        with torch.no_grad():
+            bce = torch.nn.functional.binary_cross_entropy(y_hat, y).item()
+        history.append(bce)
+        if epoch % 20 == 0:
+            line = f"Epoch {epoch} | Loss: {bce}"
+            bar.write(line) if bar else print(line)
+        opt.zero_grad()
+        (0.5 * ((y_hat - y) ** 2).sum()).backward()
+        opt.step()
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    print(f"{epochs} epochs in {time.perf_counter() - start:.2f} s")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(range(epochs), history)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean cross-entropy")
+        ax.set_title("fnn: seed 000's 2-32-1 network on Iris")
+        fig.tight_layout()
+        fig.savefig(plot)
+        plt.close(fig)
+        print(f"loss curve saved to {plot}")
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fnn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train seed 000's 2-32-1 network on two Iris classes")
+    t.add_argument("--epochs", type=int, default=101, help="epochs (default 101)")
+    t.add_argument("--lr", type=float, default=0.001, help="learning rate (default 0.001)")
+    t.add_argument("--seed", type=int, default=2, help="torch.manual_seed for the weights (default 2)")
+    t.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    t.add_argument("--plot", default="fnn_loss.png", help="PNG path of the loss curve (fnn_loss.png)")
+    t.add_argument("--no-plot", action="store_true", help="do not save a plot")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    train(
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        plot=None if args.no_plot else args.plot,
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,0 +1,131 @@
+"""Modules: they hold parameters and call the autograd Functions, nothing more."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from kernels.checks import check_activation
+
+from .functional import fnn_forward, linear_act
+
+
+def _check_size(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class FusedLinear(nn.Module):
+    """`act(x @ weight^T + bias)` in one fused kernel: nn.Linear followed by its activation.
+
+    Parameters are laid out and initialised as in nn.Linear (`weight` (out, in), `bias`
+    (out,)), so an nn.Linear's state_dict loads into it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "sigmoid",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_size(in_features, "in_features")
+        self.out_features = _check_size(out_features, "out_features")
+        self.activation = check_activation(activation)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_act(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, activation={self.activation!r}"
+        )
+
+
+class FNN(nn.Module):
+    """A feed-forward network of FusedLinear layers, run as one autograd node.
+
+    `sizes` lists the widths, input first: `FNN([2, 32, 1])` has layers 2->32 and 32->1.
+    `activation` is one name for every layer or a list with one name per layer.
+    The backward chains the layers' kernels, each layer's delta computed in the epilogue of
+    the next layer's input-gradient kernel.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str | Sequence[str] = "sigmoid",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"FNN needs at least two sizes (input and output), got {sizes}")
+        for i, s in enumerate(sizes):
+            _check_size(s, f"sizes[{i}]")
+        n_layers = len(sizes) - 1
+        if isinstance(activation, str):
+            activations = [activation] * n_layers
+        else:
+            activations = list(activation)
+            if len(activations) != n_layers:
+                raise ValueError(
+                    f"FNN with sizes {sizes} has {n_layers} layers, but {len(activations)} "
+                    f"activations were given: {activations}"
+                )
+        self.layers = nn.ModuleList(
+            FusedLinear(i, o, bias=bias, activation=a, device=device, dtype=dtype)
+            for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
+        )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+
+    @property
+    def activations(self) -> list[str]:
+        return [layer.activation for layer in self.layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.sizes[0]:
+            raise ValueError(
+                f"FNN with sizes {self.sizes} expects inputs of width {self.sizes[0]} "
+                f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
+            )
+        return fnn_forward(
+            x,
+            [layer.weight for layer in self.layers],
+            [layer.bias for layer in self.layers],
+            self.activations,
+        )
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"

@@ -1,0 +1,58 @@
+"""Block shapes for the kernels, in one place.
+
+Chosen from the problem sizes alone (no device query, so it works in the interpreter and at
+import time): a tile never exceeds the next power of two of a dimension, and never goes below
+16, the smallest `tl.dot` accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _fit(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+
+
+def _caps(dtype: torch.dtype) -> tuple[int, int, int]:
+    """Largest (rows, cols, reduction) tile for a dtype: wider types keep tiles smaller."""
+    if dtype == torch.float64:
+        return 32, 32, 16
+    if dtype == torch.float32:
+        return 64, 64, 32
+    return 128, 128, 64
+
+
+def matmul_config(rows: int, cols: int, red: int, dtype: torch.dtype) -> TileConfig:
+    """Tile for an output of (rows, cols) reduced over `red`, as every kernel here computes."""
+    cap_r, cap_c, cap_k = _caps(dtype)
+    block_m, block_n, block_k = _fit(rows, cap_r), _fit(cols, cap_c), _fit(red, cap_k)
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return TileConfig(block_m, block_n, block_k, num_warps=num_warps)
+
+
+def weight_grad_split(m: int, n: int, k: int, cfg: TileConfig) -> int:
+    """How many slices of the batch the weight-gradient kernel reduces in parallel.
+
+    The weight gradient has only (N/BLOCK_N)*(K/BLOCK_K) tiles; when the batch is long and
+    that grid is small, split the batch so enough programs run, and sum the fp32 partials
+    in a fixed order afterwards (deterministic, unlike atomics).
+    """
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(k, cfg.block_k)
+    rows_per_tile = 4096
+    if tiles >= 128 or m <= rows_per_tile:
+        return 1
+    return max(1, min(triton.cdiv(m, rows_per_tile), 128 // tiles, 64))

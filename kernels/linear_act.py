@@ -1,0 +1,388 @@
+"""Fused linear + activation kernels and their launchers.
+
+Forward   Y  = act(X @ W^T + b)                     X (M, K), W (N, K), b (N,), Y (M, N)
+Delta     D  = dY * act'(Y)                          formed in the load path, never stored
+Backward  dX = D @ W          (optionally times act'_prev(X): the previous layer's delta)
+          dW = D^T @ X,  db = sum_m D                 one kernel, the same reduction over M
+
+Each launcher checks its inputs, allocates its outputs and launches on a `lambda META` grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import apply_activation, apply_delta
+from .checks import ACTIVATIONS, check_activation, check_linear_args
+from .configs import matmul_config, weight_grad_split
+from .memory import empty
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: bf16 operands go through float32 (exact products), because the
+    Triton interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def tile_ids(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """Map a 1-D program id to a (row tile, col tile), GROUP row tiles at a time (L2 reuse)."""
+    n_r = tl.cdiv(rows, BLOCK_R)
+    n_c = tl.cdiv(cols, BLOCK_C)
+    per_group = GROUP * n_c
+    first_r = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_r - first_r, GROUP)
+    pid_r = first_r + (pid % per_group) % group_rows
+    pid_c = (pid % per_group) // group_rows
+    return pid_r, pid_c
+
+
+@triton.jit
+def linear_act_fwd_kernel(
+    x_ptr,  # X (M, K), any strides
+    w_ptr,  # W (N, K), any strides
+    b_ptr,  # b (N,); not read unless HAS_BIAS
+    y_ptr,  # Y (M, N), written
+    M,  # rows of X and Y
+    N,  # out_features
+    K,  # in_features
+    stride_xm, stride_xk,  # strides of X
+    stride_wn, stride_wk,  # strides of W
+    stride_b,  # stride of b
+    stride_ym, stride_yn,  # strides of Y
+    ACTIVATION: tl.constexpr,  # kernels.checks.ACTIVATIONS code
+    HAS_BIAS: tl.constexpr,  # add b before the activation
+    ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 inputs
+    INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 inputs only)
+    UPCAST: tl.constexpr,  # interpreter + bf16: see mma
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per group in the launch order
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wt_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
+
+    # Main loop: acc = X_tile @ W_tile^T over K.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+        wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = mma(x, wt, acc, INPUT_PRECISION, UPCAST)
+        x_ptrs += BLOCK_K * stride_xk
+        wt_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: bias and activation on the accumulator, one cast at the store.
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0)
+        acc += b.to(ACC_DTYPE)[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def linear_act_bwd_input_kernel(
+    dy_ptr,  # dY (M, N), any strides (stride 0 for an expanded gradient)
+    y_ptr,  # Y (M, N), the saved output; not read when ACTIVATION is identity
+    w_ptr,  # W (N, K)
+    x_ptr,  # X (M, K), the layer input; read only when PREV_ACTIVATION is not identity
+    dx_ptr,  # dX (M, K), written: D @ W, times act'_prev(X) when PREV_ACTIVATION is set
+    M, N, K,
+    stride_dym, stride_dyn,
+    stride_ym, stride_yn,
+    stride_wn, stride_wk,
+    stride_xm, stride_xk,
+    stride_dxm, stride_dxk,
+    ACTIVATION: tl.constexpr,  # this layer's activation: D = dY * act'(Y)
+    PREV_ACTIVATION: tl.constexpr,  # the previous layer's activation, whose output X is
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+
+    # Main loop over N: D tile formed on load, acc += D @ W.
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        d = tl.load(dy_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
+        if ACTIVATION != 0:
+            y = tl.load(y_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
+            d = apply_delta(d, y, ACTIVATION)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        acc = mma(d.to(w.dtype), w, acc, INPUT_PRECISION, UPCAST)
+        dy_ptrs += BLOCK_N * stride_dyn
+        y_ptrs += BLOCK_N * stride_yn
+        w_ptrs += BLOCK_N * stride_wn
+
+    # Epilogue: the previous layer's delta, (D @ W) * act'_prev(X), when chaining layers.
+    mask_mk = mask_m[:, None] & mask_k[None, :]
+    if PREV_ACTIVATION != 0:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_mk, other=0)
+        acc = apply_delta(acc, x.to(ACC_DTYPE), PREV_ACTIVATION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_mk)
+
+
+@triton.jit
+def linear_act_bwd_weight_kernel(
+    dy_ptr,  # dY (M, N), any strides
+    y_ptr,  # Y (M, N); not read when ACTIVATION is identity
+    x_ptr,  # X (M, K)
+    dw_ptr,  # dW (N, K), or float partials (SPLIT, N, K) when SPLIT > 1
+    db_ptr,  # db (N,), or partials (SPLIT, N); written only when HAS_BIAS
+    M, N, K,
+    rows_per_split,  # rows of the batch each split reduces (a multiple of BLOCK_M)
+    stride_dym, stride_dyn,
+    stride_ym, stride_yn,
+    stride_xm, stride_xk,
+    stride_dws, stride_dwn, stride_dwk,  # split, row and column strides of dW
+    stride_dbs, stride_dbn,  # split and element strides of db
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # also reduce db = sum_m D
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    pid_n, pid_k = tile_ids(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
+    split = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    m_start = split * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+
+    # Main loop over this split's rows: acc += D^T @ X, acc_b += column sums of D.
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    acc_b = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_r
+        mask_m = offs_m < m_end
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        d = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                    mask=mask_mn, other=0).to(ACC_DTYPE)
+        if ACTIVATION != 0:
+            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                        mask=mask_mn, other=0).to(ACC_DTYPE)
+            d = apply_delta(d, y, ACTIVATION)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        acc = mma(tl.trans(d.to(x.dtype)), x, acc, INPUT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            acc_b += tl.sum(d, axis=0)
+
+    # Epilogue: store this split's dW tile; the first column of tiles also stores db.
+    dw_ptrs = dw_ptr + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if HAS_BIAS:
+        if pid_k == 0:
+            db_ptrs = db_ptr + split * stride_dbs + offs_n * stride_dbn
+            tl.store(db_ptrs, acc_b.to(db_ptr.dtype.element_ty), mask=mask_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+# Whether @triton.jit produced interpreted functions (TRITON_INTERPRET=1 at import time).
+INTERPRETED = type(linear_act_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only when torch allows it, as F.linear does."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
+    return {
+        "ACC_DTYPE": _acc_dtype(dtype),
+        "INPUT_PRECISION": _input_precision(dtype),
+        "UPCAST": INTERPRETED and dtype == torch.bfloat16,
+    }
+
+
+def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(
+            f"{name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}"
+        )
+
+
+def linear_act_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    """Y = act(x @ weight^T + bias) for a 2-D x (M, K); returns a new (M, N) tensor."""
+    check_linear_args(x, weight, bias, activation, who="linear_act_forward")
+    if x.dim() != 2:
+        raise ValueError(f"linear_act_forward: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    M, K = x.shape
+    N = weight.shape[0]
+    y = empty((M, N), x)
+    if M == 0:
+        return y
+    cfg = matmul_config(M, N, K, x.dtype)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
+    linear_act_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, y,
+        M, N, K,
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1),
+        ACTIVATION=ACTIVATIONS[activation],
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_dtype_flags(x.dtype),
+    )
+    return y
+
+
+def linear_act_backward_input(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    activation: str,
+    x: torch.Tensor | None = None,
+    prev_activation: str = "identity",
+) -> torch.Tensor:
+    """dX = (dy * act'(y)) @ weight, an (M, K) tensor.
+
+    With `prev_activation` other than identity, returns (D @ W) * prev_act'(x) instead: the
+    delta of the previous layer, whose output `x` is (the FNN backward chains through this).
+    """
+    check_activation(activation)
+    check_activation(prev_activation, "prev_activation")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("linear_act_backward_input: weight must be a 2-D tensor")
+    N, K = weight.shape
+    M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+    _check_2d("dy", dy, (M, N), weight)
+    _check_2d("y", y, (M, N), weight)
+    if prev_activation != "identity":
+        if x is None:
+            raise ValueError("linear_act_backward_input: prev_activation needs x, the layer input")
+        _check_2d("x", x, (M, K), weight)
+    dx = empty((M, K), weight)
+    if M == 0:
+        return dx
+    xp = x if prev_activation != "identity" else dx  # never read when prev is identity
+    cfg = matmul_config(M, K, N, weight.dtype)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
+    linear_act_bwd_input_kernel[grid](
+        dy, y, weight, xp, dx,
+        M, N, K,
+        dy.stride(0), dy.stride(1),
+        y.stride(0), y.stride(1),
+        weight.stride(0), weight.stride(1),
+        xp.stride(0), xp.stride(1),
+        dx.stride(0), dx.stride(1),
+        ACTIVATION=ACTIVATIONS[activation],
+        PREV_ACTIVATION=ACTIVATIONS[prev_activation],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_K=cfg.block_n, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_dtype_flags(weight.dtype),
+    )
+    return dx
+
+
+def linear_act_backward_weight(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    activation: str,
+    need_bias: bool,
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dW = D^T @ x (N, K) and, if `need_bias`, db = D summed over rows (N,); D = dy * act'(y).
+
+    `split` (default: chosen from the shape) slices the batch into that many parts reduced
+    in parallel, their float partials summed afterwards in a fixed order.
+    """
+    check_activation(activation)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("linear_act_backward_weight: x must be a 2-D tensor (M, K)")
+    M, K = x.shape
+    N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+    _check_2d("dy", dy, (M, N), x)
+    _check_2d("y", y, (M, N), x)
+    if M == 0:
+        dw = torch.zeros((N, K), dtype=x.dtype, device=x.device)
+        return dw, (torch.zeros((N,), dtype=x.dtype, device=x.device) if need_bias else None)
+    cfg = matmul_config(N, K, M, x.dtype)  # rows N, cols K, reduced over M
+    if split is None:
+        split = weight_grad_split(M, N, K, cfg)
+    if split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(M, rows_per_split)
+    if split == 1:
+        dw = empty((N, K), x)
+        db = empty((N,), x) if need_bias else None
+        dws, dbs = dw.unsqueeze(0), (db.unsqueeze(0) if need_bias else None)
+    else:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dws = empty((split, N, K), x, dtype=acc)
+        dbs = empty((split, N), x, dtype=acc) if need_bias else None
+    dbs_arg = dbs if need_bias else dws
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(K, META["BLOCK_K"]), split)  # noqa: E731
+    linear_act_bwd_weight_kernel[grid](
+        dy, y, x, dws, dbs_arg,
+        M, N, K, rows_per_split,
+        dy.stride(0), dy.stride(1),
+        y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1),
+        dws.stride(0), dws.stride(1), dws.stride(2),
+        dbs_arg.stride(0), dbs_arg.stride(1),
+        ACTIVATION=ACTIVATIONS[activation],
+        HAS_BIAS=need_bias,
+        BLOCK_M=cfg.block_k, BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_n, GROUP_N=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_dtype_flags(x.dtype),
+    )
+    if split == 1:
+        return dw, db
+    dw = dws.sum(0).to(x.dtype)
+    return dw, (dbs.sum(0).to(x.dtype) if need_bias else None)

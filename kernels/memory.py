@@ -1,0 +1,19 @@
+"""Output allocation for the launchers.
+
+Tests set POISON to True: every output then starts as NaN, so an element a kernel fails to
+write shows up instead of passing as whatever the allocator left there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+POISON = False
+
+
+def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised tensor on `like`'s device (NaN-filled when POISON is set)."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if POISON:
+        out.fill_(float("nan"))
+    return out
