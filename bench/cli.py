@@ -1,0 +1,87 @@
+"""`python -m bench`: time fnn against PyTorch eager, torch.compile and cuBLAS on a CUDA GPU."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from .cases import CASES
+
+NO_CUDA = (
+    "no CUDA device: python -m bench times GPU kernels and needs an NVIDIA GPU "
+    "(torch.cuda.is_available() is False); nothing was measured."
+)
+
+
+def list_cases() -> str:
+    lines = []
+    for c in CASES.values():
+        goals = "; ".join(g.text for g in c.all_goals)
+        lines.append(f"{c.name}{' (quick)' if c.quick else ''}: {c.describe()}")
+        lines.append(f"    implementations: {', '.join(c.implementations)}")
+        lines.append(f"    goals: {goals}")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        epilog="Results go to bench/results/<gpu-name>/: results.json, summary.md, run.log and PNG plots.",
+    )
+    p.add_argument("--quick", action="store_true", help="a few small cases with shorter timing (smoke run)")
+    p.add_argument("--cases", nargs="+", metavar="NAME", help="run these cases (see --list)")
+    p.add_argument("--out", metavar="DIR", help="write the results here (default bench/results/<gpu-name>)")
+    p.add_argument("--list", action="store_true", help="list the cases and their goals, then exit")
+    p.add_argument(
+        "--rep", type=float, metavar="MS", help="timing budget per measurement in ms (default 100)"
+    )
+    p.add_argument("--commit", metavar="SHA", help="git commit to record when the tree has no .git")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Testing: every case at a tiny shape, on the CPU through Triton's interpreter when no GPU.
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile-backend", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.list:
+        print(list_cases())
+        return 0
+    if args.cases:
+        unknown = [n for n in args.cases if n not in CASES]
+        if unknown:
+            parser().error(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
+    if args.rep is not None and args.rep <= 0:
+        parser().error("--rep must be > 0")
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print(NO_CUDA)
+        return 0
+    if not cuda and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # fnn's kernels in Triton's interpreter
+    from .runner import default_compile_options, run
+
+    compile_options = default_compile_options(args.tiny)
+    if args.compile_backend:
+        compile_options = {"backend": args.compile_backend}
+        if args.compile_backend == "inductor":
+            compile_options["mode"] = "max-autotune-no-cudagraphs"
+    _, status = run(
+        args.cases,
+        quick=args.quick,
+        tiny=args.tiny,
+        out_dir=args.out,
+        compile_options=compile_options,
+        rep_ms=args.rep,
+        progress=not args.no_progress,
+        commit=args.commit,
+        command=["python", "-m", "bench", *argv],
+    )
+    return status

@@ -1,0 +1,325 @@
+"""A case made concrete on a device: its input sets, its implementations, its float64 reference
+and its work (FLOPs and compulsory bytes) for the roofline.
+
+Every implementation is a function of one input set returning a tuple of tensors: the output
+for a forward case; the output and the gradients (`torch.autograd.grad` with a fixed random
+output gradient, so nothing accumulates in `.grad`) for a forward+backward case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import fnn
+from fnn import reference
+
+from .cases import Case
+
+Outputs = tuple[torch.Tensor, ...]
+InputSet = dict[str, Any]
+
+ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "identity": nn.Identity,
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+}
+
+
+class AddmmReLU(torch.autograd.Function):
+    """relu(b + x @ w^T) through `torch._addmm_activation` (cuBLASLt's ReLU epilogue).
+
+    `_addmm_activation` has no derivative in PyTorch, so the backward is written out with
+    the kernels autograd itself runs after `relu(F.linear(...))`: threshold_backward, two
+    matrix products and a column sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = torch._addmm_activation(b, x, w.t(), use_gelu=False)
+        ctx.save_for_backward(x, w, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, y = ctx.saved_tensors
+        d = torch.ops.aten.threshold_backward(dy, y, 0)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return (d @ w if need_x else None, d.t() @ x if need_w else None, d.sum(0) if need_b else None)
+
+
+@dataclass
+class Problem:
+    """A case on a device. `run(name, inputs)` calls one implementation on one input set."""
+
+    case: Case
+    device: torch.device
+    input_sets: list[InputSet]
+    impls: dict[str, Callable[[InputSet], Outputs]]
+    output_names: tuple[str, ...]
+    reference: Callable[[], Outputs]  # float64 outputs for input set 0
+    set_bytes: int
+    flop: float
+    bytes: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, name: str, index: int = 0) -> Outputs:
+        return self.impls[name](self.input_sets[index])
+
+    def rotating(self, name: str) -> Callable[[], Outputs]:
+        """A no-argument call of `name` that takes the next input set at each call."""
+        impl, sets, state = self.impls[name], self.input_sets, [0]
+
+        def call() -> Outputs:
+            inputs = sets[state[0]]
+            state[0] = (state[0] + 1) % len(sets)
+            return impl(inputs)
+
+        return call
+
+
+def count_sets(set_bytes: int, l2_bytes: int, max_sets: int) -> int:
+    """Input sets to rotate: one when a set alone overflows L2, else enough for the sets
+    together to cover twice the L2 (at most `max_sets`)."""
+    if set_bytes >= l2_bytes:
+        return 1
+    return max(2, min(max_sets, math.ceil(2 * l2_bytes / max(set_bytes, 1))))
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _grads(out: torch.Tensor, leaves: list[torch.Tensor], grad: torch.Tensor) -> Outputs:
+    return (out, *torch.autograd.grad(out, leaves, grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Work: FLOPs and compulsory bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_work(case: Case) -> tuple[float, float]:
+    """FLOPs of the matrix products, and the bytes the op must move at the least.
+
+    Forward: read X, W, b; write Y. Backward (as autograd splits it, Y saved): read dY, Y,
+    X and W (W only for dX); write dX (when asked), dW and db.
+    """
+    M, K, N = case.shape["M"], case.shape["K"], case.shape["N"]
+    s = torch.empty((), dtype=case.dtype).element_size()
+    nb = N if case.bias else 0
+    flop = 2.0 * M * N * K
+    elems = M * K + N * K + nb + M * N
+    if case.mode == "fwbw":
+        flop += 2.0 * M * N * K * (2 if case.input_grad else 1)
+        elems += 2 * M * N + M * K + N * K + nb
+        if case.input_grad:
+            elems += N * K + M * K
+    return flop, float(elems * s)
+
+
+def network_work(case: Case) -> tuple[float, float]:
+    """As `linear_work` for a whole network, its hidden activations excluded from the bytes
+    (a fully fused network need not move them)."""
+    rows, sizes = case.shape["rows"], case.shape["sizes"]
+    s = torch.empty((), dtype=case.dtype).element_size()
+    params = sum(o * i + (o if case.bias else 0) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    layer_flop = [2.0 * rows * i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    flop = sum(layer_flop)
+    elems = rows * sizes[0] + params + rows * sizes[-1]
+    if case.mode == "fwbw":
+        flop += sum(layer_flop)  # dW of every layer
+        flop += sum(layer_flop[1:]) + (layer_flop[0] if case.input_grad else 0)  # dX / deltas
+        elems += 2 * rows * sizes[-1] + rows * sizes[0] + 2 * params
+        if case.input_grad:
+            elems += rows * sizes[0]
+    return flop, float(elems * s)
+
+
+def work(case: Case) -> tuple[float, float]:
+    return linear_work(case) if case.kind == "linear" else network_work(case)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+
+def build(
+    case: Case,
+    device: torch.device,
+    compile_options: dict[str, Any],
+    l2_bytes: int,
+    max_sets: int,
+    seed: int = 0,
+) -> Problem:
+    """Inputs and implementations of `case` on `device` (call inside the case's matmul
+    precision). `compile_options` go to torch.compile."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    if case.kind == "linear":
+        return _build_linear(case, device, compile_options, l2_bytes, max_sets, gen)
+    return _build_network(case, device, compile_options, l2_bytes, max_sets, gen)
+
+
+def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype, scale=1.0):
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:
+    M, K, N = case.shape["M"], case.shape["K"], case.shape["N"]
+    dt, act, fwbw = case.dtype, case.activation, case.mode == "fwbw"
+
+    def make_set() -> InputSet:
+        # W scaled by 1/sqrt(K) so that X W^T + b stays near unit size: no saturated sigmoid.
+        x = _randn((M, K), gen, device, dt)
+        w = _randn((N, K), gen, device, dt, K**-0.5)
+        b = _randn((N,), gen, device, dt, 0.5) if case.bias else None
+        inputs: InputSet = {"x": x, "w": w, "b": b}
+        if fwbw:
+            inputs["grad"] = _randn((M, N), gen, device, dt)
+            leaves = [w] + ([b] if b is not None else [])
+            if case.input_grad:
+                leaves.insert(0, x)
+            for t in leaves:
+                t.requires_grad_(True)
+            inputs["leaves"] = leaves
+        return inputs
+
+    first = make_set()
+    set_bytes = _nbytes(first["x"], first["w"], first["b"], first.get("grad"))
+    sets = [first] + [make_set() for _ in range(count_sets(set_bytes, l2_bytes, max_sets) - 1)]
+
+    def eager(x, w, b):
+        return reference.linear_act(x, w, b, act)
+
+    fns: dict[str, Callable] = {
+        "fnn": lambda x, w, b: fnn.linear_act(x, w, b, act),  # looked up at call time
+        "eager": eager,
+        "compile": torch.compile(eager, **compile_options),
+        "gemm_only": lambda x, w, b: reference.linear_act(x, w, b, "identity"),
+        "addmm_act": AddmmReLU.apply,
+    }
+
+    def wrap(f: Callable) -> Callable[[InputSet], Outputs]:
+        if fwbw:
+            return lambda s: _grads(f(s["x"], s["w"], s["b"]), s["leaves"], s["grad"])
+        return lambda s: (f(s["x"], s["w"], s["b"]),)
+
+    impls = {name: wrap(fns[name]) for name in case.implementations}
+    names = ["y"]
+    if fwbw:
+        names += (["dx"] if case.input_grad else []) + ["dw"] + (["db"] if case.bias else [])
+
+    def ref() -> Outputs:
+        s = sets[0]
+        x, w = s["x"].detach().double(), s["w"].detach().double()
+        b = s["b"].detach().double() if s["b"] is not None else None
+        if not fwbw:
+            return (reference.linear_act(x, w, b, act),)
+        leaves = ([x] if case.input_grad else []) + [w] + ([b] if b is not None else [])
+        for t in leaves:
+            t.requires_grad_(True)
+        return _grads(reference.linear_act(x, w, b, act), leaves, s["grad"].double())
+
+    flop, nbytes = linear_work(case)
+    return Problem(case, device, sets, impls, tuple(names), ref, set_bytes, flop, nbytes)
+
+
+def eager_network(model: fnn.FNN) -> nn.Sequential:
+    """An nn.Sequential of nn.Linear and activation modules holding copies of `model`'s weights."""
+    layers: list[nn.Module] = []
+    for layer in model.layers:
+        w = layer.weight
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        lin = lin.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias)
+        layers += [lin, ACTIVATION_MODULES[layer.activation]()]
+    return nn.Sequential(*layers)
+
+
+def _build_network(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:
+    rows, sizes, dt = case.shape["rows"], case.shape["sizes"], case.dtype
+    fwbw = case.mode == "fwbw"
+    if case.model is not None:
+        torch.manual_seed(0)
+        model = case.model(device, dt)
+    else:
+        torch.manual_seed(0)
+        model = fnn.FNN(sizes, activation=case.activation, bias=case.bias, device=device, dtype=dt)
+    if model.sizes != list(sizes):
+        raise ValueError(f"{case.name}: model has sizes {model.sizes}, the case says {sizes}")
+    seq = eager_network(model)
+    modules: dict[str, Callable] = {
+        "fnn": model,
+        "eager": seq,
+        "compile": torch.compile(seq, **compile_options),
+    }
+    params = {"fnn": list(model.parameters()), "eager": list(seq.parameters())}
+    params["compile"] = params["eager"]
+
+    def make_set(i: int) -> InputSet:
+        if i == 0 and case.data is not None:
+            x = case.data()[:rows].to(device=device, dtype=dt)
+            if tuple(x.shape) != (rows, sizes[0]):
+                raise ValueError(f"{case.name}: data has shape {tuple(x.shape)}, expected {(rows, sizes[0])}")
+        else:
+            x = _randn((rows, sizes[0]), gen, device, dt)
+        inputs: InputSet = {"x": x.requires_grad_(fwbw and case.input_grad)}
+        if fwbw:
+            inputs["grad"] = _randn((rows, sizes[-1]), gen, device, dt)
+        return inputs
+
+    first = make_set(0)
+    set_bytes = _nbytes(first["x"], first.get("grad"))
+    sets = [first] + [make_set(i) for i in range(1, count_sets(set_bytes, l2_bytes, max_sets))]
+
+    def wrap(name: str) -> Callable[[InputSet], Outputs]:
+        module, ps = modules[name], params.get(name, [])
+        if fwbw:
+            return lambda s: _grads(module(s["x"]), ([s["x"]] if case.input_grad else []) + ps, s["grad"])
+        return lambda s: (module(s["x"]),)
+
+    impls = {name: wrap(name) for name in case.implementations}
+    names = ["y"]
+    if fwbw:
+        names += ["dx"] if case.input_grad else []
+        for i, layer in enumerate(model.layers, start=1):
+            names += [f"dw{i}"] + ([f"db{i}"] if layer.bias is not None else [])
+
+    def ref() -> Outputs:
+        x = sets[0]["x"].detach().double()
+        ws = [layer.weight.detach().double() for layer in model.layers]
+        bs = [layer.bias.detach().double() if layer.bias is not None else None for layer in model.layers]
+        if not fwbw:
+            return (reference.fnn_forward(x, ws, bs, model.activations),)
+        leaves = [x] if case.input_grad else []
+        for w, b in zip(ws, bs, strict=True):
+            leaves += [w] + ([b] if b is not None else [])
+        for t in leaves:
+            t.requires_grad_(True)
+        y = reference.fnn_forward(x, ws, bs, model.activations)
+        return _grads(y, leaves, sets[0]["grad"].double())
+
+    flop, nbytes = network_work(case)
+    return Problem(
+        case,
+        device,
+        sets,
+        impls,
+        tuple(names),
+        ref,
+        set_bytes,
+        flop,
+        nbytes,
+        extra={"model": model, "eager_model": seq},
+    )
