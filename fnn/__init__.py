@@ -4,19 +4,24 @@
     model = fnn.FNN([2, 32, 1], bias=False)                     # a network of FusedLinear layers
 """
 
-from . import reference
+from . import ops, reference
+from .convert import fuse
 from .functional import FNNFunction, LinearActFunction, backend, fnn_forward, linear_act, linear_sigmoid
 from .modules import FNN, FusedLinear
+from .trainer import Trainer
 
 __all__ = [
     "FNN",
     "FNNFunction",
     "FusedLinear",
     "LinearActFunction",
+    "Trainer",
     "backend",
     "fnn_forward",
+    "fuse",
     "linear_act",
     "linear_sigmoid",
+    "ops",
     "reference",
 ]
 __version__ = "0.1.0"

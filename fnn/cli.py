@@ -12,6 +12,7 @@ import torch
 from .data import seed000_data
 from .functional import backend
 from .modules import FNN
+from .trainer import Trainer
 
 
 def describe_backend(device: torch.device) -> str:
@@ -50,7 +51,7 @@ def train(
     print(f"backend: {describe_backend(dev)}")
     x, y = (t.to(dev) for t in seed000_data())
     model = seed000_model(seed, dev)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    trainer = Trainer(model, loss="sse", lr=lr)
     history: list[float] = []
     bar = None
     if progress:
@@ -59,16 +60,13 @@ def train(
         bar = tqdm(total=epochs, desc="training", unit="epoch", file=sys.stderr, leave=False)
     start = time.perf_counter()
     for epoch in range(epochs):
-        y_hat = model(x)
         with torch.no_grad():
-            bce = torch.nn.functional.binary_cross_entropy(y_hat, y).item()
+            bce = torch.nn.functional.binary_cross_entropy(model(x), y).item()
         history.append(bce)
         if epoch % 20 == 0:
             line = f"Epoch {epoch} | Loss: {bce}"
             bar.write(line) if bar else print(line)
-        opt.zero_grad()
-        (0.5 * ((y_hat - y) ** 2).sum()).backward()
-        opt.step()
+        trainer.step(x, y)  # one kernel launch on CUDA (fnn.Trainer)
         if bar:
             bar.update()
     if bar:
@@ -106,6 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    if not 0 < args.lr < float("inf"):  # NaN fails this too
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: no such CUDA device here")
     train(
         epochs=args.epochs,
         lr=args.lr,

@@ -10,7 +10,8 @@ from torch import nn
 
 from kernels.checks import check_activation
 
-from .functional import fnn_forward, linear_act
+from .functional import backend, fnn_forward, linear_act
+from .network import check_fusion, fnn_network_forward, resolve_fusion
 
 
 def _check_size(value: object, name: str) -> int:
@@ -24,8 +25,10 @@ def _check_size(value: object, name: str) -> int:
 class FusedLinear(nn.Module):
     """`act(x @ weight^T + bias)` in one fused kernel: nn.Linear followed by its activation.
 
+    Backward (fnn.LinearActFunction), with D = dY * act'(Y) formed from the saved output:
+    dx = D weight, dweight = D^T x, dbias = sum over rows of D.
     Parameters are laid out and initialised as in nn.Linear (`weight` (out, in), `bias`
-    (out,)), so an nn.Linear's state_dict loads into it.
+    (out,)), so an nn.Linear's state_dict loads into it (see also `from_linear`, `fnn.fuse`).
     """
 
     def __init__(
@@ -56,7 +59,26 @@ class FusedLinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str = "sigmoid") -> FusedLinear:
+        """`activation(linear(x))` as one FusedLinear that shares `linear`'s Parameter objects
+        (no copy: optimizers holding them keep working, and training one trains the other)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        fused = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            activation=activation,
+            device="meta",  # placeholders, replaced by linear's parameters below
+        )
+        fused.weight = linear.weight
+        if linear.bias is not None:
+            fused.bias = linear.bias
+        return fused.train(linear.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """act(x @ weight^T + bias) through fnn.linear_act (fused kernel, fused backward)."""
         return linear_act(x, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
@@ -69,10 +91,18 @@ class FusedLinear(nn.Module):
 class FNN(nn.Module):
     """A feed-forward network of FusedLinear layers, run as one autograd node.
 
+    Forward h_l = act_l(h_{l-1} W_l^T + b_l); backward (fnn.FNNFunction) with
+    D_l = dh_l * act_l'(h_l): dW_l = D_l^T h_{l-1}, db_l = sum over rows of D_l, dh_{l-1} = D_l W_l.
     `sizes` lists the widths, input first: `FNN([2, 32, 1])` has layers 2->32 and 32->1.
     `activation` is one name for every layer or a list with one name per layer.
     The backward chains the layers' kernels, each layer's delta computed in the epilogue of
     the next layer's input-gradient kernel.
+
+    `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
+    network in one kernel per direction (fnn.network; every width must be <= 128, else
+    ValueError) and keeps the parameters as views of zero-padded packed buffers; "auto"
+    picks per call (fnn.network.resolve_fusion: a provisional, unmeasured heuristic).
+    Under torch.autocast the "network" path falls back to "layer".
     """
 
     def __init__(
@@ -82,6 +112,7 @@ class FNN(nn.Module):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        fusion: str = "auto",
     ) -> None:
         super().__init__()
         sizes = list(sizes)
@@ -103,6 +134,7 @@ class FNN(nn.Module):
             FusedLinear(i, o, bias=bias, activation=a, device=device, dtype=dtype)
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
         )
+        self.fusion = check_fusion(fusion, sizes)
 
     @property
     def sizes(self) -> list[int]:
@@ -120,6 +152,13 @@ class FNN(nn.Module):
                 f"FNN with sizes {self.sizes} expects inputs of width {self.sizes[0]} "
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
+        mode = resolve_fusion(self.fusion, self.sizes, x.device)
+        if (
+            mode == "network"
+            and backend(x.device) != "reference"
+            and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+        ):
+            return fnn_network_forward(self, x)
         return fnn_forward(
             x,
             [layer.weight for layer in self.layers],
@@ -128,4 +167,4 @@ class FNN(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}"
+        return f"sizes={self.sizes}, fusion={self.fusion!r}"

@@ -1,0 +1,168 @@
+"""`fnn.Trainer`: full-batch SGD steps, one kernel launch per step for narrow FNNs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import backend
+from .modules import FNN
+from .network import ensure_packed, fits_network, resolve_fusion
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
+    "mse": F.mse_loss,  # mean, as nn.MSELoss
+    "sse": lambda y_hat, y: 0.5 * ((y_hat - y) ** 2).sum(),  # seeds 000 and 002
+}
+
+
+def _check_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+class Trainer:
+    """Full-batch training by SGD: `step(x, y)` = forward, loss, backward, update.
+
+    loss: "bce" (mean binary cross-entropy, as nn.BCELoss), "mse" (mean, as nn.MSELoss) or
+    "sse" (0.5 * sum((y_hat - y)^2)). lr > 0; momentum >= 0 with torch.optim.SGD's meaning
+    (buf = momentum * buf + grad, the first buf = grad; p -= lr * buf).
+
+    Fused path: an `FNN` whose `fusion` resolves to "network" (fnn.network.resolve_fusion)
+    on a kernel backend runs the whole step in one kernel launch when the batch fits one
+    program of the backward (kernels.network.network_programs), else in two (the second
+    sums the per-program gradients in a fixed order and updates). The parameters are
+    updated in place (they are views of the model's packed buffers), `.grad` is not
+    touched, and the momentum buffers live in the Trainer.
+    Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
+    carried from one path to the other if a model changes path between steps.
+    """
+
+    def __init__(self, model: nn.Module, loss: str = "bce", lr: float = 1e-3, momentum: float = 0.0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer needs an nn.Module (e.g. fnn.FNN), got {type(model).__name__}")
+        if not isinstance(loss, str):
+            raise TypeError(f"loss must be a string, one of {sorted(LOSSES)}; got {type(loss).__name__}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+        lr = _check_number(lr, "lr")
+        momentum = _check_number(momentum, "momentum")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if not any(True for _ in model.parameters()):
+            raise ValueError("Trainer: the model has no parameters to train")
+        self.model = model
+        self.loss = loss
+        self.lr = lr
+        self.momentum = momentum
+        self._optimizer: torch.optim.SGD | None = None
+        self._hyper: tuple[tuple, torch.Tensor] | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fused(self, device: torch.device | str) -> bool:
+        """Whether `step` on tensors on `device` runs the whole-network kernel."""
+        model = self.model
+        return (
+            isinstance(model, FNN)
+            and fits_network(model.sizes)
+            and resolve_fusion(model.fusion, model.sizes, device) == "network"
+            and backend(device) != "reference"
+        )
+
+    def _check_batch(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
+        for name, t in (("x", x), ("y", y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"Trainer: {name} must be a torch.Tensor, got {type(t).__name__}")
+        param = next(self.model.parameters())
+        if isinstance(self.model, FNN):
+            n_in, n_out = self.model.sizes[0], self.model.sizes[-1]
+            if x.dim() == 0 or x.shape[-1] != n_in:
+                raise ValueError(f"Trainer: x must have shape (..., {n_in}), got {tuple(x.shape)}")
+            want = (*x.shape[:-1], n_out)
+            if tuple(y.shape) != want:
+                raise ValueError(
+                    f"Trainer: y must have the model output's shape {want}, got {tuple(y.shape)}"
+                )
+        if x.numel() == 0:
+            raise ValueError("Trainer: empty batch")
+        for name, t in (("x", x), ("y", y)):
+            if t.dtype != param.dtype or t.device != param.device:
+                raise TypeError(
+                    f"Trainer: {name} is {t.dtype} on {t.device}; the model's parameters are "
+                    f"{param.dtype} on {param.device}"
+                )
+        return x, y
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the batch (x, y); returns the loss before the update (0-dim)."""
+        x, y = self._check_batch(x, y)
+        if self.fused(x.device):
+            return self._fused_step(x, y)
+        return self._autograd_step(x, y)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, epochs: int) -> list[float]:
+        """`epochs` full-batch steps; returns the loss of each (before its update)."""
+        if isinstance(epochs, bool) or not isinstance(epochs, int):
+            raise TypeError(f"epochs must be an int, got {type(epochs).__name__}")
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        return [self.step(x, y).item() for _ in range(epochs)]
+
+    def _autograd_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._optimizer is None:
+            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        for group in self._optimizer.param_groups:
+            group["lr"], group["momentum"] = self.lr, self.momentum
+        self._optimizer.zero_grad()
+        if y.requires_grad:
+            y = y.detach()
+        loss = LOSSES[self.loss](self.model(x), y)
+        loss.backward()
+        self._optimizer.step()
+        return loss.detach()
+
+    def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from kernels.network import network_train_step
+
+        model = self.model
+        pack = ensure_packed(model)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (self.lr, self.momentum, acc, x.device)
+        if self._hyper is None or self._hyper[0] != key:  # built once, not copied every step
+            self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=x.device))
+        hyper = self._hyper[1]
+        bufs = None
+        if self.momentum > 0:
+            bufs = self._buffers
+            if (
+                bufs is None
+                or bufs[0].shape != pack.w.shape
+                or bufs[0].dtype != pack.w.dtype
+                or (bufs[0].device != pack.w.device)
+            ):
+                bufs = self._buffers = (
+                    torch.zeros_like(pack.w),
+                    torch.zeros_like(pack.b) if pack.b is not None else None,
+                )
+        with torch.no_grad():
+            return network_train_step(
+                x.reshape(-1, x.shape[-1]),
+                y.reshape(-1, y.shape[-1]),
+                pack.w,
+                pack.b,
+                pack.meta,
+                pack.sizes,
+                self.loss,
+                hyper,
+                bufs[0] if bufs else None,
+                bufs[1] if bufs else None,
+            )

@@ -1,0 +1,267 @@
+"""fusion="network": the whole network in one kernel per direction (kernels.network).
+
+Every result is checked against fusion="layer" and against fnn.reference in float64 through
+PyTorch's autograd; launches are counted by wrapping the jit kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import RTOL, assert_close, assert_close_lowp
+
+import fnn
+import kernels.linear_act
+import kernels.network
+from fnn import reference
+from fnn.network import ensure_packed, resolve_fusion
+
+ACTS = ["identity", "sigmoid", "relu", "tanh"]
+
+# (sizes, activations, bias, batch): sampled so that every depth 1..6, every activation, both
+# bias settings, every batch in (0, 1, 7, 100, 1000) and widths 1..128 (with 16, 17, 64, 65,
+# 127, 128 around the padding edges) appear.
+CASES = [
+    ([1, 1], ["sigmoid"], True, 7),
+    ([3, 1], ["identity"], False, 0),
+    ([2, 32, 1], ["sigmoid", "sigmoid"], False, 100),
+    ([5, 17, 3], ["relu", "tanh"], True, 1),
+    ([16, 128, 9, 2], ["tanh", "relu", "sigmoid"], True, 100),
+    ([7, 64, 65, 127, 1], ["sigmoid", "identity", "relu", "tanh"], False, 7),
+    ([128, 33, 1, 40, 6, 3], ["relu", "sigmoid", "tanh", "identity", "sigmoid"], True, 1000),
+    ([4, 20, 20, 20, 20, 20, 2], ["tanh", "tanh", "relu", "sigmoid", "identity", "sigmoid"], False, 1000),
+    ([9, 128, 128, 8], ["sigmoid", "relu", "identity"], True, 0),
+    ([2, 100, 1], ["relu", "identity"], True, 1),
+]
+
+
+class LaunchCounter:
+    """Wraps every `*_kernel` of kernels.network and kernels.linear_act to count launches."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for module in (kernels.network, kernels.linear_act):
+            for name in dir(module):
+                if name.endswith("_kernel"):
+                    monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+
+    def _wrap(self, name: str, kernel):
+        counter = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    counter.calls.append(name)
+                    return launch(*args, **kwargs)
+
+                return run
+
+        return Counted()
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> LaunchCounter:
+    return LaunchCounter(monkeypatch)
+
+
+def _model(sizes, acts, bias, dtype, device, fusion, seed=0):
+    torch.manual_seed(seed)
+    model = fnn.FNN(sizes, activation=acts, bias=bias, dtype=dtype, device=device, fusion=fusion)
+    with torch.no_grad():  # weights large enough that every activation leaves its linear range
+        for p in model.parameters():
+            p.mul_(2)
+    return model
+
+
+def _reference(model, x, dy):
+    """Output and gradients (x, then every parameter) by autograd on fnn.reference in float64."""
+    xr = x.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in model.parameters()]
+    it = iter(params)
+    weights, biases = [], []
+    for layer in model.layers:
+        weights.append(next(it))
+        biases.append(next(it) if layer.bias is not None else None)
+    y = reference.fnn_forward(xr, weights, biases, model.activations)
+    y.backward(dy.double())
+    return y, [xr.grad, *(p.grad for p in params)]
+
+
+def _run(model, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(dy)
+    return y, [x.grad, *(p.grad for p in model.parameters())]
+
+
+def _grad_names(model):
+    return ["dx", *(f"d{name}" for name, _ in model.named_parameters())]
+
+
+@pytest.mark.parametrize("sizes,acts,bias,batch", CASES)
+def test_network_matches_layer_and_reference(device, sizes, acts, bias, batch):
+    dtype = torch.float32
+    net = _model(sizes, acts, bias, dtype, device, "network")
+    layer = copy.deepcopy(net)
+    layer.fusion = "layer"
+    torch.manual_seed(1)
+    x = torch.randn(batch, sizes[0], dtype=dtype, device=device)
+    dy = torch.randn(batch, sizes[-1], dtype=dtype, device=device)
+    y_ref, g_ref = _reference(net, x, dy)
+    y_net, g_net = _run(net, x, dy)
+    y_lay, g_lay = _run(layer, x, dy)
+    # Errors relative to each tensor's scale: cancellation in long sums makes single small
+    # elements meaningless at float32 precision.
+    for what, got, want in [("y", y_net, y_ref), *zip(_grad_names(net), g_net, g_ref, strict=True)]:
+        scale = want.abs().max().item() if want.numel() else 0.0
+        assert_close(got, want, RTOL[dtype], RTOL[dtype] * scale, f"network {what}")
+    for what, got, want in [("y", y_net, y_lay), *zip(_grad_names(net), g_net, g_lay, strict=True)]:
+        scale = want.abs().max().item() if want.numel() else 0.0
+        assert_close(got, want.float(), RTOL[dtype], RTOL[dtype] * scale, f"network vs layer {what}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_network_dtypes(device, dtype):
+    sizes, acts = [6, 40, 17, 3], ["tanh", "sigmoid", "relu"]
+    net = _model(sizes, acts, True, dtype, device, "network")
+    torch.manual_seed(2)
+    x = torch.randn(100, sizes[0], device=device).to(dtype)
+    dy = torch.randn(100, sizes[-1], device=device).to(dtype)
+    y_ref, g_ref = _reference(net, x, dy)
+    y_net, g_net = _run(net, x, dy)
+    names = ["y", *_grad_names(net)]
+    if dtype == torch.float64:
+        for what, got, want in zip(names, [y_net, *g_net], [y_ref, *g_ref], strict=True):
+            assert_close(got, want, RTOL[dtype], RTOL[dtype] * want.abs().max().item(), what)
+        return
+    # Half precision: at most twice PyTorch's own error in the same dtype (on the reference).
+    lowp = copy.deepcopy(net).cpu()
+    xl, dyl = x.cpu(), dy.cpu()
+    xl = xl.clone().requires_grad_()
+    params = list(lowp.parameters())
+    it = iter(params)
+    weights, biases = [], []
+    for _layer in lowp.layers:
+        weights.append(next(it))
+        biases.append(next(it))
+    y_low = reference.fnn_forward(xl, weights, biases, lowp.activations)
+    y_low.backward(dyl)
+    g_low = [xl.grad, *(p.grad for p in params)]
+    for what, got, low, want in zip(names, [y_net, *g_net], [y_low, *g_low], [y_ref, *g_ref], strict=True):
+        assert got.dtype == dtype, what
+        assert_close_lowp(got, low, want, f"{dtype} {what}")
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3, 8])
+def test_backward_programs_agree_and_are_deterministic(device, programs):
+    """The backward split over G programs (their partial sums reduced in a fixed order)
+    equals the reference, and two runs give the same bits."""
+    from kernels.network import network_backward
+
+    sizes, acts = [5, 24, 24, 2], ["sigmoid", "tanh", "identity"]
+    net = _model(sizes, acts, True, torch.float32, device, "network")
+    pack = ensure_packed(net)
+    torch.manual_seed(3)
+    x = torch.randn(1000, 5, device=device)
+    dy = torch.randn(1000, 2, device=device)
+    y, h = kernels.network.network_forward(x, pack.w, pack.b, pack.meta, pack.sizes, True)
+    runs = [
+        network_backward(dy, y, h, x, pack.w, pack.meta, pack.sizes, True, True, programs) for _ in range(2)
+    ]
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), "two identical backwards differ"
+    _, g_ref = _reference(net, x, dy)
+    dx, dw, db = runs[0]
+    got = [dx]
+    for li, layer in enumerate(net.layers):
+        o, i = layer.weight.shape
+        got += [dw[li, :o, :i], db[li, :o]]
+    for what, a, e in zip(_grad_names(net), got, g_ref, strict=True):
+        assert_close(a, e, 1e-5, 1e-5 * e.abs().max().item(), f"G={programs} {what}")
+
+
+def test_launch_counts(device, launches):
+    net = _model([2, 32, 1], ["sigmoid", "sigmoid"], False, torch.float32, device, "network")
+    x = torch.randn(100, 2, device=device, requires_grad=True)
+    ensure_packed(net)  # packing is torch copies, done once; count the kernels only
+    with torch.no_grad():
+        net(x)
+    assert launches.calls == ["network_fwd_kernel"]
+    launches.calls.clear()
+    y = net(x)
+    assert launches.calls == ["network_fwd_kernel"]
+    launches.calls.clear()
+    y.sum().backward()
+    assert launches.calls == ["network_bwd_kernel"]
+    # A batch over one program: the backward adds the fixed-order reduction.
+    launches.calls.clear()
+    net(torch.randn(1000, 2, device=device)).sum().backward()
+    assert launches.calls == ["network_fwd_kernel", "network_bwd_kernel", "network_reduce_kernel"]
+
+
+def test_parameters_are_packed_views_and_stay_the_truth(device):
+    net = _model([3, 10, 2], ["relu", "sigmoid"], True, torch.float32, device, "network")
+    x = torch.randn(7, 3, device=device)
+    net(x)
+    pack = ensure_packed(net)
+    assert net.layers[0].weight.untyped_storage().data_ptr() == pack.w.untyped_storage().data_ptr()
+    # An optimizer's in-place update is seen by the next forward (no stale copy).
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net(x).sum().backward()
+    opt.step()
+    y_ref, _ = _reference(net, x, torch.ones(7, 2, device=device))
+    assert_close(net(x), y_ref, 1e-5, 1e-6, "after SGD")
+    # Replaced parameters are packed again.
+    with torch.no_grad():
+        net.layers[1].weight = torch.nn.Parameter(torch.randn(2, 10, device=device))
+    y_ref, _ = _reference(net, x, torch.ones(7, 2, device=device))
+    assert_close(net(x), y_ref, 1e-5, 1e-6, "after replacing a weight")
+    assert ensure_packed(net) is not pack
+    # Padding stays zero.
+    p2 = ensure_packed(net)
+    mask = torch.ones_like(p2.w, dtype=torch.bool)
+    for li, layer in enumerate(net.layers):
+        mask[li, : layer.weight.shape[0], : layer.weight.shape[1]] = False
+    assert (p2.w[mask] == 0).all()
+
+
+def test_leading_dims_and_strided_input(device):
+    net = _model([4, 12, 3], ["tanh", "sigmoid"], True, torch.float32, device, "network")
+    base = torch.randn(5, 6, 8, device=device)
+    x = base[..., ::2]  # (5, 6, 4), not contiguous
+    dy = torch.randn(5, 6, 3, device=device)
+    y_ref, g_ref = _reference(net, x.reshape(-1, 4), dy.reshape(-1, 3))
+    y, g = _run(net, x, dy)
+    assert y.shape == (5, 6, 3) and g[0].shape == (5, 6, 4)
+    assert_close(y.reshape(-1, 3), y_ref, 1e-5, 1e-6, "y")
+    assert_close(g[0].reshape(-1, 4), g_ref[0], 1e-5, 1e-6, "dx")
+
+
+def test_fusion_argument():
+    with pytest.raises(ValueError, match="<= 128"):
+        fnn.FNN([2, 129, 1], fusion="network")
+    with pytest.raises(ValueError, match="unknown fusion"):
+        fnn.FNN([2, 3], fusion="fast")
+    with pytest.raises(TypeError, match="fusion must be a string"):
+        fnn.FNN([2, 3], fusion=1)
+    assert fnn.FNN([2, 129, 1], fusion="auto").fusion == "auto"
+    assert resolve_fusion("auto", [2, 129, 1], "cuda") == "layer"
+    assert resolve_fusion("auto", [2, 128, 1], "cuda") == "network"
+    assert resolve_fusion("auto", [2, 128, 1], "cpu") == "layer"
+    assert resolve_fusion("layer", [2, 8, 1], "cuda") == "layer"
+    assert resolve_fusion("network", [2, 8, 1], "cpu") == "network"
+
+
+def test_bad_inputs_raise_before_launch(device, launches):
+    net = _model([3, 5, 2], ["relu", "sigmoid"], True, torch.float32, device, "network")
+    with pytest.raises(ValueError, match="width 3"):
+        net(torch.randn(4, 2, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        net(torch.randn(4, 3, device=device, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        net([[1.0, 2.0, 3.0]])
+    assert launches.calls == []

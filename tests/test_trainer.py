@@ -1,0 +1,203 @@
+"""fnn.Trainer: one fused launch per SGD step for narrow FNNs, autograd + torch.optim.SGD
+otherwise; every fused step checked against autograd + loss.backward() + SGD.step()."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_network import LaunchCounter
+
+import fnn
+from fnn.cli import seed000_model
+from fnn.data import seed000_data
+from fnn.network import ensure_packed
+
+TORCH_LOSSES = {
+    "bce": torch.nn.BCELoss(),
+    "mse": torch.nn.MSELoss(),
+    "sse": lambda y_hat, y: 0.5 * ((y_hat - y) ** 2).sum(),
+}
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> LaunchCounter:
+    return LaunchCounter(monkeypatch)
+
+
+def _assert_params(model, expected, what, rtol=1e-5):
+    for (name, p), q in zip(model.named_parameters(), expected, strict=True):
+        err = (p.detach().double() - q.detach().double()).abs().max().item()
+        scale = q.detach().double().abs().max().item()
+        assert err <= rtol * scale + 1e-7, f"{what}: {name} off by {err:.3e} (scale {scale:.3e})"
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse", "sse"])
+@pytest.mark.parametrize("momentum,batch", [(0.0, 37), (0.9, 37), (0.9, 1000)])
+def test_step_equals_autograd_and_sgd(device, loss, momentum, batch):
+    """Three fused steps (one program for 37 rows, several and the reduction for 1000) equal
+    autograd on the same loss followed by torch.optim.SGD.step()."""
+    torch.manual_seed(0)
+    model = fnn.FNN([3, 24, 9, 2], activation=["tanh", "relu", "sigmoid"], device=device, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    x = torch.randn(batch, 3, device=device)
+    y = (
+        torch.rand(batch, 2, device=device)
+        if loss != "bce"
+        else torch.randint(0, 2, (batch, 2), device=device).float()
+    )
+    trainer = fnn.Trainer(model, loss=loss, lr=0.05, momentum=momentum)
+    assert trainer.fused(device)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum)
+    for step in range(3):
+        got = trainer.step(x, y)
+        opt.zero_grad()
+        want = TORCH_LOSSES[loss](ref(x), y)
+        want.backward()
+        opt.step()
+        assert got.shape == () and got.dtype == torch.float32
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), f"step {step} loss"
+        _assert_params(model, list(ref.parameters()), f"step {step}")
+    # The padding of the packed buffers is still exactly zero.
+    pack = ensure_packed(model)
+    for li, layer in enumerate(model.layers):
+        o, i = layer.weight.shape
+        assert pack.w[li, o:].abs().sum() == 0 and pack.w[li, :, i:].abs().sum() == 0
+        assert pack.b[li, o:].abs().sum() == 0
+
+
+def test_float64_step(device):
+    torch.manual_seed(1)
+    model = fnn.FNN([4, 16, 1], activation="sigmoid", dtype=torch.float64, device=device, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    x = torch.randn(50, 4, dtype=torch.float64, device=device)
+    y = torch.rand(50, 1, dtype=torch.float64, device=device)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.5)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.5)
+    for _ in range(3):
+        got = trainer.step(x, y)
+        opt.zero_grad()
+        want = torch.nn.functional.mse_loss(ref(x), y)
+        want.backward()
+        opt.step()
+        assert abs(got.item() - want.item()) <= 1e-12 * want.item()
+        _assert_params(model, list(ref.parameters()), "float64", rtol=1e-12)
+
+
+def _seed000_manual(x, y, w1, w2, lr, epochs):
+    """Seed 000's manual loop, transcribed: forward, "delta" backprop, gradient descent."""
+
+    def sigmoid(s):
+        return 1 / (1 + torch.exp(-s))
+
+    def sigmoid_first_order_derivative(s):
+        return s * (1 - s)
+
+    for _ in range(epochs):
+        y1 = torch.matmul(x, w1)
+        y2 = sigmoid(y1)
+        y3 = torch.matmul(y2, w2)
+        y4 = sigmoid(y3)
+        dC_dy4 = y4 - y
+        y4_delta = dC_dy4 * sigmoid_first_order_derivative(y4)
+        dC_dw2 = torch.matmul(torch.t(y2), y4_delta)
+        y2_delta = torch.matmul(y4_delta, torch.t(w2)) * sigmoid_first_order_derivative(y2)
+        dC_dw1 = torch.matmul(torch.t(x), y2_delta)
+        w1 -= lr * dC_dw1
+        w2 -= lr * dC_dw2
+    return w1, w2
+
+
+def test_seed000_through_trainer_equals_manual_loop(device, launches):
+    x, y = (t.to(device) for t in seed000_data())
+    model = seed000_model(2, device)
+    model.fusion = "network"
+    w1 = model.layers[0].weight.detach().T.clone()
+    w2 = model.layers[1].weight.detach().T.clone()
+    w1, w2 = _seed000_manual(x, y, w1, w2, 0.001, 101)
+    trainer = fnn.Trainer(model, loss="sse", lr=0.001)
+    trainer.step(x, y)  # the first step packs the parameters (torch copies)
+    launches.calls.clear()
+    trainer.step(x, y)
+    assert launches.calls == ["network_bwd_kernel"], "one launch per training step"
+    history = trainer.fit(x, y, 99)
+    assert len(history) == 99
+    _assert_params(model, [w1.T, w2.T], "seed 000 after 101 epochs")
+
+
+def test_fit_returns_the_step_losses(device):
+    torch.manual_seed(4)
+    model = fnn.FNN([2, 8, 1], device=device, fusion="network")
+    ref = copy.deepcopy(model)
+    x = torch.randn(20, 2, device=device)
+    y = torch.randint(0, 2, (20, 1), device=device).float()
+    history = fnn.Trainer(model, lr=0.5).fit(x, y, 4)
+    trainer = fnn.Trainer(ref, lr=0.5)
+    expected = [trainer.step(x, y).item() for _ in range(4)]
+    assert history == expected
+    assert fnn.Trainer(model, lr=0.5).fit(x, y, 0) == []
+
+
+def test_fallback_is_autograd_and_sgd(device, launches):
+    """Models the fused step does not serve (wide, fusion="layer", not an FNN) train through
+    autograd and torch.optim.SGD."""
+    torch.manual_seed(5)
+    seq = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Sigmoid()).to(device)
+    ref = copy.deepcopy(seq)
+    x = torch.randn(10, 3, device=device)
+    y = torch.rand(10, 4, device=device)
+    trainer = fnn.Trainer(seq, loss="mse", lr=0.1, momentum=0.9)
+    assert not trainer.fused(device)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        got = trainer.step(x, y)
+        opt.zero_grad()
+        want = torch.nn.functional.mse_loss(ref(x), y)
+        want.backward()
+        opt.step()
+        assert torch.equal(got, want.detach())
+    for p, q in zip(seq.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    wide = fnn.Trainer(fnn.FNN([2, 130, 1], device=device), lr=0.1)
+    assert not wide.fused(device)
+    layer = fnn.FNN([2, 3, 1], device=device, fusion="layer")
+    assert not fnn.Trainer(layer, lr=0.1).fused(device)
+    launches.calls.clear()
+    fnn.Trainer(layer, lr=0.1).step(torch.randn(4, 2, device=device), torch.rand(4, 1, device=device))
+    assert "network_bwd_kernel" not in launches.calls
+
+
+def test_argument_validation(device, launches):
+    model = fnn.FNN([2, 3, 1], device=device, fusion="network")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="nn.Module"):
+        fnn.Trainer("model")
+    with pytest.raises(ValueError, match="unknown loss"):
+        fnn.Trainer(model, loss="hinge")
+    with pytest.raises(TypeError, match="loss must be a string"):
+        fnn.Trainer(model, loss=None)
+    for lr in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lr"):
+            fnn.Trainer(model, lr=lr)
+    with pytest.raises(TypeError, match="lr"):
+        fnn.Trainer(model, lr="0.1")
+    with pytest.raises(ValueError, match="momentum"):
+        fnn.Trainer(model, lr=0.1, momentum=-0.5)
+    trainer = fnn.Trainer(model, lr=0.1)
+    x = torch.randn(5, 2, device=device)
+    with pytest.raises(ValueError, match="shape"):
+        trainer.step(x, torch.rand(5, 2, device=device))
+    with pytest.raises(ValueError, match="shape"):
+        trainer.step(torch.randn(5, 3, device=device), torch.rand(5, 1, device=device))
+    with pytest.raises(TypeError, match="float64"):
+        trainer.step(x, torch.rand(5, 1, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty"):
+        trainer.step(x[:0], torch.rand(0, 1, device=device))
+    with pytest.raises(TypeError, match="epochs"):
+        trainer.fit(x, torch.rand(5, 1, device=device), 2.0)
+    assert launches.calls == []
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
