@@ -17,7 +17,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from kernels.checks import check_linear_args
 
-from . import reference
+from . import ops
 
 
 def backend(device: torch.device | str) -> str:
@@ -31,11 +31,28 @@ def backend(device: torch.device | str) -> str:
 
 
 def _ops(t: torch.Tensor) -> ModuleType:
-    if backend(t.device) == "reference":
-        return reference
-    from kernels import linear_act  # imports triton, so only when a kernel will run
+    """The registered operators (fnn.ops, `torch.ops.fnn.*`); each picks its backend when it runs,
+    so torch.compile sees one opaque op per kernel, whatever the device."""
+    return ops
 
-    return linear_act
+
+_AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Under torch.autocast for the first tensor's device, cast the tensors as F.linear's
+    autocast would: float32/16 and bfloat16 to the autocast dtype (float64 stays). The casts are
+    differentiable, so float32 parameters receive float32 gradients."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.device.type not in ("cpu", "cuda"):
+        return list(tensors)
+    if not torch.is_autocast_enabled(first.device.type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return [
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CASTS else t
+        for t in tensors
+    ]
 
 
 class LinearActFunction(torch.autograd.Function):
@@ -95,7 +112,7 @@ class FNNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
         ops = _ops(x)
         h = x.reshape(-1, x.shape[-1])
@@ -154,16 +171,22 @@ def linear_act(
 
     x: (..., in_features) or (in_features,); weight: (out_features, in_features);
     bias: (out_features,) or None; activation: "sigmoid", "relu", "tanh" or "identity".
-    Returns (..., out_features) in x's dtype. Gradients flow to x, weight and bias.
+    Returns (..., out_features) in x's dtype. Gradients flow to x, weight and bias:
+    with D = dY * act'(Y), dx = D weight, dweight = D^T x, dbias = sum over rows of D.
+    Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
+    x, weight, bias = _autocast((x, weight, bias))
     return LinearActFunction.apply(x, weight, bias, activation)
 
 
 def linear_sigmoid(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """sigmoid(x @ weight^T + bias): `linear_act` with the sigmoid activation."""
-    return LinearActFunction.apply(x, weight, bias, "sigmoid")
+    """sigmoid(x @ weight^T + bias): `linear_act` with the sigmoid activation.
+
+    Backward: D = dY * Y (1 - Y), dx = D weight, dweight = D^T x, dbias = sum over rows of D.
+    """
+    return linear_act(x, weight, bias, "sigmoid")
 
 
 def fnn_forward(
@@ -175,12 +198,16 @@ def fnn_forward(
     """Run a feed-forward network through FNNFunction (one autograd node for all layers).
 
     Layer l computes act_l(h @ weights[l]^T + biases[l]); every argument is checked first.
+    The backward is FNNFunction's (D_l = dh_l * act_l'(h_l), dW_l = D_l^T h_{l-1}, ...).
+    Under torch.autocast every tensor is first cast to the autocast dtype, as F.linear's are.
     """
     if not (len(weights) == len(biases) == len(activations)) or not weights:
         raise ValueError(
             f"fnn_forward: need one weight, bias and activation per layer, got "
             f"{len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
+    x, *cast = _autocast((x, *weights, *biases))
+    weights, biases = cast[: len(weights)], cast[len(weights) :]
     for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
         who = f"layer {i} of the network"
         if i == 0:

@@ -36,6 +36,9 @@ def delta(g: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
     sigmoid: y(1 - y); tanh: 1 - y^2; relu: 1 where y > 0 (0 where y <= 0); identity: 1.
     """
     check_activation(name)
+    if name in ("sigmoid", "tanh") and g.dtype in (torch.float16, torch.bfloat16):
+        # One rounding, as PyTorch's sigmoid/tanh backward and the kernels do, not one per op.
+        return delta(g.float(), y.float(), name).to(g.dtype)
     if name == "sigmoid":
         return g * (1 - y) * y
     if name == "tanh":
