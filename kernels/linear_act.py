@@ -35,6 +35,20 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def cast(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(DTYPE), rounded to nearest even. UPCAST (interpreter + bf16): the interpreter
+    truncates float32 -> bfloat16 casts (compiled Triton rounds them), so round on the bits:
+    add 0x7FFF plus the lowest kept bit, keep the high half; a NaN stays a (quiet) NaN."""
+    if UPCAST:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            kept = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+            return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def tile_ids(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
     """Map a 1-D program id to a (row tile, col tile), GROUP row tiles at a time (L2 reuse)."""
     n_r = tl.cdiv(rows, BLOCK_R)
@@ -64,7 +78,7 @@ def linear_act_fwd_kernel(
     HAS_BIAS: tl.constexpr,  # add b before the activation
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 inputs
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 inputs only)
-    UPCAST: tl.constexpr,  # interpreter + bf16: see mma
+    UPCAST: tl.constexpr,  # interpreter + bf16: see mma and cast
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row tiles per group in the launch order
 ):
@@ -93,7 +107,7 @@ def linear_act_fwd_kernel(
         acc += b.to(ACC_DTYPE)[None, :]
     acc = apply_activation(acc, ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -137,7 +151,7 @@ def linear_act_bwd_input_kernel(
             y = tl.load(y_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
             d = apply_delta(d, y, ACTIVATION)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc = mma(d.to(w.dtype), w, acc, INPUT_PRECISION, UPCAST)
+        acc = mma(cast(d, w.dtype, UPCAST), w, acc, INPUT_PRECISION, UPCAST)
         dy_ptrs += BLOCK_N * stride_dyn
         y_ptrs += BLOCK_N * stride_yn
         w_ptrs += BLOCK_N * stride_wn
@@ -149,7 +163,7 @@ def linear_act_bwd_input_kernel(
                     mask=mask_mk, other=0)
         acc = apply_delta(acc, x.to(ACC_DTYPE), PREV_ACTIVATION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_mk)
+    tl.store(dx_ptrs, cast(acc, dx_ptr.dtype.element_ty, UPCAST), mask=mask_mk)
 
 
 @triton.jit
@@ -199,17 +213,17 @@ def linear_act_bwd_weight_kernel(
             d = apply_delta(d, y, ACTIVATION)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)
-        acc = mma(tl.trans(d.to(x.dtype)), x, acc, INPUT_PRECISION, UPCAST)
+        acc = mma(tl.trans(cast(d, x.dtype, UPCAST)), x, acc, INPUT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc_b += tl.sum(d, axis=0)
 
     # Epilogue: store this split's dW tile; the first column of tiles also stores db.
     dw_ptrs = dw_ptr + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    tl.store(dw_ptrs, cast(acc, dw_ptr.dtype.element_ty, UPCAST), mask=mask_n[:, None] & mask_k[None, :])
     if HAS_BIAS:
         if pid_k == 0:
             db_ptrs = db_ptr + split * stride_dbs + offs_n * stride_dbn
-            tl.store(db_ptrs, acc_b.to(db_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(db_ptrs, cast(acc_b, db_ptr.dtype.element_ty, UPCAST), mask=mask_n)
 
 
 # ---------------------------------------------------------------------------------------------

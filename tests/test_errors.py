@@ -1,0 +1,370 @@
+"""Bad inputs: a ValueError or TypeError that names what is wrong, raised before anything is
+launched, with the inputs left as they were.
+
+The `no_launch` fixture replaces every Triton kernel of the `kernels` package and the ops
+module fnn.functional dispatches to with stand-ins that fail the test when used: an error
+raised after a launch would show up as that failure instead of the expected exception.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from triton.runtime.jit import KernelInterface
+
+import fnn
+import fnn.functional
+import kernels.linear_act
+from fnn import reference
+from kernels.checks import check_linear_args
+
+
+class _Launched(AssertionError):
+    pass
+
+
+class _NoKernel:
+    """Stands in for a kernel (kernel[grid](...)) or an ops module (ops.name(...))."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise _Launched(f"kernel {self.name} was launched before the argument error")
+
+    def __getattr__(self, attr):
+        raise _Launched(f"{self.name}.{attr} was called before the argument error")
+
+    def __call__(self, *args, **kwargs):
+        raise _Launched(f"{self.name} was called before the argument error")
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Every Triton kernel in the loaded kernels.* modules, the ops module fnn.functional picks
+    and the reference's op functions now fail the test when reached."""
+    patched = []
+    for modname, module in list(sys.modules.items()):
+        if modname == "kernels" or modname.startswith("kernels."):
+            for name, obj in list(vars(module).items()):
+                if isinstance(obj, KernelInterface):
+                    monkeypatch.setattr(module, name, _NoKernel(f"{modname}.{name}"))
+                    patched.append(name)
+    assert "linear_act_fwd_kernel" in patched, patched
+    monkeypatch.setattr(fnn.functional, "_ops", lambda t: _NoKernel("fnn.functional._ops(...)"))
+    for name in ("linear_act_forward", "linear_act_backward_input", "linear_act_backward_weight"):
+        monkeypatch.setattr(reference, name, _NoKernel(f"fnn.reference.{name}"))
+    return patched
+
+
+def _raises(fn, exc, *fragments, inputs=()):
+    """fn() raises `exc` whose message contains every fragment; `inputs` are unchanged."""
+    before = [t.detach().clone() for t in inputs]
+    with pytest.raises(exc) as info:
+        fn()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"message {message!r} does not name {fragment!r}"
+    for t, b in zip(inputs, before, strict=True):
+        assert t.shape == b.shape and torch.equal(t.detach(), b), "an input was modified"
+    return message
+
+
+def _t(*shape, dtype=torch.float32, device="cpu", grad=True):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    t = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return t.requires_grad_(grad and t.is_floating_point())
+
+
+# Every way into the single-layer op: each must check before it launches.
+ENTRIES = {
+    "linear_act": lambda x, w, b, act: fnn.linear_act(x, w, b, act),
+    "Function.apply": lambda x, w, b, act: fnn.LinearActFunction.apply(x, w, b, act),
+    "fnn_forward": lambda x, w, b, act: fnn.fnn_forward(x, [w], [b], [act]),
+    "launcher": lambda x, w, b, act: kernels.linear_act.linear_act_forward(x, w, b, act),
+}
+
+
+def _entry_ids():
+    return list(ENTRIES)
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_in_features_mismatch(entry, device, no_launch):
+    x, w, b = _t(4, 3, device=device), _t(5, 2, device=device), _t(5, device=device)
+    _raises(lambda: ENTRIES[entry](x, w, b, "sigmoid"), ValueError, "(4, 3)", "(5, 2)", inputs=(x, w, b))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_bias_wrong_size(entry, device, no_launch):
+    x, w, b = _t(4, 3, device=device), _t(5, 3, device=device), _t(4, device=device)
+    _raises(lambda: ENTRIES[entry](x, w, b, "relu"), ValueError, "bias", "(4,)", "(5,)", inputs=(x, w, b))
+    b2 = _t(5, 1, device=device)
+    _raises(lambda: ENTRIES[entry](x, w, b2, "relu"), ValueError, "bias", "(5, 1)", inputs=(x, w, b2))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+@pytest.mark.parametrize("wshape", [(5,), (2, 5, 3)], ids=["1d", "3d"])
+def test_weight_not_2d(entry, wshape, device, no_launch):
+    x, w = _t(4, 3, device=device), _t(*wshape, device=device)
+    _raises(lambda: ENTRIES[entry](x, w, None, "tanh"), ValueError, "weight", str(wshape), inputs=(x, w))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_mixed_dtypes(entry, device, no_launch):
+    x, w = _t(4, 3, device=device), _t(5, 3, dtype=torch.float64, device=device)
+    _raises(
+        lambda: ENTRIES[entry](x, w, None, "sigmoid"),
+        TypeError,
+        "torch.float32",
+        "torch.float64",
+        inputs=(x, w),
+    )
+    b = _t(5, dtype=torch.float16, device=device)
+    w32 = _t(5, 3, device=device)
+    _raises(
+        lambda: ENTRIES[entry](x, w32, b, "sigmoid"), TypeError, "bias", "torch.float16", inputs=(x, w32, b)
+    )
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+@pytest.mark.parametrize("which", ["x", "weight", "bias"])
+def test_integer_tensors(entry, which, device, no_launch):
+    tensors = {"x": _t(4, 3, device=device), "weight": _t(5, 3, device=device), "bias": _t(5, device=device)}
+    tensors[which] = torch.arange(tensors[which].numel(), device=device).reshape(tensors[which].shape)
+    x, w, b = tensors.values()
+    _raises(lambda: ENTRIES[entry](x, w, b, "relu"), TypeError, which, "torch.int64", inputs=(x, w, b))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_unknown_activation(entry, device, no_launch):
+    x, w = _t(4, 3, device=device), _t(5, 3, device=device)
+    _raises(
+        lambda: ENTRIES[entry](x, w, None, "gelu"),
+        ValueError,
+        "'gelu'",
+        "identity",
+        "relu",
+        "sigmoid",
+        "tanh",
+        inputs=(x, w),
+    )
+    _raises(lambda: ENTRIES[entry](x, w, None, None), TypeError, "activation", "NoneType", inputs=(x, w))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_scalar_x(entry, device, no_launch):
+    x, w = _t(device=device), _t(5, 1, device=device)
+    _raises(lambda: ENTRIES[entry](x, w, None, "sigmoid"), ValueError, "x", "scalar", inputs=(x, w))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
+def test_non_tensor_inputs(entry, device, no_launch):
+    x, w, b = _t(4, 3, device=device), _t(5, 3, device=device), _t(5, device=device)
+    _raises(lambda: ENTRIES[entry]([[1.0, 2.0, 3.0]], w, b, "relu"), TypeError, "x", "list", inputs=(w, b))
+    _raises(
+        lambda: ENTRIES[entry](x, np.ones((5, 3), np.float32), b, "relu"),
+        TypeError,
+        "weight",
+        "ndarray",
+        inputs=(x, b),
+    )
+    _raises(lambda: ENTRIES[entry](x, w, 0.5, "relu"), TypeError, "bias", "float", inputs=(x, w))
+
+
+def test_empty_weight_dimension(device, no_launch):
+    x, w = _t(4, 0, device=device), _t(5, 0, device=device)
+    _raises(lambda: fnn.linear_act(x, w, None, "sigmoid"), ValueError, "(5, 0)", inputs=(x, w))
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_mixed_devices(which, no_launch):
+    """A "meta" tensor stands in for a second device (no GPU needed)."""
+    x, w, b = _t(4, 3), _t(5, 3), _t(5)
+    if which == "weight":
+        w = torch.empty((5, 3), device="meta")
+    else:
+        b = torch.empty((5,), device="meta")
+    message = _raises(lambda: check_linear_args(x, w, b, "sigmoid"), ValueError, "cpu", "meta", which)
+    assert "device" in message
+    _raises(lambda: fnn.linear_act(x, w, b, "sigmoid"), ValueError, "cpu", "meta", inputs=(x,))
+    _raises(lambda: fnn.fnn_forward(x, [w], [b], ["sigmoid"]), ValueError, "cpu", "meta", inputs=(x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers of the backward kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backward_launcher_arguments(device, no_launch):
+    ops = kernels.linear_act
+    dy, y, w, x = (
+        _t(4, 5, device=device),
+        _t(4, 5, device=device),
+        _t(5, 3, device=device),
+        _t(4, 3, device=device),
+    )
+    inputs = (dy, y, w, x)
+    _raises(
+        lambda: ops.linear_act_backward_input(dy, _t(4, 6, device=device), w, "sigmoid"),
+        ValueError,
+        "y",
+        "(4, 6)",
+        "(4, 5)",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_input(dy, y, w, "sigmoid", x=None, prev_activation="relu"),
+        ValueError,
+        "prev_activation",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_input(
+            dy, y, w, "sigmoid", x=_t(4, 2, device=device), prev_activation="relu"
+        ),
+        ValueError,
+        "x",
+        "(4, 2)",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_input(dy.double(), y, w, "sigmoid"),
+        TypeError,
+        "dy",
+        "torch.float64",
+        "torch.float32",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_input(dy, y, w, "sigmoid", prev_activation="swish"),
+        ValueError,
+        "'swish'",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_weight(dy, y, _t(4, 3, 1, device=device), "sigmoid", True),
+        ValueError,
+        "x",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_weight(_t(3, 5, device=device), y, x, "sigmoid", True),
+        ValueError,
+        "dy",
+        "(3, 5)",
+        "(4, 5)",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_weight(dy, y.half(), x, "sigmoid", True),
+        TypeError,
+        "y",
+        "torch.float16",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_backward_weight(dy, y, x, "sigmoid", True, split=0),
+        ValueError,
+        "split",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: ops.linear_act_forward(_t(2, 4, 3, device=device), w, None, "sigmoid"),
+        ValueError,
+        "2-D",
+        "(2, 4, 3)",
+        inputs=inputs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [[3], []], ids=["one", "none"])
+def test_fnn_needs_two_sizes(sizes):
+    _raises(lambda: fnn.FNN(sizes), ValueError, "two sizes", str(sizes))
+
+
+def test_fnn_bad_sizes():
+    _raises(lambda: fnn.FNN([3, 0, 1]), ValueError, "sizes[1]", "0")
+    _raises(lambda: fnn.FNN([3, 2.5, 1]), TypeError, "sizes[1]", "float")
+
+
+def test_fnn_activation_list_wrong_length():
+    _raises(
+        lambda: fnn.FNN([2, 3, 1], activation=["relu"]), ValueError, "[2, 3, 1]", "2 layers", "1 activations"
+    )
+    _raises(lambda: fnn.FNN([2, 3, 1], activation=["relu", "tanh", "sigmoid"]), ValueError, "3 activations")
+    _raises(lambda: fnn.FNN([2, 3, 1], activation=["relu", "elu"]), ValueError, "'elu'", "tanh")
+
+
+def test_fnn_input_checks(device, no_launch):
+    model = fnn.FNN([3, 4, 2], device=device)
+    params = [p for p in model.parameters()]
+    x = _t(5, 4, device=device)
+    _raises(lambda: model(x), ValueError, "(5, 4)", "width 3", inputs=(x, *params))
+    x0 = _t(device=device)
+    _raises(lambda: model(x0), ValueError, "()", inputs=(x0, *params))
+    _raises(lambda: model([[1.0, 2.0, 3.0]]), TypeError, "list", inputs=params)
+    x64 = _t(5, 3, dtype=torch.float64, device=device)
+    _raises(lambda: model(x64), TypeError, "torch.float64", "torch.float32", inputs=(x64, *params))
+    xi = torch.ones((5, 3), dtype=torch.int32, device=device)
+    _raises(lambda: model(xi), TypeError, "torch.int32", inputs=(xi, *params))
+
+
+def test_fnn_forward_layer_checks(device, no_launch):
+    x = _t(6, 3, device=device)
+    w0, w1, b1 = _t(4, 3, device=device), _t(2, 5, device=device), _t(2, device=device)
+    inputs = (x, w0, w1, b1)
+    _raises(
+        lambda: fnn.fnn_forward(x, [w0, w1], [None, b1], ["relu", "tanh"]),
+        ValueError,
+        "layer 1",
+        "(2, 5)",
+        inputs=inputs,
+    )
+    _raises(
+        lambda: fnn.fnn_forward(x, [w0], [None, b1], ["relu"]),
+        ValueError,
+        "1 weights",
+        "2 biases",
+        inputs=inputs,
+    )
+    _raises(lambda: fnn.fnn_forward(x, [], [], []), ValueError, "0 weights", inputs=inputs)
+    w1_64 = _t(2, 4, dtype=torch.float64, device=device)
+    _raises(
+        lambda: fnn.fnn_forward(x, [w0, w1_64], [None, None], ["relu", "tanh"]),
+        TypeError,
+        "layer 1",
+        "torch.float64",
+        inputs=inputs,
+    )
+
+
+@pytest.mark.parametrize("args", [(0, 3), (3, 0), (-1, 3)], ids=["in0", "out0", "neg"])
+def test_fused_linear_bad_features(args):
+    name = "in_features" if args[0] < 1 else "out_features"
+    _raises(lambda: fnn.FusedLinear(*args), ValueError, name, str(min(args)))
+
+
+def test_fused_linear_bad_arguments(device, no_launch):
+    _raises(lambda: fnn.FusedLinear(3.0, 2), TypeError, "in_features", "float")
+    _raises(lambda: fnn.FusedLinear(3, 2, activation="softplus"), ValueError, "'softplus'", "sigmoid")
+    layer = fnn.FusedLinear(3, 2, device=device)
+    x = _t(4, 5, device=device)
+    _raises(lambda: layer(x), ValueError, "(4, 5)", "in_features=3", inputs=(x, layer.weight, layer.bias))
+
+
+def test_no_launch_fixture_catches_a_launch(device, no_launch):
+    """The stand-ins do fail when a kernel is reached (valid inputs, so it launches)."""
+    x, w = _t(4, 3, device=device), _t(5, 3, device=device)
+    with pytest.raises(_Launched):
+        kernels.linear_act.linear_act_forward(x, w, None, "sigmoid")
+    with pytest.raises(_Launched):
+        fnn.linear_act(x, w, None, "sigmoid")
