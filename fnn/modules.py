@@ -123,8 +123,12 @@ class FNN(nn.Module):
         n_layers = len(sizes) - 1
         if isinstance(activation, str):
             activations = [activation] * n_layers
-        else:
+        elif isinstance(activation, Sequence):
             activations = list(activation)
+        else:
+            raise TypeError(
+                f"FNN activation must be a name or a list of names, got {type(activation).__name__}"
+            )
             if len(activations) != n_layers:
                 raise ValueError(
                     f"FNN with sizes {sizes} has {n_layers} layers, but {len(activations)} "

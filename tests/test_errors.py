@@ -368,3 +368,8 @@ def test_no_launch_fixture_catches_a_launch(device, no_launch):
         kernels.linear_act.linear_act_forward(x, w, None, "sigmoid")
     with pytest.raises(_Launched):
         fnn.linear_act(x, w, None, "sigmoid")
+
+
+def test_fnn_activation_of_the_wrong_type():
+    with pytest.raises(TypeError, match="FNN activation must be a name or a list of names, got int"):
+        fnn.FNN([2, 3], activation=3)
