@@ -129,11 +129,11 @@ class FNN(nn.Module):
             raise TypeError(
                 f"FNN activation must be a name or a list of names, got {type(activation).__name__}"
             )
-            if len(activations) != n_layers:
-                raise ValueError(
-                    f"FNN with sizes {sizes} has {n_layers} layers, but {len(activations)} "
-                    f"activations were given: {activations}"
-                )
+        if len(activations) != n_layers:
+            raise ValueError(
+                f"FNN with sizes {sizes} has {n_layers} layers, but {len(activations)} "
+                f"activations were given: {activations}"
+            )
         self.layers = nn.ModuleList(
             FusedLinear(i, o, bias=bias, activation=a, device=device, dtype=dtype)
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
