@@ -19,9 +19,15 @@ from kernels.checks import check_linear_args
 
 from . import ops
 
+# Set by bench.fakecuda.compile_only: every device is served by the compiled kernels (which
+# are then compiled for a GPU target and never launched). None in normal use.
+FORCE_BACKEND: str | None = None
+
 
 def backend(device: torch.device | str) -> str:
     """Which implementation serves tensors on `device`: "triton", "interpreter" or "reference"."""
+    if FORCE_BACKEND is not None:
+        return FORCE_BACKEND
     device = torch.device(device)
     if device.type == "cuda":
         return "triton"

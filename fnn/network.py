@@ -62,7 +62,7 @@ def resolve_fusion(fusion: str, sizes: Sequence[int], device: torch.device | str
     """
     check_fusion(fusion, sizes)
     if fusion == "auto":
-        return "network" if fits_network(sizes) and torch.device(device).type == "cuda" else "layer"
+        return "network" if fits_network(sizes) and backend(device) == "triton" else "layer"
     return fusion
 
 
