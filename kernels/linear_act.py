@@ -31,7 +31,8 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # out_dtype spelled out: triton 3.6 defaults it to float32 even for a float64 acc.
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

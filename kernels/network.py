@@ -24,6 +24,7 @@ applies the SGD step. With G > 1, network_reduce_kernel sums the G partials in a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -48,27 +49,29 @@ MAX_PROGRAMS = 1024
 @triton.jit
 def activation_rt(z, code):
     """act(z) for an activation code known only at run time (kernels.checks.ACTIVATIONS)."""
-    h = z
+    # A chain of ifs, each taking the value the previous one left (only one fires): an
+    # if/elif chain, or ifs that each read z, around a dot's operand crash triton 3.6's
+    # TritonGPUPrefetch pass (mma v2: fp16/bf16 on sm_80, float64 everywhere).
     if code == 1:
-        h = sigmoid(z)
-    elif code == 2:
-        h = relu(z)
-    elif code == 3:
-        h = tanh(z)
-    return h
+        z = sigmoid(z)
+    if code == 2:
+        z = relu(z)
+    if code == 3:
+        z = tanh(z)
+    return z
 
 
 @triton.jit
 def delta_rt(g, y, code):
     """g * act'(z) from y = act(z), the activation code known only at run time."""
-    d = g
+    # A chain of ifs, as in activation_rt (triton 3.6's prefetch pass).
     if code == 1:
-        d = sigmoid_grad(g, y)
-    elif code == 2:
-        d = relu_grad(g, y)
-    elif code == 3:
-        d = tanh_grad(g, y)
-    return d
+        g = sigmoid_grad(g, y)
+    if code == 2:
+        g = relu_grad(g, y)
+    if code == 3:
+        g = tanh_grad(g, y)
+    return g
 
 
 @triton.jit
@@ -231,6 +234,7 @@ def network_bwd_kernel(
     LOSS: tl.constexpr,  # LOSSES code (train mode)
     MOMENTUM: tl.constexpr,  # momentum buffers in use (train mode)
     FINISH: tl.constexpr,  # one program (G == 1): write the final result in this launch
+    GW_COLS: tl.constexpr,  # columns of dW_l accumulated per step (a power of two <= P)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -308,29 +312,35 @@ def network_bwd_kernel(
         for i in range(L):
             li = L - 1 - i
             n_in = tl.load(meta_ptr + li)
-            mask_in = mask_m[:, None] & (offs_p < n_in)[None, :]
-            if li == 0:
-                h_in = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk, mask=mask_in, other=0
-                )
-            else:
-                h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
             d_op = d.to(dtype)
-            gw = mma(tl.trans(d_op), h_in, tl.zeros((P, P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
-            gw_ptrs = gw_l + offs_p[:, None] * P + offs_p[None, :]
-            if it > 0:
-                gw += tl.load(gw_ptrs)
-            tl.store(gw_ptrs, gw)
+            # dW_l += D^T h_in, GW_COLS columns at a time: the (P, GW_COLS) accumulator and the
+            # h_in columns it needs are all that is live beside D.
+            for c0 in range(0, P, GW_COLS):
+                offs_c = c0 + tl.arange(0, GW_COLS)
+                mask_c = mask_m[:, None] & (offs_c < n_in)[None, :]
+                if li == 0:
+                    h_c = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk, mask=mask_c, other=0
+                    )
+                else:
+                    h_c = tl.load(h_l + h_rows[:, None] * P + offs_c[None, :], mask=mask_c, other=0)
+                gw = mma(tl.trans(d_op), h_c, tl.zeros((P, GW_COLS), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
+                gw_ptrs = gw_l + offs_p[:, None] * P + offs_c[None, :]
+                if it > 0:
+                    gw += tl.load(gw_ptrs)
+                tl.store(gw_ptrs, gw)
             if HAS_BIAS:
                 gb = tl.sum(d, axis=0)
                 if it > 0:
                     gb += tl.load(gb_l + offs_p)
                 tl.store(gb_l + offs_p, gb)
+            mask_in = mask_m[:, None] & (offs_p < n_in)[None, :]
             if li > 0:
+                # D_{l-1} = (D_l W_l) * act'_{l-1}(h_in), h_in being act_{l-1}'s output.
                 w = tl.load(w_l + offs_p[:, None] * P + offs_p[None, :])  # W_l, (P_out, P_in)
                 dh = mma(d_op, w, tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
-                prev_code = tl.load(meta_ptr + L + li)  # act_{li-1}, whose output is h_in
-                d = delta_rt(dh, h_in.to(ACC_DTYPE), prev_code)
+                h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
+                d = delta_rt(dh, h_in.to(ACC_DTYPE), tl.load(meta_ptr + L + li))
             else:
                 if NEED_DX:
                     w = tl.load(w_l + offs_p[:, None] * P + offs_p[None, :])
@@ -364,19 +374,13 @@ def network_bwd_kernel(
         for li in range(L):
             n_in = tl.load(meta_ptr + li)
             n_out = tl.load(meta_ptr + li + 1)
-            tile = offs_p[:, None] * P + offs_p[None, :]
-            mask = (offs_p < n_out)[:, None] & (offs_p < n_in)[None, :]
-            _finish(
-                tl.load(gw_l + tile),
-                mask,
-                w_l + tile,
-                bw_l + tile,
-                ow_l + tile,
-                lr,
-                momentum,
-                TRAIN,
-                MOMENTUM,
-            )
+            for r0 in range(0, P, GW_COLS):  # GW_COLS rows of the (P, P) tile at a time
+                offs_q = r0 + tl.arange(0, GW_COLS)
+                tile = offs_q[:, None] * P + offs_p[None, :]
+                mask = (offs_q < n_out)[:, None] & (offs_p < n_in)[None, :]
+                _finish(
+                    tl.load(gw_l + tile), mask, w_l + tile, bw_l + tile, ow_l + tile, lr, momentum, TRAIN, MOMENTUM
+                )
             if HAS_BIAS:
                 _finish(
                     tl.load(gb_l + offs_p),
@@ -482,32 +486,51 @@ def fits_network(sizes: Sequence[int]) -> bool:
     return max(sizes) <= MAX_WIDTH
 
 
-def network_block_m(m: int, p: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(rows per program, num_warps), from the sizes alone. Provisional: not yet measured."""
-    if dtype == torch.float64:
-        block_m = 32 if p >= 64 else 64
-    elif p <= 32:
-        block_m = 128
-    elif p == 64:
-        block_m = 64 if dtype == torch.float32 else 128
-    else:
-        block_m = 64
+@dataclass(frozen=True)
+class NetConfig:
+    """Launch shape of a whole-network kernel: rows per block, warps, and the columns of
+    each dW_l step of the backward (GW_COLS)."""
+
+    block_m: int
+    num_warps: int
+    gw_cols: int
+
+
+# (kind, dtype, P) -> NetConfig; kind is "fwd" (network_fwd_kernel) or "bwd" (network_bwd_kernel,
+# gradient and train modes). Every entry compiles without register spills for sm_90a and sm_80
+# under triton 3.6 and the newest (`python -m bench.compile` checks each one); speed is
+# not measured yet.
+_NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {}
+# A batch of at most this many rows takes one program in the backward: one launch, no
+# reduction kernel. Provisional until measured.
+SINGLE_PROGRAM_ROWS = 512
+
+
+def network_config(kind: str, m: int, p: int, dtype: torch.dtype) -> NetConfig:
+    """The NetConfig of `kind` for M rows, padded width P and `dtype` (see _NET_CONFIGS)."""
+    cfg = _NET_CONFIGS.get((kind, dtype, p))
+    if cfg is None:  # bfloat16 shares float16's table
+        cfg = _NET_CONFIGS.get((kind, torch.float16 if dtype == torch.bfloat16 else dtype, p), NetConfig(32, 4, 16))
     if INTERPRETED:
-        block_m = 128  # fewer, larger programs: the interpreter's cost is per program
-    block_m = min(block_m, max(16, triton.next_power_of_2(max(m, 1))))
-    return block_m, (8 if p >= 128 else 4)
+        # fewer, larger programs: the interpreter's cost is per program
+        cfg = NetConfig(128, cfg.num_warps, cfg.gw_cols)
+    cap = max(16, triton.next_power_of_2(max(m, 1)))
+    if cfg.block_m > cap:
+        cfg = NetConfig(cap, cfg.num_warps, cfg.gw_cols)
+    return cfg
 
 
 def network_programs(
     m: int, block_m: int, n_layers: int, p: int, dtype: torch.dtype, programs: int | None = None
 ) -> tuple[int, int]:
-    """(G, rows per program) of the backward: one program per row block, capped so the
-    float gradient workspace (G, L, P, P) stays under WORKSPACE_BYTES."""
+    """(G, rows per program) of the backward: one program for a batch of at most
+    SINGLE_PROGRAM_ROWS rows, else one per row block, capped so that the float gradient
+    workspace (G, L, P, P) stays under WORKSPACE_BYTES."""
     blocks = triton.cdiv(max(m, 1), block_m)
     if programs is None:
         acc_bytes = 8 if dtype == torch.float64 else 4
         cap = max(1, min(MAX_PROGRAMS, WORKSPACE_BYTES // (n_layers * p * (p + 1) * acc_bytes)))
-        programs = min(blocks, cap)
+        programs = 1 if m <= SINGLE_PROGRAM_ROWS else min(blocks, cap)
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     rows = triton.cdiv(blocks, min(programs, blocks)) * block_m
@@ -577,7 +600,8 @@ def network_forward(
     h = empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p), x)
     if m == 0:
         return y, h
-    block_m, num_warps = network_block_m(m, p, x.dtype)
+    cfg = network_config("fwd", m, p, x.dtype)
+    block_m, num_warps = cfg.block_m, cfg.num_warps
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
     network_fwd_kernel[grid](
         x,
@@ -598,6 +622,7 @@ def network_forward(
         HAS_BIAS=b_pack is not None,
         STORE_H=store_hidden and n_layers > 1,
         num_warps=num_warps,
+        num_stages=1,
         **_dtype_flags(x.dtype),
     )
     return y, h
@@ -641,7 +666,8 @@ def network_backward(
         dw = torch.zeros((n_layers, p, p), dtype=x.dtype, device=x.device)
         db = torch.zeros((n_layers, p), dtype=x.dtype, device=x.device) if has_bias else None
         return dx, dw, db
-    block_m, num_warps = network_block_m(m, p, x.dtype)
+    cfg = network_config("bwd", m, p, x.dtype)
+    block_m, num_warps, gw_cols = cfg.block_m, cfg.num_warps, cfg.gw_cols
     g, rows = network_programs(m, block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
     # Only the real (n_{l+1}, n_l) corner of each layer is written: callers take views.
@@ -687,7 +713,9 @@ def network_backward(
         LOSS=0,
         MOMENTUM=False,
         FINISH=g == 1,
+        GW_COLS=gw_cols,
         num_warps=num_warps,
+        num_stages=1,
         **flags,
     )
     if g > 1:
@@ -805,7 +833,8 @@ def network_train_step(
     if momentum:
         _check_packed(buf_w, buf_b, meta, sizes, x, who)
     has_bias = b_pack is not None
-    block_m, num_warps = network_block_m(m, p, x.dtype)
+    cfg = network_config("bwd", m, p, x.dtype)
+    block_m, num_warps, gw_cols = cfg.block_m, cfg.num_warps, cfg.gw_cols
     g, rows = network_programs(m, block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
     h = empty((g, max(n_layers - 1, 1), block_m, p), x)
@@ -853,7 +882,9 @@ def network_train_step(
         LOSS=LOSSES[loss],
         MOMENTUM=momentum,
         FINISH=g == 1,
+        GW_COLS=gw_cols,
         num_warps=num_warps,
+        num_stages=1,
         **flags,
     )
     if g > 1:
