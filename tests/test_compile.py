@@ -105,23 +105,32 @@ def _random(shape, device, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-# fusion="network" (fnn.network, the whole-network kernel) calls its Triton launchers from a
-# plain autograd.Function and repacks parameters by data_ptr: dynamo cannot trace it yet. It is
-# FNN's default ("auto") for narrow networks on CUDA. Strict: this fails once it compiles.
-FUSIONS = [
-    "layer",
-    pytest.param("network", marks=pytest.mark.xfail(
-        strict=True, reason="fnn.network is not a registered torch.library op yet: dynamo fails on it")),
-]
+@pytest.fixture
+def auto_is_network(monkeypatch):
+    """fusion="auto" resolved as on CUDA: the whole-network path for narrow networks. (On the
+    CPU "auto" means "layer"; the kernels still run in the interpreter.)"""
+    monkeypatch.setattr(fnn.network, "backend", lambda device: "triton")
+    assert fnn.network.resolve_fusion("auto", [5, 16, 3], "cpu") == "network"
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+# "auto" runs with auto_is_network: the path fusion="auto" takes on CUDA for these widths.
+FUSIONS = ["layer", "network", "auto"]
+
+
+@pytest.fixture(params=FUSIONS)
+def fusion(request) -> str:
+    if request.param == "auto":
+        request.getfixturevalue("auto_is_network")
+    return request.param
+
+
 def test_explain_fnn_forward_has_no_graph_break(device, fusion):
     model = fnn.FNN([5, 16, 3], ["relu", "sigmoid"], device=device, dtype=torch.float64, fusion=fusion)
     x = _random((7, 5), device, 0)
-    explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    for x_grad in (False, True):  # with x requiring grad, the backward is traced too
+        explained = torch._dynamo.explain(model)(x.clone().requires_grad_(x_grad))
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
 
 
 def test_explain_linear_act_forward_and_backward_has_no_graph_break(device):
@@ -165,6 +174,38 @@ def test_compiled_fnn_matches_eager(mode_device):
         _check(_run(compiled, params, x, dy), eager, f"compiled FNN, batch {m}")
         ref = _run(lambda x: reference.fnn_forward(x, *_unpack(model)), params, x, dy)
         _check(eager, ref, f"eager FNN vs reference, batch {m}")
+
+
+def test_compiled_network_fnn_matches_eager(device, fusion, monkeypatch):
+    """The whole-network ops compiled by inductor (fullgraph) give eager's output and every
+    gradient bit for bit; the graphs hold the two opaque network ops (or the layer ops), and
+    the compiled calls read the model's packed buffers without repacking them."""
+    torch.manual_seed(2)
+    model = fnn.FNN(
+        [5, 16, 8, 3], activation=["relu", "tanh", "sigmoid"], device=device, dtype=torch.float64,
+        fusion=fusion,
+    )
+    params = list(model.parameters())
+    packs = []
+    real_pack = fnn.network_ops.pack_parameters
+    monkeypatch.setattr(fnn.network_ops, "pack_parameters", lambda *a: packs.append(1) or real_pack(*a))
+    rec = _RecordingBackend()
+    for backend in ("inductor", rec.backend):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        for m in (7, 9):  # the second size recompiles with a dynamic batch dimension
+            x, dy = _random((m, 5), device, m), _random((m, 3), device, 100 + m)
+            eager = _run(model, params, x, dy)
+            _check(_run(compiled, params, x, dy), eager, f"compiled FNN({fusion}), batch {m}")
+    fw, bw = _targets(rec.fw), _targets(rec.bw)
+    if fusion == "layer":
+        assert "fnn.linear_act_forward.default" in fw, fw
+    else:
+        plumbing = {"<built-in function getitem>", "aten.view.default"}
+        assert fw - plumbing == {"fnn.network_forward.default"}, fw
+        assert "fnn.network_backward.default" in bw, bw
+        assert not any("linear_act" in t or "mm" in t for t in fw | bw), fw | bw
+    assert packs == [], "a forward or backward repacked parameters that were the pack's views"
 
 
 def _unpack(model: fnn.FNN):
@@ -240,3 +281,67 @@ def test_opcheck(device):
     """torch.library.opcheck: schema, fake tensor and AOT dispatch agree with the real ops."""
     for op, args in _op_samples(device):
         torch.library.opcheck(op, args)
+
+
+def _network_op_samples(device):
+    """(op, args) of the network ops: one layer and three, bias on every layer, on some and on
+    none, hidden outputs stored or not, dx wanted or not, M = 0, and parameters that are views
+    of an FNN's pack (the ops' no-copy path) as well as plain tensors (packed per call)."""
+    g = torch.Generator().manual_seed(6)
+    out = []
+    cases = [
+        ([4, 3], [True], False, 6),
+        ([5, 17, 8, 2], [True, False, True], True, 5),
+        ([3, 9, 2], [False, False], True, 0),
+    ]
+    for sizes, biased, packed, m in cases:
+        acts = ["tanh", "relu", "sigmoid"][: len(sizes) - 1]
+
+        def r(*shape):
+            return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
+        weights = [r(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        biases = [r(o) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        if packed:
+            model = fnn.FNN(sizes, acts, device=device, dtype=torch.float64, fusion="network")
+            assert fnn.network.ensure_packed(model) is not None
+            weights = [la.weight.detach() for la in model.layers]
+            biases = [la.bias.detach() if b else None for la, b in zip(model.layers, biased, strict=True)]
+        x, dy = r(m, sizes[0]), r(m, sizes[-1])
+        for store in (False, True):
+            out.append((torch.ops.fnn.network_forward.default, (x, weights, biases, acts, store)))
+        y, h = torch.ops.fnn.network_forward(x, weights, biases, acts, True)
+        for need_dx in (True, False):
+            args = (dy, y, h, x, weights, acts, biased, need_dx)
+            out.append((torch.ops.fnn.network_backward.default, args))
+    return out
+
+
+def test_network_ops_fake_implementations_match_real_outputs(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for op, args in _network_op_samples(device):
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for i, (r, f) in enumerate(zip(real, fake, strict=True)):
+            got, want = (tuple(f.shape), f.dtype, f.device), (tuple(r.shape), r.dtype, r.device)
+            assert got == want, (op, i, args[3:] if op is torch.ops.fnn.network_forward.default else args[5:])
+
+
+def test_network_ops_opcheck(mode_device):
+    for op, args in _network_op_samples(mode_device):
+        torch.library.opcheck(op, args)
+
+
+def test_network_ops_reference_matches_kernels(device, monkeypatch):
+    """Without the interpreter the ops run fnn.reference: the same outputs, padding included."""
+    samples = _network_op_samples(device)
+    kernels_out = [op(*args) for op, args in samples]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for (op, args), want in zip(samples, kernels_out, strict=True):
+        args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        args = [[t.cpu() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else a
+                for a in args]
+        for i, (got, w) in enumerate(zip(op(*args), want, strict=True)):
+            assert_close(got, w, rtol=1e-12, atol=1e-12, what=f"{op} output {i}")

@@ -15,7 +15,7 @@ from helpers import RTOL, assert_close, assert_close_lowp
 import fnn
 import kernels.linear_act
 import kernels.network
-from fnn import reference
+from fnn import network_ops, reference
 from fnn.network import ensure_packed, resolve_fusion
 
 ACTS = ["identity", "sigmoid", "relu", "tanh"]
@@ -165,12 +165,13 @@ def test_backward_programs_agree_and_are_deterministic(device, programs):
     sizes, acts = [5, 24, 24, 2], ["sigmoid", "tanh", "identity"]
     net = _model(sizes, acts, True, torch.float32, device, "network")
     pack = ensure_packed(net)
+    meta = network_ops.meta(pack.sizes, acts, device)
     torch.manual_seed(3)
     x = torch.randn(1000, 5, device=device)
     dy = torch.randn(1000, 2, device=device)
-    y, h = kernels.network.network_forward(x, pack.w, pack.b, pack.meta, pack.sizes, True)
+    y, h = kernels.network.network_forward(x, pack.w, pack.b, meta, pack.sizes, True)
     runs = [
-        network_backward(dy, y, h, x, pack.w, pack.meta, pack.sizes, True, True, programs) for _ in range(2)
+        network_backward(dy, y, h, x, pack.w, meta, pack.sizes, True, True, programs) for _ in range(2)
     ]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), "two identical backwards differ"
