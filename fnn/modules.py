@@ -11,7 +11,7 @@ from torch import nn
 from kernels.checks import check_activation
 
 from .functional import backend, fnn_forward, linear_act
-from .network import check_fusion, fnn_network_forward, resolve_fusion, sync_pack
+from .network import check_fusion, fnn_network_forward, resolve_fusion
 
 
 def _check_size(value: object, name: str) -> int:
@@ -100,8 +100,7 @@ class FNN(nn.Module):
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
-    ValueError) and keeps the parameters as views of zero-padded packed buffers, restored
-    after `to()`, `load_state_dict`, deepcopy and unpickling (fnn.network.sync_pack); "auto"
+    ValueError) and keeps the parameters as views of zero-padded packed buffers; "auto"
     picks per call (fnn.network.resolve_fusion: a provisional, unmeasured heuristic).
     Under torch.autocast the "network" path falls back to "layer".
     """
@@ -139,36 +138,7 @@ class FNN(nn.Module):
             FusedLinear(i, o, bias=bias, activation=a, device=device, dtype=dtype)
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
         )
-        self._fusion = check_fusion(fusion, sizes)
-        self.register_load_state_dict_post_hook(_after_load)
-        sync_pack(self)
-
-    @property
-    def fusion(self) -> str:
-        """"auto", "layer" or "network"; setting it packs the parameters if the new path
-        is the whole-network one."""
-        return self._fusion
-
-    @fusion.setter
-    def fusion(self, value: str) -> None:
-        self._fusion = check_fusion(value, self.sizes)
-        sync_pack(self)
-
-    # The network path keeps the parameters as views of packed buffers; these restore that
-    # after whatever gives them new storage (the forward itself never touches them).
-    def _apply(self, fn, recurse=True):  # to(), cuda(), double(), half(), to_empty(), ...
-        out = super()._apply(fn, recurse)
-        sync_pack(self)
-        return out
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_network_pack", None)  # rebuilt on load: pickles hold no fnn internals
-        return state
-
-    def __setstate__(self, state: dict) -> None:  # copy.deepcopy, pickle, torch.load
-        super().__setstate__(state)
-        sync_pack(self)
+        self.fusion = check_fusion(fusion, sizes)
 
     @property
     def sizes(self) -> list[int]:
@@ -202,8 +172,3 @@ class FNN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, fusion={self.fusion!r}"
-
-
-def _after_load(module: FNN, incompatible_keys) -> None:
-    """load_state_dict(..., assign=True) puts new tensors in place of the parameters."""
-    sync_pack(module)

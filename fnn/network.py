@@ -1,14 +1,13 @@
 """The whole-network path: a narrow network (every width <= 128) run by one kernel.
 
 The kernels read the parameters packed into zero-padded buffers (kernels.network's layout):
-weights (L, P, P), biases (L, P). An FNN on this path keeps its parameters as *views* of its
-packed buffers (`ensure_packed`), so the registered ops (fnn.network_ops) read the buffers
-without copying, and an in-place update of the buffers (the fused Trainer step) is an update
-of `model.parameters()`, which stay the source of truth. The FNN restores that arrangement
-after whatever may replace its parameters' storage (`to()`, `load_state_dict`, deepcopy,
-unpickling: `sync_pack`). Where the parameters are not such views (FSDP's gathered
-parameters, `torch.func.functional_call`, a parameter the user replaced), the ops pack them
-on the fly: correct, at the cost of a copy per call. A forward never changes a module.
+weights (L, P, P), biases (L, P). An FNN's parameters are ordinary contiguous tensors, as in
+nn.Linear, so everything PyTorch does with parameters works on them (FSDP2 included, which
+refuses non-contiguous ones); the network Function packs them for each call, one gather
+(fnn.network_ops.pack_parameters). The fused Trainer step instead points the parameters at
+slices of a pack it keeps (`ensure_packed`), so that its in-place update of the pack is the
+update of `model.parameters()` in one launch; while that holds, forwards read the pack
+without copying. Nothing else changes a model's parameters: a forward never does.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from kernels.checks import check_linear_args
 
 from . import network_ops
 from .functional import backend
-from .network_ops import NetworkPack, find_pack, meta, pack_parameters, padded_width, register_pack
+from .network_ops import NetworkPack, find_pack, pack_parameters, padded_width, register_pack
 
 __all__ = [
     "NetworkFunction",
@@ -35,7 +34,7 @@ __all__ = [
     "pack_parameters",
     "padded_width",
     "resolve_fusion",
-    "sync_pack",
+    "unpack_parameters",
 ]
 
 FUSIONS = ("auto", "layer", "network")
@@ -79,33 +78,24 @@ def _plain(t: torch.Tensor | None) -> bool:
     return t is None or type(t) is nn.Parameter or type(t) is torch.Tensor
 
 
-def _views_hold(model: nn.Module, pack: NetworkPack | None) -> bool:
-    """Whether every parameter of the FNN is still its slice of `pack`."""
-    if pack is None:
-        return False
-    layers = model.layers
-    return find_pack([layer.weight for layer in layers], [layer.bias for layer in layers]) is pack
-
-
 def ensure_packed(model: nn.Module) -> NetworkPack | None:
-    """The packed buffers of an FNN, its parameters made views of them first if they are not
-    (or no longer) such views: a new zero-padded pack receives their values, and each
-    parameter's `.data` is pointed at its slice. The Parameter objects stay the same, so
-    optimizers and hooks holding them see no change.
+    """The packed buffers whose views an FNN's parameters are, making them first if there are
+    none: a new zero-padded pack receives the parameters' values, and each parameter's `.data`
+    is pointed at its slice. The Parameter objects stay the same, so optimizers and hooks
+    holding them see no change. The caller must keep the pack (the fused Trainer step does):
+    while it lives, the ops find it and read it without copying (fnn.network_ops.find_pack).
 
-    Returns None, packing nothing, where the parameters are not plain tensors of a real
-    device (FSDP's DTensors, fake or meta tensors) or while torch.compile traces: there the
-    ops pack on the fly instead. FNN calls it (through `sync_pack`) on construction, after
-    `to()`/`cuda()`/`half()`, `load_state_dict`, `copy.deepcopy` and unpickling, and so does
-    the Trainer's fused step; a forward never does."""
+    Returns None, changing nothing, where the parameters are not plain tensors of a real
+    device (FSDP's sharded DTensors, fake or meta tensors) or while torch.compile traces.
+    Only the Trainer calls this: an FNN's own forward never changes its parameters."""
     if torch.compiler.is_compiling():
         return None
-    pack: NetworkPack | None = model.__dict__.get("_network_pack")
-    if _views_hold(model, pack):
-        return pack
     layers = model.layers
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
+    pack = find_pack(weights, biases)
+    if pack is not None:
+        return pack
     if not all(_plain(t) for t in (*weights, *biases)) or weights[0].device.type == "meta":
         return None
     pack = pack_parameters(weights, biases)
@@ -116,59 +106,57 @@ def ensure_packed(model: nn.Module) -> NetworkPack | None:
             if layer.bias is not None:
                 layer.bias.data = pack.b[li, :o]
     register_pack(pack)
-    model.__dict__["_network_pack"] = pack
-    meta(pack.sizes, model.activations, pack.w.device)  # made now, not during a CUDA-graph capture
     return pack
 
 
-def wants_pack(model: nn.Module) -> bool:
-    """Whether an FNN's forward takes the whole-network path on its parameters' device."""
-    device = model.layers[0].weight.device
-    return resolve_fusion(model.fusion, model.sizes, device) == "network" and backend(device) != "reference"
-
-
-def sync_pack(model: nn.Module) -> None:
-    """After anything that may have replaced an FNN's parameters or changed its path: pack
-    them when the model takes the network path, else drop a pack they no longer view (it
-    would only hold memory)."""
-    if wants_pack(model):
-        ensure_packed(model)
-    elif not _views_hold(model, model.__dict__.get("_network_pack")):
-        model.__dict__.pop("_network_pack", None)
+def unpack_parameters(model: nn.Module) -> None:
+    """Give an FNN's parameters their own contiguous storage again (same Parameter objects,
+    same values), undoing the packed views the fused Trainer step leaves them as. Needed only
+    by code that requires contiguous parameters: FSDP2's `fully_shard`, `param.view(-1)`
+    (torch.nn.utils.parameters_to_vector). The next fused step packs them again."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
 
 
 class NetworkFunction(torch.autograd.Function):
     """A whole network as one autograd node and one kernel per direction (fnn.network_ops).
 
-    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; saves X, the output
-    and (only when a gradient is needed) the hidden outputs h_1..h_{L-1}.
+    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; saves X, the output,
+    the packed weights and (only when a gradient is needed) the hidden outputs h_1..h_{L-1}.
     Backward, one launch when the batch fits one program (else two, the second summing the
     per-program partial gradients in a fixed order), with D_{L-1} = dY * act'(Y):
         dW_l = D_l^T h_l,   db_l = sum over rows of D_l,
         D_{l-1} = (D_l W_l) * act_{l-1}'(h_l),   dX = D_0 W_0.
     Call as `NetworkFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be
-    None). The ops read the packed buffers the parameters are views of, or pack them.
+    None). The parameters are packed for the call (fnn.network_ops.pack_parameters), unless
+    they are views of a live pack (the fused Trainer's), which is then read as it is.
     """
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params):
-        weights, biases = list(params[0::2]), list(params[1::2])
+        weights, biases = params[0::2], params[1::2]
+        pack = None if torch.compiler.is_compiling() else find_pack(weights, biases)
+        if pack is None:
+            pack = pack_parameters(weights, biases)
         x2d = x.reshape(-1, x.shape[-1])
         need = any(ctx.needs_input_grad)
-        y, h = network_ops.network_forward(x2d, weights, biases, activations, need)
-        ctx.save_for_backward(x2d, y, h, *weights)
+        y, h = network_ops.network_forward(x2d, pack.w, pack.b, pack.sizes, activations, need)
+        ctx.save_for_backward(x2d, y, h, pack.w)
         ctx.activations = activations
-        ctx.biased = [b is not None for b in biases]
+        ctx.sizes = pack.sizes
+        ctx.biased = pack.biased
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, y, h, *weights = ctx.saved_tensors
+        x2d, y, h, w_pack = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dws, dbs = network_ops.network_backward(
-            dy.reshape(-1, y.shape[-1]), y, h, x2d, weights, ctx.activations, ctx.biased, needs[0]
+            dy.reshape(-1, y.shape[-1]), y, h, x2d, w_pack, ctx.sizes, ctx.activations, ctx.biased, needs[0]
         )
         grads: list[torch.Tensor | None] = []
         for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
@@ -204,8 +192,8 @@ def network_forward(
     activations: Sequence[str],
 ) -> torch.Tensor:
     """`fnn.fnn_forward` through the whole-network kernel (widths <= 128), one autograd node
-    (NetworkFunction). The op packs the parameters on every call (copies) unless they are
-    views of an FNN's pack. On the reference backend it runs fnn.reference's layers."""
+    (NetworkFunction), the parameters packed for the call. On the reference backend it runs
+    fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
     if backend(x.device) == "reference":
         from .functional import fnn_forward
@@ -216,8 +204,7 @@ def network_forward(
 
 
 def fnn_network_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An FNN's forward on the network path: the ops read its pack when its parameters are
-    the pack's views (see ensure_packed), else pack them for the call. Changes nothing."""
+    """An FNN's forward on the network path (NetworkFunction). Changes nothing in the model."""
     weights = [layer.weight for layer in model.layers]
     biases = [layer.bias for layer in model.layers]
     activations = model.activations

@@ -12,7 +12,7 @@ from torch import nn
 from . import network_ops
 from .functional import backend
 from .modules import FNN
-from .network import ensure_packed, fits_network, resolve_fusion
+from .network import NetworkPack, ensure_packed, fits_network, resolve_fusion
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -40,8 +40,11 @@ class Trainer:
     on a kernel backend runs the whole step in one kernel launch when the batch fits one
     program of the backward (kernels.network.network_programs), else in two (the second
     sums the per-program gradients in a fixed order and updates). The parameters are
-    updated in place (they are views of the model's packed buffers), `.grad` is not
-    touched, and the momentum buffers live in the Trainer.
+    updated in place: the first fused step points them at slices of zero-padded packed
+    buffers that the Trainer keeps (fnn.network.ensure_packed; same Parameter objects, same
+    values, now non-contiguous views), which the kernel updates. If they are replaced or
+    moved later, the next step packs them again. `.grad` is not touched, and the momentum
+    buffers live in the Trainer.
     Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
     carried from one path to the other if a model changes path between steps.
 
@@ -73,6 +76,7 @@ class Trainer:
         self.momentum = momentum
         self._optimizer: torch.optim.SGD | None = None
         self._hyper: tuple[tuple, torch.Tensor] | None = None
+        self._pack: NetworkPack | None = None  # kept alive here: see ensure_packed
         self._buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _fnn(self) -> FNN | None:
@@ -157,7 +161,7 @@ class Trainer:
         from kernels.network import network_train_step
 
         model = self._fnn()
-        pack = ensure_packed(model)
+        pack = self._pack = ensure_packed(model)
         if pack is None:
             return None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32

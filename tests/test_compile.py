@@ -124,6 +124,14 @@ def fusion(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["network", "auto"])
+def network_fusion(request) -> str:
+    """The fusions that take the whole-network path ("auto" as on CUDA)."""
+    if request.param == "auto":
+        request.getfixturevalue("auto_is_network")
+    return request.param
+
+
 def test_explain_fnn_forward_has_no_graph_break(device, fusion):
     model = fnn.FNN([5, 16, 3], ["relu", "sigmoid"], device=device, dtype=torch.float64, fusion=fusion)
     x = _random((7, 5), device, 0)
@@ -176,19 +184,39 @@ def test_compiled_fnn_matches_eager(mode_device):
         _check(eager, ref, f"eager FNN vs reference, batch {m}")
 
 
-def test_compiled_network_fnn_matches_eager(device, fusion, monkeypatch):
-    """The whole-network ops compiled by inductor (fullgraph) give eager's output and every
-    gradient bit for bit; the graphs hold the two opaque network ops (or the layer ops), and
-    the compiled calls read the model's packed buffers without repacking them."""
+def test_pack_parameters(device):
+    """The packed buffers, eager (a gather) and traced (padding ops), hold each parameter in
+    its corner and zeros elsewhere; missing biases pack as zeros."""
+    g = torch.Generator().manual_seed(7)
+    sizes = [3, 20, 1, 5]
+    weights = [torch.randn(o, i, generator=g).to(device) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    biases = [torch.randn(20, generator=g).to(device), None, torch.randn(5, generator=g).to(device)]
+    expected_w = torch.zeros(3, 32, 32, device=device)
+    expected_b = torch.zeros(3, 32, device=device)
+    for li, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        expected_w[li, : w.shape[0], : w.shape[1]] = w
+        if b is not None:
+            expected_b[li, : b.shape[0]] = b
+    eager = fnn.network_ops.pack_parameters(weights, biases)
+    assert (eager.sizes, eager.biased) == (tuple(sizes), (True, False, True))
+    pack = fnn.network_ops.pack_parameters
+    traced = torch.compile(lambda w, b: pack(w, b).w, fullgraph=True, backend="aot_eager")
+    for got, want in ((eager.w, expected_w), (eager.b, expected_b), (traced(weights, biases), expected_w)):
+        assert got.is_contiguous() and torch.equal(got, want)
+    assert fnn.network_ops.pack_parameters(weights, [None] * 3).b is None
+
+
+def test_compiled_network_fnn_matches_eager(device, network_fusion):
+    """Compiled by inductor (fullgraph), the FNN gives eager's output and every gradient bit
+    for bit, with plain parameters and with parameters that are views of a Trainer's pack;
+    the graphs hold the two opaque network ops and no matmul."""
+    fusion = network_fusion
     torch.manual_seed(2)
     model = fnn.FNN(
         [5, 16, 8, 3], activation=["relu", "tanh", "sigmoid"], device=device, dtype=torch.float64,
         fusion=fusion,
     )
     params = list(model.parameters())
-    packs = []
-    real_pack = fnn.network_ops.pack_parameters
-    monkeypatch.setattr(fnn.network_ops, "pack_parameters", lambda *a: packs.append(1) or real_pack(*a))
     rec = _RecordingBackend()
     for backend in ("inductor", rec.backend):
         torch._dynamo.reset()
@@ -198,14 +226,13 @@ def test_compiled_network_fnn_matches_eager(device, fusion, monkeypatch):
             eager = _run(model, params, x, dy)
             _check(_run(compiled, params, x, dy), eager, f"compiled FNN({fusion}), batch {m}")
     fw, bw = _targets(rec.fw), _targets(rec.bw)
-    if fusion == "layer":
-        assert "fnn.linear_act_forward.default" in fw, fw
-    else:
-        plumbing = {"<built-in function getitem>", "aten.view.default"}
-        assert fw - plumbing == {"fnn.network_forward.default"}, fw
-        assert "fnn.network_backward.default" in bw, bw
-        assert not any("linear_act" in t or "mm" in t for t in fw | bw), fw | bw
-    assert packs == [], "a forward or backward repacked parameters that were the pack's views"
+    assert "fnn.network_forward.default" in fw and "fnn.network_backward.default" in bw, (fw, bw)
+    assert not any("linear_act" in t or "mm" in t for t in fw | bw), fw | bw
+    pack = fnn.network.ensure_packed(model)  # the fused Trainer's arrangement: views
+    assert pack is not None and not model.layers[0].weight.is_contiguous()
+    x, dy = _random((7, 5), device, 7), _random((7, 3), device, 107)
+    eager = _run(model, params, x, dy)
+    _check(_run(torch.compile(model, fullgraph=True), params, x, dy), eager, f"{fusion}, packed views")
 
 
 def _unpack(model: fnn.FNN):
@@ -285,34 +312,25 @@ def test_opcheck(device):
 
 def _network_op_samples(device):
     """(op, args) of the network ops: one layer and three, bias on every layer, on some and on
-    none, hidden outputs stored or not, dx wanted or not, M = 0, and parameters that are views
-    of an FNN's pack (the ops' no-copy path) as well as plain tensors (packed per call)."""
+    none, hidden outputs stored or not, dx wanted or not, M = 0."""
     g = torch.Generator().manual_seed(6)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
     out = []
-    cases = [
-        ([4, 3], [True], False, 6),
-        ([5, 17, 8, 2], [True, False, True], True, 5),
-        ([3, 9, 2], [False, False], True, 0),
-    ]
-    for sizes, biased, packed, m in cases:
+    cases = [([4, 3], [True], 6), ([5, 17, 8, 2], [True, False, True], 5), ([3, 9, 2], [False, False], 0)]
+    for sizes, biased, m in cases:
         acts = ["tanh", "relu", "sigmoid"][: len(sizes) - 1]
-
-        def r(*shape):
-            return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
-
         weights = [r(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         biases = [r(o) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
-        if packed:
-            model = fnn.FNN(sizes, acts, device=device, dtype=torch.float64, fusion="network")
-            assert fnn.network.ensure_packed(model) is not None
-            weights = [la.weight.detach() for la in model.layers]
-            biases = [la.bias.detach() if b else None for la, b in zip(model.layers, biased, strict=True)]
+        pack = fnn.network_ops.pack_parameters(weights, biases)
         x, dy = r(m, sizes[0]), r(m, sizes[-1])
         for store in (False, True):
-            out.append((torch.ops.fnn.network_forward.default, (x, weights, biases, acts, store)))
-        y, h = torch.ops.fnn.network_forward(x, weights, biases, acts, True)
+            out.append((torch.ops.fnn.network_forward.default, (x, pack.w, pack.b, sizes, acts, store)))
+        y, h = torch.ops.fnn.network_forward(x, pack.w, pack.b, sizes, acts, True)
         for need_dx in (True, False):
-            args = (dy, y, h, x, weights, acts, biased, need_dx)
+            args = (dy, y, h, x, pack.w, sizes, acts, biased, need_dx)
             out.append((torch.ops.fnn.network_backward.default, args))
     return out
 
@@ -326,7 +344,7 @@ def test_network_ops_fake_implementations_match_real_outputs(device):
             fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
         for i, (r, f) in enumerate(zip(real, fake, strict=True)):
             got, want = (tuple(f.shape), f.dtype, f.device), (tuple(r.shape), r.dtype, r.device)
-            assert got == want, (op, i, args[3:] if op is torch.ops.fnn.network_forward.default else args[5:])
+            assert got == want, (op, i, [a for a in args if not isinstance(a, torch.Tensor)])
 
 
 def test_network_ops_opcheck(mode_device):
@@ -341,7 +359,5 @@ def test_network_ops_reference_matches_kernels(device, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for (op, args), want in zip(samples, kernels_out, strict=True):
         args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-        args = [[t.cpu() if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else a
-                for a in args]
         for i, (got, w) in enumerate(zip(op(*args), want, strict=True)):
             assert_close(got, w, rtol=1e-12, atol=1e-12, what=f"{op} output {i}")
