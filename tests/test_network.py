@@ -188,7 +188,7 @@ def test_backward_programs_agree_and_are_deterministic(device, programs):
 def test_launch_counts(device, launches):
     net = _model([2, 32, 1], ["sigmoid", "sigmoid"], False, torch.float32, device, "network")
     x = torch.randn(100, 2, device=device, requires_grad=True)
-    ensure_packed(net)  # packing is torch copies, done once; count the kernels only
+    # Triton launches only: the packing (a cat and a take) and the gradient gather are torch ops.
     with torch.no_grad():
         net(x)
     assert launches.calls == ["network_fwd_kernel"]
