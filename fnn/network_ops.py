@@ -137,11 +137,10 @@ def register_pack(pack: NetworkPack) -> None:
     _PACKS[(pack.w.data_ptr(), pack.w.device)] = pack
 
 
-def find_pack(
-    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None
-) -> NetworkPack | None:
-    """The registered pack whose views these parameters are, else None. `biases=None` checks
-    the weights only (the backward reads no bias)."""
+def find_pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> NetworkPack | None:
+    """The registered pack whose views these parameters are (each weight at (P, 1) strides
+    in its layer's corner, each bias at the start of its row, no bias where the pack has
+    none), else None. A few pointer and stride comparisons per layer."""
     w0 = weights[0]
     pack = _PACKS.get((w0.data_ptr(), w0.device))
     if pack is None:
@@ -159,8 +158,6 @@ def find_pack(
             or w.dtype != pw.dtype
         ):
             return None
-    if biases is None:
-        return pack
     pb = pack.b
     for li, b in enumerate(biases):
         if b is None:
@@ -208,8 +205,9 @@ def _hidden_padding(sizes: tuple[int, ...], device: torch.device) -> torch.Tenso
 
 
 def _check(x, w_pack, b_pack, sizes, activations, who: str) -> None:
-    """What the launchers do not check: one activation per layer, their names, a 2-D x, and
-    on the reference backend the packed shapes, dtypes and devices."""
+    """One activation per layer and known names, a 2-D x of width n_0, and packed buffers of
+    the shape `sizes` implies in x's dtype and on its device (the reference backend has no
+    launcher to check them; the launchers check them again)."""
     n_layers = len(sizes) - 1
     if n_layers < 1 or len(activations) != n_layers:
         raise ValueError(f"{who}: need sizes (n_0..n_L) and one activation per layer")

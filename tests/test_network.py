@@ -443,3 +443,18 @@ def test_bad_inputs_raise_before_launch(device, launches):
     with pytest.raises(TypeError):
         net([[1.0, 2.0, 3.0]])
     assert launches.calls == []
+    # The registered ops check what packing hides from the launchers.
+    pack = network_ops.pack_parameters([la.weight for la in net.layers], [la.bias for la in net.layers])
+    x = torch.randn(4, 3, device=device)
+    op = torch.ops.fnn.network_forward
+    with pytest.raises(ValueError, match="w_pack must be"):
+        op(x, pack.w[:1], pack.b, [3, 5, 2], ["relu", "sigmoid"], False)
+    with pytest.raises(ValueError, match="one activation per layer"):
+        op(x, pack.w, pack.b, [3, 5, 2], ["relu"], False)
+    with pytest.raises(ValueError, match="unknown activation"):
+        op(x, pack.w, pack.b, [3, 5, 2], ["relu", "gelu"], False)
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        op(x[:, :2], pack.w, pack.b, [3, 5, 2], ["relu", "sigmoid"], False)
+    with pytest.raises(ValueError, match="b_pack must be"):
+        op(x, pack.w, pack.b.double(), [3, 5, 2], ["relu", "sigmoid"], False)
+    assert launches.calls == []
