@@ -126,7 +126,7 @@ class FNNFunction(torch.autograd.Function):
         for w, b, a in zip(weights, biases, activations, strict=True):
             h = ops.linear_act_forward(h, w, b, a)
             hs.append(h)
-        out = h.view(*x.shape[:-1], h.shape[-1])
+        out = h if x.dim() == 2 else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
         ctx.save_for_backward(*hs[:-1], out, *weights)
         ctx.activations = activations
         ctx.has_bias = [b is not None for b in biases]

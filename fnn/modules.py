@@ -100,7 +100,7 @@ class FNN(nn.Module):
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
-    ValueError) and keeps the parameters as views of zero-padded packed buffers; "auto"
+    ValueError), packing the parameters into zero-padded buffers for each call; "auto"
     picks per call (fnn.network.resolve_fusion: a provisional, unmeasured heuristic).
     Under torch.autocast the "network" path falls back to "layer".
     """

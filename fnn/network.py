@@ -1,25 +1,41 @@
 """The whole-network path: a narrow network (every width <= 128) run by one kernel.
 
-Parameters are packed into zero-padded buffers (kernels.network's layout): weights
-(L, P, P), biases (L, P), and an int32 `meta` [n_0..n_L, act codes]. An FNN on this path
-keeps its parameters as *views* of its packed buffers (`ensure_packed`): the kernels read
-the buffers directly (no copy per call), and an in-place update of the buffers (the fused
-Trainer step) is an update of `model.parameters()`, which stay the source of truth. When a
-parameter no longer is such a view (replaced, moved, cast), the next call packs again.
+The kernels read the parameters packed into zero-padded buffers (kernels.network's layout):
+weights (L, P, P), biases (L, P). An FNN's parameters are ordinary contiguous tensors, as in
+nn.Linear, so everything PyTorch does with parameters works on them (FSDP2 included, which
+refuses non-contiguous ones); the network Function packs them for each call, one gather
+(fnn.network_ops.pack_parameters). The fused Trainer step instead points the parameters at
+slices of a pack it keeps (`ensure_packed`), so that its in-place update of the pack is the
+update of `model.parameters()` in one launch; while that holds, forwards read the pack
+without copying. Nothing else changes a model's parameters: a forward never does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from kernels.checks import ACTIVATIONS, check_linear_args
+from kernels.checks import check_linear_args
 
+from . import network_ops
 from .functional import backend
+from .network_ops import NetworkPack, find_pack, pack_parameters, padded_width, register_pack
+
+__all__ = [
+    "NetworkFunction",
+    "NetworkPack",
+    "check_fusion",
+    "ensure_packed",
+    "fits_network",
+    "network_forward",
+    "pack_parameters",
+    "padded_width",
+    "resolve_fusion",
+    "unpack_parameters",
+]
 
 FUSIONS = ("auto", "layer", "network")
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH, repeated here so this module imports no triton
@@ -28,14 +44,6 @@ MAX_WIDTH = 128  # kernels.network.MAX_WIDTH, repeated here so this module impor
 def fits_network(sizes: Sequence[int]) -> bool:
     """Whether `fusion="network"` serves these widths: all of them <= 128."""
     return max(sizes) <= MAX_WIDTH
-
-
-def padded_width(sizes: Sequence[int]) -> int:
-    """P: the widest layer rounded up to a power of two, at least 16."""
-    p = 16
-    while p < max(sizes):
-        p *= 2
-    return p
 
 
 def check_fusion(fusion: object, sizes: Sequence[int]) -> str:
@@ -66,134 +74,94 @@ def resolve_fusion(fusion: str, sizes: Sequence[int], device: torch.device | str
     return fusion
 
 
-@dataclass
-class NetworkPack:
-    """Packed parameters of a network: `w` (L, P, P), `b` (L, P) or None, `meta` int32."""
-
-    w: torch.Tensor
-    b: torch.Tensor | None
-    meta: torch.Tensor
-    sizes: tuple[int, ...]
-    activations: tuple[str, ...]
+def _plain(t: torch.Tensor | None) -> bool:
+    return t is None or type(t) is nn.Parameter or type(t) is torch.Tensor
 
 
-def _meta(sizes: Sequence[int], activations: Sequence[str], device: torch.device) -> torch.Tensor:
-    codes = [ACTIVATIONS[a] for a in activations]
-    return torch.tensor([*sizes, *codes], dtype=torch.int32, device=device)
+def ensure_packed(model: nn.Module) -> NetworkPack | None:
+    """The packed buffers whose views an FNN's parameters are, making them first if there are
+    none: a new zero-padded pack receives the parameters' values, and each parameter's `.data`
+    is pointed at its slice. The Parameter objects stay the same, so optimizers and hooks
+    holding them see no change. The caller must keep the pack (the fused Trainer step does):
+    while it lives, the ops find it and read it without copying (fnn.network_ops.find_pack).
 
-
-def pack_parameters(
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    activations: Sequence[str],
-) -> NetworkPack:
-    """Copy the parameters into new zero-padded buffers (missing biases pack as zeros;
-    no bias at all gives b=None)."""
-    sizes = (weights[0].shape[1], *(w.shape[0] for w in weights))
-    p, n_layers = padded_width(sizes), len(weights)
-    like = weights[0]
-    with torch.no_grad():
-        w = torch.zeros((n_layers, p, p), dtype=like.dtype, device=like.device)
-        for li, wl in enumerate(weights):
-            w[li, : wl.shape[0], : wl.shape[1]] = wl
-        b = None
-        if any(bl is not None for bl in biases):
-            b = torch.zeros((n_layers, p), dtype=like.dtype, device=like.device)
-            for li, bl in enumerate(biases):
-                if bl is not None:
-                    b[li, : bl.shape[0]] = bl
-    return NetworkPack(w, b, _meta(sizes, activations, like.device), sizes, tuple(activations))
-
-
-def _is_view(t: torch.Tensor, base: torch.Tensor, offset: int, stride: tuple[int, ...]) -> bool:
-    return (
-        t.dtype == base.dtype
-        and t.device == base.device
-        and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-        and t.storage_offset() == offset
-        and t.stride() == stride
-    )
-
-
-def ensure_packed(model: nn.Module) -> NetworkPack:
-    """The packed buffers of an FNN whose parameters are views of them, packing first (and
-    re-pointing every parameter's `.data` at its view) when they are not or no longer."""
+    Returns None, changing nothing, where the parameters are not plain tensors of a real
+    device (FSDP's sharded DTensors, fake or meta tensors) or while torch.compile traces.
+    Only the Trainer calls this: an FNN's own forward never changes its parameters."""
+    if torch.compiler.is_compiling():
+        return None
     layers = model.layers
-    sizes, acts = tuple(model.sizes), tuple(model.activations)
-    pack: NetworkPack | None = getattr(model, "_network_pack", None)
-    if pack is not None and pack.sizes == sizes and pack.activations == acts:
-        p = pack.w.shape[-1]
-        ok = all(
-            _is_view(layer.weight, pack.w, li * p * p, (p, 1))
-            and (
-                (layer.bias is None and pack.b is None)
-                or (
-                    layer.bias is not None
-                    and pack.b is not None
-                    and _is_view(layer.bias, pack.b, li * p, (1,))
-                )
-            )
-            for li, layer in enumerate(layers)
-        )
-        if ok:
-            return pack
-    pack = pack_parameters([layer.weight for layer in layers], [layer.bias for layer in layers], acts)
+    weights = [layer.weight for layer in layers]
+    biases = [layer.bias for layer in layers]
+    pack = find_pack(weights, biases)
+    if pack is not None:
+        return pack
+    if not all(_plain(t) for t in (*weights, *biases)) or weights[0].device.type == "meta":
+        return None
+    pack = pack_parameters(weights, biases)
     with torch.no_grad():
         for li, layer in enumerate(layers):
             o, i = layer.weight.shape
             layer.weight.data = pack.w[li, :o, :i]
             if layer.bias is not None:
                 layer.bias.data = pack.b[li, :o]
-    model._network_pack = pack
+    register_pack(pack)
     return pack
 
 
-class NetworkFunction(torch.autograd.Function):
-    """A whole network as one autograd node and one kernel per direction.
+def unpack_parameters(model: nn.Module) -> None:
+    """Give an FNN's parameters their own contiguous storage again (same Parameter objects,
+    same values), undoing the packed views the fused Trainer step leaves them as. Needed only
+    by code that requires contiguous parameters: FSDP2's `fully_shard`, `param.view(-1)`
+    (torch.nn.utils.parameters_to_vector). The next fused step packs them again."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
 
-    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; saves X, the output
-    and (only when a gradient is needed) the hidden outputs h_1..h_{L-1}.
+
+class NetworkFunction(torch.autograd.Function):
+    """A whole network as one autograd node and one kernel per direction (fnn.network_ops).
+
+    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; saves X, the output,
+    the packed weights and (only when a gradient is needed) the hidden outputs h_1..h_{L-1}.
     Backward, one launch when the batch fits one program (else two, the second summing the
     per-program partial gradients in a fixed order), with D_{L-1} = dY * act'(Y):
         dW_l = D_l^T h_l,   db_l = sum over rows of D_l,
         D_{l-1} = (D_l W_l) * act_{l-1}'(h_l),   dX = D_0 W_0.
-    Call as `NetworkFunction.apply(x, pack, w_1, b_1, ..., w_L, b_L)`: the kernels read the
-    packed buffers of `pack`; the parameters are inputs so that their gradients route.
+    Call as `NetworkFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be
+    None). The parameters are packed for the call (fnn.network_ops.pack_parameters), unless
+    they are views of a live pack (the fused Trainer's), which is then read as it is.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, pack: NetworkPack, *params):
-        from kernels import network as K
-
+    def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params):
+        weights, biases = params[0::2], params[1::2]
+        pack = None if torch.compiler.is_compiling() else find_pack(weights, biases)
+        if pack is None:
+            pack = pack_parameters(weights, biases)
         x2d = x.reshape(-1, x.shape[-1])
         need = any(ctx.needs_input_grad)
-        y, h = K.network_forward(x2d, pack.w, pack.b, pack.meta, pack.sizes, store_hidden=need)
-        ctx.save_for_backward(x2d, y, h, pack.w, pack.meta, *params)
+        y, h = network_ops.network_forward(x2d, pack.w, pack.b, pack.sizes, activations, need)
+        ctx.save_for_backward(x2d, y, h, pack.w)
+        ctx.activations = activations
         ctx.sizes = pack.sizes
-        ctx.has_bias = pack.b is not None
-        ctx.param_shapes = [None if t is None else tuple(t.shape) for t in params]
+        ctx.biased = pack.biased
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        from kernels import network as K
-
-        x2d, y, h, w, meta = ctx.saved_tensors[:5]
+        x2d, y, h, w_pack = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dw, db = K.network_backward(
-            dy.reshape(-1, y.shape[-1]), y, h, x2d, w, meta, ctx.sizes, ctx.has_bias, needs[0]
+        dx, dws, dbs = network_ops.network_backward(
+            dy.reshape(-1, y.shape[-1]), y, h, x2d, w_pack, ctx.sizes, ctx.activations, ctx.biased, needs[0]
         )
         grads: list[torch.Tensor | None] = []
-        for i, shape in enumerate(ctx.param_shapes):
-            li, is_bias = i // 2, i % 2 == 1
-            if shape is None or not needs[2 + i]:
-                grads.append(None)
-            elif is_bias:
-                grads.append(db[li, : shape[0]])
-            else:
-                grads.append(dw[li, : shape[0], : shape[1]])
+        for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
+            grads.append(dw if needs[2 + 2 * li] else None)
+            grads.append(db if needs[3 + 2 * li] else None)
         return (dx.view(ctx.x_shape) if dx is not None else None, None, *grads)
 
 
@@ -223,24 +191,23 @@ def network_forward(
     biases: Sequence[torch.Tensor | None],
     activations: Sequence[str],
 ) -> torch.Tensor:
-    """`fnn.fnn_forward` through the whole-network kernel (widths <= 128). Packs the
-    parameters on every call (copies); FNN(fusion="network") keeps them packed instead.
-    On the reference backend it runs fnn.reference's layers."""
+    """`fnn.fnn_forward` through the whole-network kernel (widths <= 128), one autograd node
+    (NetworkFunction), the parameters packed for the call. On the reference backend it runs
+    fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
     if backend(x.device) == "reference":
         from .functional import fnn_forward
 
         return fnn_forward(x, weights, biases, activations)
-    pack = pack_parameters(weights, biases, activations)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return NetworkFunction.apply(x, pack, *params)
+    return NetworkFunction.apply(x, tuple(activations), *params)
 
 
 def fnn_network_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An FNN's forward on the network path, its parameters kept packed (ensure_packed)."""
+    """An FNN's forward on the network path (NetworkFunction). Changes nothing in the model."""
     weights = [layer.weight for layer in model.layers]
     biases = [layer.bias for layer in model.layers]
-    check_network_args(x, weights, biases, model.activations)
-    pack = ensure_packed(model)
-    params = [t for layer in model.layers for t in (layer.weight, layer.bias)]
-    return NetworkFunction.apply(x, pack, *params)
+    activations = model.activations
+    check_network_args(x, weights, biases, activations)
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+    return NetworkFunction.apply(x, tuple(activations), *params)

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import network_ops
 from .functional import backend
 from .modules import FNN
-from .network import ensure_packed, fits_network, resolve_fusion
+from .network import NetworkPack, ensure_packed, fits_network, resolve_fusion
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -39,10 +40,19 @@ class Trainer:
     on a kernel backend runs the whole step in one kernel launch when the batch fits one
     program of the backward (kernels.network.network_programs), else in two (the second
     sums the per-program gradients in a fixed order and updates). The parameters are
-    updated in place (they are views of the model's packed buffers), `.grad` is not
-    touched, and the momentum buffers live in the Trainer.
+    updated in place: the first fused step points them at slices of zero-padded packed
+    buffers that the Trainer keeps (fnn.network.ensure_packed; same Parameter objects, same
+    values, now non-contiguous views), which the kernel updates. If they are replaced or
+    moved later, the next step packs them again. `.grad` is not touched, and the momentum
+    buffers live in the Trainer.
     Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
     carried from one path to the other if a model changes path between steps.
+
+    torch.compile: the fused step is one launch already, with nothing around it for a
+    compiler to fuse, so the Trainer is not meant to be compiled. A model given as
+    `torch.compile(fnn.FNN(...))` still takes the fused step (on the FNN it wraps); models
+    on the autograd path run compiled as given. Called inside a compiled function, `step`
+    runs eagerly (a graph break), never traced.
     """
 
     def __init__(self, model: nn.Module, loss: str = "bce", lr: float = 1e-3, momentum: float = 0.0) -> None:
@@ -66,16 +76,26 @@ class Trainer:
         self.momentum = momentum
         self._optimizer: torch.optim.SGD | None = None
         self._hyper: tuple[tuple, torch.Tensor] | None = None
+        self._pack: NetworkPack | None = None  # kept alive here: see ensure_packed
         self._buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def fused(self, device: torch.device | str) -> bool:
-        """Whether `step` on tensors on `device` runs the whole-network kernel."""
+    def _fnn(self) -> FNN | None:
+        """The FNN the fused step would train: the model, or the one torch.compile wraps."""
         model = self.model
+        model = getattr(model, "_orig_mod", model)
+        return model if isinstance(model, FNN) else None
+
+    def fused(self, device: torch.device | str) -> bool:
+        """Whether `step` on tensors on `device` runs the whole-network kernel: an FNN whose
+        fusion resolves to "network", on a kernel backend, with plain parameters (FSDP's
+        sharded DTensors train through autograd, where FSDP's hooks run)."""
+        model = self._fnn()
         return (
-            isinstance(model, FNN)
+            model is not None
             and fits_network(model.sizes)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
+            and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
         )
 
     def _check_batch(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +103,9 @@ class Trainer:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"Trainer: {name} must be a torch.Tensor, got {type(t).__name__}")
         param = next(self.model.parameters())
-        if isinstance(self.model, FNN):
-            n_in, n_out = self.model.sizes[0], self.model.sizes[-1]
+        model = self._fnn()
+        if model is not None:
+            n_in, n_out = model.sizes[0], model.sizes[-1]
             if x.dim() == 0 or x.shape[-1] != n_in:
                 raise ValueError(f"Trainer: x must have shape (..., {n_in}), got {tuple(x.shape)}")
             want = (*x.shape[:-1], n_out)
@@ -104,9 +125,13 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step on the batch (x, y); returns the loss before the update (0-dim)."""
+        if torch.compiler.is_compiling():
+            return _step_outside_graph(self, x, y)
         x, y = self._check_batch(x, y)
         if self.fused(x.device):
-            return self._fused_step(x, y)
+            loss = self._fused_step(x, y)
+            if loss is not None:
+                return loss
         return self._autograd_step(x, y)
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, epochs: int) -> list[float]:
@@ -130,11 +155,15 @@ class Trainer:
         self._optimizer.step()
         return loss.detach()
 
-    def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The one-launch step on the model's packed buffers (packing them first if its
+        parameters are not their views); None where they cannot be packed."""
         from kernels.network import network_train_step
 
-        model = self.model
-        pack = ensure_packed(model)
+        model = self._fnn()
+        pack = self._pack = ensure_packed(model)
+        if pack is None:
+            return None
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         key = (self.lr, self.momentum, acc, x.device)
         if self._hyper is None or self._hyper[0] != key:  # built once, not copied every step
@@ -159,10 +188,14 @@ class Trainer:
                 y.reshape(-1, y.shape[-1]),
                 pack.w,
                 pack.b,
-                pack.meta,
+                network_ops.meta(pack.sizes, model.activations, x.device),
                 pack.sizes,
                 self.loss,
                 hyper,
                 bufs[0] if bufs else None,
                 bufs[1] if bufs else None,
             )
+
+
+# Under torch.compile, `step` is run as it is, outside any graph (see Trainer's docstring).
+_step_outside_graph = torch.compiler.disable(Trainer.step)

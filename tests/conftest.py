@@ -4,10 +4,24 @@ TRITON_INTERPRET must be set before triton is imported (triton.jit reads it when
 kernels are defined), hence here, before any test module imports kernels.
 """
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
-import pytest
-import torch
+# torch.compile's on-disk caches (inductor, AOTAutograd) can hand a graph compiled against
+# another version of fnn's registered ops to this one (seen: a call with the argument count
+# of another branch's schema). Key the cache directory on the files that register the ops,
+# so a changed schema never meets a stale graph, while kernel changes keep the cache warm.
+_ROOT = Path(__file__).resolve().parents[1]
+_SOURCE = b"".join((_ROOT / "fnn" / f).read_bytes() for f in ("ops.py", "network_ops.py"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "torchinductor_fnn_" + hashlib.sha1(_SOURCE).hexdigest()[:12]),
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

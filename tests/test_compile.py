@@ -105,23 +105,40 @@ def _random(shape, device, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-# fusion="network" (fnn.network, the whole-network kernel) calls its Triton launchers from a
-# plain autograd.Function and repacks parameters by data_ptr: dynamo cannot trace it yet. It is
-# FNN's default ("auto") for narrow networks on CUDA. Strict: this fails once it compiles.
-FUSIONS = [
-    "layer",
-    pytest.param("network", marks=pytest.mark.xfail(
-        strict=True, reason="fnn.network is not a registered torch.library op yet: dynamo fails on it")),
-]
+@pytest.fixture
+def auto_is_network(monkeypatch):
+    """fusion="auto" resolved as on CUDA: the whole-network path for narrow networks. (On the
+    CPU "auto" means "layer"; the kernels still run in the interpreter.)"""
+    monkeypatch.setattr(fnn.network, "backend", lambda device: "triton")
+    assert fnn.network.resolve_fusion("auto", [5, 16, 3], "cpu") == "network"
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+# "auto" runs with auto_is_network: the path fusion="auto" takes on CUDA for these widths.
+FUSIONS = ["layer", "network", "auto"]
+
+
+@pytest.fixture(params=FUSIONS)
+def fusion(request) -> str:
+    if request.param == "auto":
+        request.getfixturevalue("auto_is_network")
+    return request.param
+
+
+@pytest.fixture(params=["network", "auto"])
+def network_fusion(request) -> str:
+    """The fusions that take the whole-network path ("auto" as on CUDA)."""
+    if request.param == "auto":
+        request.getfixturevalue("auto_is_network")
+    return request.param
+
+
 def test_explain_fnn_forward_has_no_graph_break(device, fusion):
     model = fnn.FNN([5, 16, 3], ["relu", "sigmoid"], device=device, dtype=torch.float64, fusion=fusion)
     x = _random((7, 5), device, 0)
-    explained = torch._dynamo.explain(model)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
+    for x_grad in (False, True):  # with x requiring grad, the backward is traced too
+        explained = torch._dynamo.explain(model)(x.clone().requires_grad_(x_grad))
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
 
 
 def test_explain_linear_act_forward_and_backward_has_no_graph_break(device):
@@ -165,6 +182,59 @@ def test_compiled_fnn_matches_eager(mode_device):
         _check(_run(compiled, params, x, dy), eager, f"compiled FNN, batch {m}")
         ref = _run(lambda x: reference.fnn_forward(x, *_unpack(model)), params, x, dy)
         _check(eager, ref, f"eager FNN vs reference, batch {m}")
+
+
+def test_pack_parameters(device):
+    """The packed buffers, eager (a gather) and traced (padding ops), hold each parameter in
+    its corner and zeros elsewhere; missing biases pack as zeros."""
+    g = torch.Generator().manual_seed(7)
+    sizes = [3, 20, 1, 5]
+    weights = [torch.randn(o, i, generator=g).to(device) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    biases = [torch.randn(20, generator=g).to(device), None, torch.randn(5, generator=g).to(device)]
+    expected_w = torch.zeros(3, 32, 32, device=device)
+    expected_b = torch.zeros(3, 32, device=device)
+    for li, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        expected_w[li, : w.shape[0], : w.shape[1]] = w
+        if b is not None:
+            expected_b[li, : b.shape[0]] = b
+    eager = fnn.network_ops.pack_parameters(weights, biases)
+    assert (eager.sizes, eager.biased) == (tuple(sizes), (True, False, True))
+    pack = fnn.network_ops.pack_parameters
+    traced = torch.compile(lambda w, b: pack(w, b).w, fullgraph=True, backend="aot_eager")
+    for got, want in ((eager.w, expected_w), (eager.b, expected_b), (traced(weights, biases), expected_w)):
+        assert got.is_contiguous() and torch.equal(got, want)
+    assert fnn.network_ops.pack_parameters(weights, [None] * 3).b is None
+
+
+def test_compiled_network_fnn_matches_eager(device, network_fusion):
+    """Compiled by inductor (fullgraph), the FNN gives eager's output and every gradient bit
+    for bit, with plain parameters and with parameters that are views of a Trainer's pack;
+    the graphs hold the two opaque network ops and no matmul."""
+    fusion = network_fusion
+    torch.manual_seed(2)
+    model = fnn.FNN(
+        [5, 16, 8, 3], activation=["relu", "tanh", "sigmoid"], device=device, dtype=torch.float64,
+        fusion=fusion,
+    )
+    params = list(model.parameters())
+    rec = _RecordingBackend()
+    # inductor once; "auto" takes the same path, so its graphs are only recorded (and run).
+    for backend in ("inductor", rec.backend) if fusion == "network" else (rec.backend,):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        for m in (7, 9):  # the second size recompiles with a dynamic batch dimension
+            x, dy = _random((m, 5), device, m), _random((m, 3), device, 100 + m)
+            eager = _run(model, params, x, dy)
+            _check(_run(compiled, params, x, dy), eager, f"compiled FNN({fusion}), batch {m}")
+    fw, bw = _targets(rec.fw), _targets(rec.bw)
+    assert "fnn.network_forward.default" in fw and "fnn.network_backward.default" in bw, (fw, bw)
+    assert not any("linear_act" in t or "mm" in t for t in fw | bw), fw | bw
+    pack = fnn.network.ensure_packed(model)  # the fused Trainer's arrangement: views
+    assert pack is not None and not model.layers[0].weight.is_contiguous()
+    x, dy = _random((7, 5), device, 7), _random((7, 3), device, 107)
+    eager = _run(model, params, x, dy)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _check(_run(compiled, params, x, dy), eager, f"{fusion}, packed views")
 
 
 def _unpack(model: fnn.FNN):
@@ -240,3 +310,56 @@ def test_opcheck(device):
     """torch.library.opcheck: schema, fake tensor and AOT dispatch agree with the real ops."""
     for op, args in _op_samples(device):
         torch.library.opcheck(op, args)
+
+
+def _network_op_samples(device):
+    """(op, args) of the network ops: one layer and three, bias on every layer, on some and on
+    none, hidden outputs stored or not, dx wanted or not, M = 0."""
+    g = torch.Generator().manual_seed(6)
+
+    def r(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+
+    out = []
+    cases = [([4, 3], [True], 6), ([5, 17, 8, 2], [True, False, True], 5), ([3, 9, 2], [False, False], 0)]
+    for sizes, biased, m in cases:
+        acts = ["tanh", "relu", "sigmoid"][: len(sizes) - 1]
+        weights = [r(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        biases = [r(o) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        pack = fnn.network_ops.pack_parameters(weights, biases)
+        x, dy = r(m, sizes[0]), r(m, sizes[-1])
+        for store in (False, True):
+            out.append((torch.ops.fnn.network_forward.default, (x, pack.w, pack.b, sizes, acts, store)))
+        y, h = torch.ops.fnn.network_forward(x, pack.w, pack.b, sizes, acts, True)
+        for need_dx in (True, False):
+            args = (dy, y, h, x, pack.w, sizes, acts, biased, need_dx)
+            out.append((torch.ops.fnn.network_backward.default, args))
+    return out
+
+
+def test_network_ops_fake_implementations_match_real_outputs(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for op, args in _network_op_samples(device):
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for i, (r, f) in enumerate(zip(real, fake, strict=True)):
+            got, want = (tuple(f.shape), f.dtype, f.device), (tuple(r.shape), r.dtype, r.device)
+            assert got == want, (op, i, [a for a in args if not isinstance(a, torch.Tensor)])
+
+
+def test_network_ops_opcheck(mode_device):
+    for op, args in _network_op_samples(mode_device):
+        torch.library.opcheck(op, args)
+
+
+def test_network_ops_reference_matches_kernels(device, monkeypatch):
+    """Without the interpreter the ops run fnn.reference: the same outputs, padding included."""
+    samples = _network_op_samples(device)
+    kernels_out = [op(*args) for op, args in samples]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for (op, args), want in zip(samples, kernels_out, strict=True):
+        args = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+        for i, (got, w) in enumerate(zip(op(*args), want, strict=True)):
+            assert_close(got, w, rtol=1e-12, atol=1e-12, what=f"{op} output {i}")

@@ -1,8 +1,13 @@
-"""DistributedDataParallel: two processes (gloo, on the CPU) training an FNN on halves of a
-batch end with the weights of one process training on the whole batch.
+"""Several processes: DistributedDataParallel and FSDP2 (`fully_shard`) around an FNN, under
+both fusions, two processes (gloo, on the CPU) training on halves of a batch end with the
+weights of one process training on the whole batch.
 
-DDP averages the gradients of the ranks, and each rank's loss is the mean over its half, so
-the averaged gradient is that of the mean over the whole batch. The children inherit
+DDP averages the gradients of the ranks, and so does FSDP2's reduce-scatter; each rank's loss
+is the mean over its half, so the averaged gradient is that of the mean over the whole batch.
+On the network path DDP trains the model's packed parameters in place; under FSDP2 the
+parameters are sharded DTensors, gathered for each forward into FSDP's own buffers, which the
+ops pack per call, and fnn.Trainer trains such a model through autograd (FSDP's hooks run).
+One spawn runs every configuration, to keep the processes few. The children inherit
 TRITON_INTERPRET from this process (conftest sets it without CUDA), so they run the same
 backend; every wait has a timeout, so a stuck rendezvous fails the test instead of hanging.
 """
@@ -14,6 +19,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,7 +32,15 @@ WORLD = 2
 STEPS = 3
 LR = 0.5
 SIZES, ACTS = [4, 16, 3], ["tanh", "sigmoid"]
-TIMEOUT_S = 120
+TIMEOUT_S = 180
+# (wrapper, fusion, trained by): every configuration the ranks run.
+CONFIGS = [
+    ("ddp", "layer", "sgd"),
+    ("ddp", "network", "sgd"),
+    ("fsdp2", "layer", "sgd"),
+    ("fsdp2", "network", "sgd"),
+    ("fsdp2", "network", "trainer"),
+]
 
 
 def _data():
@@ -36,15 +50,20 @@ def _data():
     return x, y
 
 
-def _model(state=None) -> fnn.FNN:
+def _model(fusion: str, state=None) -> fnn.FNN:
     torch.manual_seed(0)
-    model = fnn.FNN(SIZES, activation=ACTS, dtype=torch.float64)
+    model = fnn.FNN(SIZES, activation=ACTS, dtype=torch.float64, fusion=fusion)
     if state is not None:
         model.load_state_dict(state)
     return model
 
 
-def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, by: str) -> None:
+    if by == "trainer":  # "mse" is the mean below; the Trainer's SGD is torch.optim.SGD's
+        trainer = fnn.Trainer(model, loss="mse", lr=LR)
+        assert not trainer.fused(x.device), "sharded parameters must train through autograd"
+        trainer.fit(x, y, STEPS)
+        return
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for _ in range(STEPS):
         opt.zero_grad()
@@ -54,7 +73,7 @@ def _train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
-    """One rank: DDP around an FNN, trained on its half of the batch; saves its weights."""
+    """One rank: each configuration trained on its half of the batch; saves the weights."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -63,15 +82,31 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
         x, y = _data()
         half = x.shape[0] // WORLD
         rows = slice(rank * half, (rank + 1) * half)
-        model = _model(state)
-        _train(DistributedDataParallel(model), x[rows], y[rows])
-        torch.save(
-            {"state": model.state_dict(), "backend": fnn.backend("cpu")},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+        results, packings = {}, {}
+        real_pack = fnn.network_ops.pack_parameters
+        calls = []
+        fnn.network_ops.pack_parameters = lambda *a: calls.append(1) or real_pack(*a)
+        fnn.network.pack_parameters = fnn.network_ops.pack_parameters
+        for wrapper, fusion, by in CONFIGS:
+            calls.clear()
+            model = _model(fusion, state)
+            if wrapper == "ddp":
+                _train(DistributedDataParallel(model), x[rows], y[rows], by)
+                weights = model.state_dict()
+            else:
+                fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+                _train(model, x[rows], y[rows], by)
+                weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            results[(wrapper, fusion, by)] = {k: v.detach().clone() for k, v in weights.items()}
+            packings[(wrapper, fusion, by)] = len(calls)
+        saved = {"results": results, "packings": packings, "backend": fnn.backend("cpu")}
+        torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -82,28 +117,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
-    init = {k: v.clone() for k, v in _model().state_dict().items()}
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[dict, list[dict]]:
+    """The initial weights and what each rank saved, from one spawn of WORLD processes."""
+    out = tmp_path_factory.mktemp("ranks")
+    init = {k: v.clone() for k, v in _model("layer").state_dict().items()}
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), init, str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker, args=(_free_port(), init, str(out)), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=5):  # raises if a rank failed
-            assert time.monotonic() < deadline, f"DDP ranks still running after {TIMEOUT_S} s"
+            assert time.monotonic() < deadline, f"ranks still running after {TIMEOUT_S} s"
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+    return init, [torch.load(out / f"rank{rank}.pt") for rank in range(WORLD)]
 
-    single = _model(init)
-    _train(single, *_data())
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["-".join(c) for c in CONFIGS])
+def test_two_processes_match_one_process(ranks, config):
+    init, saved = ranks
+    wrapper, fusion, by = config
+    single = _model(fusion, init)
+    _train(single, *_data(), "sgd")
     expected = single.state_dict()
     for k in expected:
         assert not torch.equal(expected[k], init[k]), f"{k} did not change: the test would prove nothing"
     for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["backend"] == fnn.backend("cpu"), "the ranks ran another backend than this process"
+        assert saved[rank]["backend"] == fnn.backend("cpu"), "the ranks ran another backend than this process"
+        got = saved[rank]["results"][config]
+        # Each network-path forward packs the parameters it is given (DDP's own, FSDP's
+        # gathered ones); the layer path never does: proof of which path ran.
+        packings = saved[rank]["packings"][config]
+        assert (packings == STEPS) if fusion == "network" else (packings == 0), (config, packings)
         for k, v in expected.items():
-            assert_close(saved["state"][k], v, rtol=1e-12, atol=1e-14, what=f"rank {rank}: {k}")
-
+            assert_close(got[k], v, rtol=1e-12, atol=1e-14, what=f"{wrapper} {fusion} {by}, rank {rank}: {k}")

@@ -201,3 +201,33 @@ def test_argument_validation(device, launches):
     assert launches.calls == []
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
+
+
+def test_trainer_and_torch_compile(device, launches):
+    """The fused step is one launch, so it is not compiled: a compiled function calling
+    `step` runs it eagerly (same losses and weights as eager, the same single launch), and a
+    Trainer given `torch.compile(model)` takes the fused step on the FNN inside."""
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    models = [fnn.FNN([3, 12, 2], activation=["tanh", "sigmoid"], device=device, fusion="network")]
+    models += [copy.deepcopy(models[0]) for _ in range(2)]
+    x = torch.randn(20, 3, device=device)
+    y = torch.rand(20, 2, device=device)
+    eager = fnn.Trainer(models[0], loss="mse", lr=0.2, momentum=0.5)
+    in_graph = fnn.Trainer(models[1], loss="mse", lr=0.2, momentum=0.5)
+    compiled_step = torch.compile(in_graph.step, backend="aot_eager")
+    wrapped = fnn.Trainer(torch.compile(models[2], backend="aot_eager"), loss="mse", lr=0.2, momentum=0.5)
+    assert wrapped.fused(device)
+    for _ in range(2):
+        want = eager.step(x, y)
+        launches.calls.clear()
+        got = compiled_step(x, y)
+        assert launches.calls == ["network_bwd_kernel"], launches.calls
+        launches.calls.clear()
+        got_wrapped = wrapped.step(x, y)
+        assert launches.calls == ["network_bwd_kernel"], launches.calls
+        assert torch.equal(got, want) and torch.equal(got_wrapped, want)
+    for m in models[1:]:
+        for p, q in zip(m.parameters(), models[0].parameters(), strict=True):
+            assert torch.equal(p, q)
+    torch._dynamo.reset()
