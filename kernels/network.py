@@ -1,30 +1,36 @@
 """Whole-network fused MLP kernels: every layer of a narrow network in one launch.
 
-Parameters are packed (see fnn.network.pack_parameters): all L weights in one zero-padded
-(L, P, P) buffer (layer l's W_l (n_{l+1}, n_l) in its top-left corner), biases in (L, P),
-P = the widest layer rounded up to a power of two >= 16 (tl.dot needs 16), at most 128.
-`meta` is an int32 tensor [n_0, ..., n_L, act_0, ..., act_{L-1}] read in the kernels, so the
-number of layers and the activations are runtime values: one compile per (P, dtype, flags).
+Parameters live in one flat buffer `params` in the network's dtype: every layer's weight W_l
+(n_{l+1}, n_l), row-major, then the bias b_l of each layer that has one. That is the
+concatenation of the parameters flattened, so the parameters of an FNN can be views of it
+(fnn.network) and nothing is copied per call. `meta` is int32,
+    [n_0..n_L | act_0..act_{L-1} | woff_0..woff_{L-1} | boff_0..boff_{L-1}]
+(`network_meta`): the widths, the activation codes (kernels.checks.ACTIVATIONS), and where
+each weight and bias starts in `params` (boff -1: no bias). The number of layers, the widths
+and the activations are runtime values: one compile per (P, dtype, flags), where P is the
+widest layer rounded up to a power of two >= 16 (tl.dot needs 16), at most 128.
 
-Padding never changes a result: padded units are zeroed after their activation (act(0) may
-be 0.5), padded weights are zero, and every store is masked to the real widths and rows.
+Each layer works on (rows, P) tiles: W_l is loaded as a (P, P) tile masked to its real
+corner, and padded units are set to exactly zero after their activation (act(0) may be
+0.5), so padding never changes a result. Stores are masked to the real rows and widths.
 
 Forward   h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), Y = h_L; hidden h_1..h_{L-1} are
-          stored (to H) only when a backward will follow.
+          stored (to H, P columns, zero padding) only when a backward will follow.
 Backward  D_{L-1} = dY * act'(Y); for l = L-1 .. 0: dW_l += D_l^T h_l, db_l += sum_rows D_l,
           D_{l-1} = (D_l W_l) * act_{l-1}'(h_l); dX = D_0 W_0.
 Train     forward, loss and its gradient, backward and the SGD update in the same launch.
 
 Gradients are summed in float32 (float64 for float64) per program in a workspace
-(G, L, P, P). With one program (G == 1) the same launch finishes: it writes the gradients, or
-applies the SGD step. With G > 1, network_reduce_kernel sums the G partials in a fixed order
-(deterministic, no atomics) and finishes: two launches.
+(G, L, P, P). With one program (G == 1) the same launch finishes: it writes the gradients
+(in the layout of `params`), or applies the SGD step to `params`. With G > 1,
+network_reduce_kernel sums the G partials in a fixed order (deterministic, no atomics) and
+finishes: two launches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -75,12 +81,25 @@ def delta_rt(g, y, code):
 
 
 @triton.jit
+def _weight_tile(params_ptr, woff, n_out, n_in, offs_p, TRANS: tl.constexpr):
+    """W_l as a (P_out, P_in) tile, or its transpose (P_in, P_out) when TRANS; zero outside
+    the real (n_out, n_in) corner. W_l starts at params_ptr + woff, rows n_in apart."""
+    if TRANS:
+        ptrs = params_ptr + woff + offs_p[None, :] * n_in + offs_p[:, None]
+        mask = (offs_p[None, :] < n_out) & (offs_p[:, None] < n_in)
+    else:
+        ptrs = params_ptr + woff + offs_p[:, None] * n_in + offs_p[None, :]
+        mask = (offs_p[:, None] < n_out) & (offs_p[None, :] < n_in)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _layer_forward(
     h,
-    w_l,
-    b_l,
-    n_out,
-    code,
+    params_ptr,
+    meta_ptr,
+    li,
+    L,
     offs_p,
     P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -88,13 +107,17 @@ def _layer_forward(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """act(h @ W_l^T + b_l) in ACC_DTYPE, padded columns (>= n_out) set to exactly zero."""
-    wt = tl.load(w_l + offs_p[None, :] * P + offs_p[:, None])  # W_l^T, (P_in, P_out)
+    """(act_l(h @ W_l^T + b_l) in ACC_DTYPE with padded columns exactly zero, n_{l+1})."""
+    n_in = tl.load(meta_ptr + li)
+    n_out = tl.load(meta_ptr + li + 1)
+    wt = _weight_tile(params_ptr, tl.load(meta_ptr + 2 * L + 1 + li), n_out, n_in, offs_p, True)
     acc = mma(h, wt, tl.zeros((h.shape[0], P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
     if HAS_BIAS:
-        acc += tl.load(b_l + offs_p).to(ACC_DTYPE)[None, :]
-    acc = activation_rt(acc, code)
-    return tl.where((offs_p < n_out)[None, :], acc, 0)
+        boff = tl.load(meta_ptr + 3 * L + 1 + li)
+        b = tl.load(params_ptr + boff + offs_p, mask=offs_p < tl.where(boff >= 0, n_out, 0), other=0)
+        acc += b.to(ACC_DTYPE)[None, :]
+    acc = activation_rt(acc, tl.load(meta_ptr + L + 1 + li))
+    return tl.where((offs_p < n_out)[None, :], acc, 0), n_out
 
 
 @triton.jit
@@ -137,9 +160,8 @@ def _finish(g, mask, p_ptrs, buf_ptrs, out_ptrs, lr, momentum, TRAIN: tl.constex
 @triton.jit
 def network_fwd_kernel(
     x_ptr,  # X (M, n_0), any strides
-    w_ptr,  # packed weights (L, P, P), contiguous
-    b_ptr,  # packed biases (L, P); not read unless HAS_BIAS
-    meta_ptr,  # int32 [n_0..n_L, act_0..act_{L-1}]
+    params_ptr,  # flat parameters: weights W_0..W_{L-1}, then biases (offsets in meta)
+    meta_ptr,  # int32 [n_0..n_L | act codes | weight offsets | bias offsets]
     y_ptr,  # Y (M, n_L), written
     h_ptr,  # H (L-1, M, P) hidden outputs, written when STORE_H
     M,  # rows
@@ -151,7 +173,7 @@ def network_fwd_kernel(
     stride_hl,  # layer stride of H (M * P); its rows are P apart
     P: tl.constexpr,  # padded width
     BLOCK_M: tl.constexpr,  # rows per program
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # some layer has a bias
     STORE_H: tl.constexpr,  # keep the hidden outputs for the backward
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -160,32 +182,23 @@ def network_fwd_kernel(
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P)
     mask_m = offs_m < M
-    n_in = tl.load(meta_ptr)
+    n_out = tl.load(meta_ptr)
     h = tl.load(
         x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
-        mask=mask_m[:, None] & (offs_p < n_in)[None, :],
+        mask=mask_m[:, None] & (offs_p < n_out)[None, :],
         other=0,
     )
 
     # Layers: h stays on chip; only hidden outputs (if asked) and Y go to memory.
-    w_l, b_l, h_l = w_ptr, b_ptr, h_ptr
-    n_out = n_in
+    h_l = h_ptr
     for li in range(L):
-        n_out = tl.load(meta_ptr + li + 1)
-        code = tl.load(meta_ptr + L + 1 + li)
-        acc = _layer_forward(
-            h, w_l, b_l, n_out, code, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
+        acc, n_out = _layer_forward(
+            h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
         )
         h = acc.to(x_ptr.dtype.element_ty)
         if STORE_H:
-            if li < L - 1:
-                tl.store(
-                    h_l + offs_m[:, None] * P + offs_p[None, :],
-                    h,
-                    mask=mask_m[:, None] & (offs_p < n_out)[None, :],
-                )
-        w_l += P * P
-        b_l += P
+            if li < L - 1:  # all P columns: the padding is written as zeros
+                tl.store(h_l + offs_m[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
         h_l += stride_hl
 
     tl.store(
@@ -198,19 +211,17 @@ def network_fwd_kernel(
 @triton.jit
 def network_bwd_kernel(
     x_ptr,  # X (M, n_0), any strides
-    w_ptr,  # packed weights (L, P, P); updated in place by a one-program train step
-    b_ptr,  # packed biases (L, P); read by TRAIN's forward, updated by its step
-    meta_ptr,  # int32 [n_0..n_L, act_0..act_{L-1}]
+    params_ptr,  # flat parameters; a one-program train step updates them in place
+    meta_ptr,  # int32 [n_0..n_L | act codes | weight offsets | bias offsets]
     y_ptr,  # gradient mode: Y (M, n_L), the saved output; train mode: the target
     dy_ptr,  # gradient mode: dY (M, n_L), any strides; train mode: unused
     h_ptr,  # H: gradient mode (L-1, M, P) from the forward; train mode (G, L-1, BLOCK_M, P) scratch
+    dsc_ptr,  # CHUNK_K > 0: scratch (G, BLOCK_M, P) for this program's delta D_l; else unused
     dx_ptr,  # dX (M, n_0), written when NEED_DX
     gw_ptr,  # float workspace (G, L, P, P): this program's dW sums
     gb_ptr,  # float workspace (G, L, P): this program's db sums
-    outw_ptr,
-    outb_ptr,  # FINISH, gradient mode: dW (L, P, P), db (L, P) written
-    bufw_ptr,
-    bufb_ptr,  # FINISH, train mode with MOMENTUM: momentum buffers (L, P, P), (L, P)
+    grad_ptr,  # FINISH, gradient mode: the gradients, written in the layout of params
+    buf_ptr,  # FINISH, train mode with MOMENTUM: momentum buffer, in the layout of params
     loss_ptr,  # train mode: the loss (FINISH) or this program's loss sum (G,)
     hyper_ptr,  # train mode: [lr, momentum] in the accumulator dtype
     M,
@@ -232,9 +243,12 @@ def network_bwd_kernel(
     NEED_DX: tl.constexpr,
     TRAIN: tl.constexpr,  # run the forward and the loss here; FINISH then updates parameters
     LOSS: tl.constexpr,  # LOSSES code (train mode)
-    MOMENTUM: tl.constexpr,  # momentum buffers in use (train mode)
+    MOMENTUM: tl.constexpr,  # momentum buffer in use (train mode)
     FINISH: tl.constexpr,  # one program (G == 1): write the final result in this launch
     GW_COLS: tl.constexpr,  # columns of dW_l accumulated per step (a power of two <= P)
+    CHUNK_K: tl.constexpr,  # 0: the products of D read it from registers; else D goes through
+    # the dsc scratch and they reduce CHUNK_K at a time (FMA dots keep every operand of their
+    # whole reduction in registers, so float32 "ieee" needs short reductions)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -249,20 +263,24 @@ def network_bwd_kernel(
     n_L = tl.load(meta_ptr + L)
     gw_g = gw_ptr + pid * L * P * P
     gb_g = gb_ptr + pid * L * P
+    dsc = dsc_ptr + pid * BLOCK_M * P
     dtype = x_ptr.dtype.element_ty
     loss = tl.sum(tl.zeros((1,), dtype=ACC_DTYPE), axis=0)
     numel = (n_L.to(tl.int64) * M).to(ACC_DTYPE)
 
     for it in range(n_blocks):
-        offs_m = row_start + it * BLOCK_M + offs_r
+        blk0 = row_start + it * BLOCK_M  # first row of this block
+        offs_m = blk0 + offs_r
         mask_m = offs_m < row_end
         mask_out = mask_m[:, None] & (offs_p < n_L)[None, :]
-        if TRAIN:
+        if TRAIN:  # H rows of the block: local in train mode, global otherwise
             h_base = h_ptr + pid * stride_hg
             h_rows = offs_r.to(tl.int64)
+            h0 = blk0 * 0
         else:
             h_base = h_ptr
             h_rows = offs_m
+            h0 = blk0
 
         # Stage 1: the output delta D_{L-1} (train mode: forward and loss gradient first).
         if TRAIN:
@@ -271,22 +289,14 @@ def network_bwd_kernel(
                 mask=mask_m[:, None] & (offs_p < n_0)[None, :],
                 other=0,
             )
-            w_l, b_l, h_l = w_ptr, b_ptr, h_base
+            h_l = h_base
             for li in range(L):
-                n_out = tl.load(meta_ptr + li + 1)
-                code = tl.load(meta_ptr + L + 1 + li)
-                acc = _layer_forward(
-                    h, w_l, b_l, n_out, code, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
+                acc, n_out = _layer_forward(
+                    h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
                 )
                 h = acc.to(dtype)
                 if li < L - 1:
-                    tl.store(
-                        h_l + h_rows[:, None] * P + offs_p[None, :],
-                        h,
-                        mask=mask_m[:, None] & (offs_p < n_out)[None, :],
-                    )
-                w_l += P * P
-                b_l += P
+                    tl.store(h_l + h_rows[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
                 h_l += stride_hl
             yh = h.to(ACC_DTYPE)
             t = tl.load(
@@ -305,26 +315,47 @@ def network_bwd_kernel(
         d = delta_rt(g, yh, tl.load(meta_ptr + 2 * L))
 
         # Stage 2: layers top-down; this program's dW_l, db_l sums kept in its workspace slice.
-        w_l = w_ptr + (L - 1) * P * P
         gw_l = gw_g + (L - 1) * P * P
         gb_l = gb_g + (L - 1) * P
         h_l = h_base + (L - 2) * stride_hl
         for i in range(L):
             li = L - 1 - i
             n_in = tl.load(meta_ptr + li)
+            n_out = tl.load(meta_ptr + li + 1)
+            woff = tl.load(meta_ptr + 2 * L + 1 + li)
             d_op = d.to(dtype)
+            if CHUNK_K > 0:
+                tl.debug_barrier()  # the previous layer's readers of the scratch are done
+                tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d_op)
+                tl.debug_barrier()
             # dW_l += D^T h_in, GW_COLS columns at a time: the (P, GW_COLS) accumulator and the
             # h_in columns it needs are all that is live beside D.
             for c0 in range(0, P, GW_COLS):
                 offs_c = c0 + tl.arange(0, GW_COLS)
-                mask_c = mask_m[:, None] & (offs_c < n_in)[None, :]
-                if li == 0:
-                    h_c = tl.load(
-                        x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk, mask=mask_c, other=0
-                    )
+                gw = tl.zeros((P, GW_COLS), dtype=ACC_DTYPE)
+                if CHUNK_K > 0:
+                    for k0 in range(0, BLOCK_M, CHUNK_K):
+                        offs_k = k0 + tl.arange(0, CHUNK_K)
+                        mask_k = ((blk0 + offs_k) < row_end)[:, None] & (offs_c < n_in)[None, :]
+                        if li == 0:
+                            h_c = tl.load(
+                                x_ptr + (blk0 + offs_k)[:, None] * stride_xm + offs_c[None, :] * stride_xk,
+                                mask=mask_k,
+                                other=0,
+                            )
+                        else:
+                            h_c = tl.load(h_l + (h0 + offs_k)[:, None] * P + offs_c[None, :], mask=mask_k, other=0)
+                        dt_k = tl.load(dsc + offs_p[:, None] + offs_k[None, :] * P)  # D^T, (P, CHUNK_K)
+                        gw = mma(dt_k, h_c, gw, INPUT_PRECISION, UPCAST)
                 else:
-                    h_c = tl.load(h_l + h_rows[:, None] * P + offs_c[None, :], mask=mask_c, other=0)
-                gw = mma(tl.trans(d_op), h_c, tl.zeros((P, GW_COLS), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
+                    mask_c = mask_m[:, None] & (offs_c < n_in)[None, :]
+                    if li == 0:
+                        h_c = tl.load(
+                            x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk, mask=mask_c, other=0
+                        )
+                    else:
+                        h_c = tl.load(h_l + h_rows[:, None] * P + offs_c[None, :], mask=mask_c, other=0)
+                    gw = mma(tl.trans(d_op), h_c, gw, INPUT_PRECISION, UPCAST)
                 gw_ptrs = gw_l + offs_p[:, None] * P + offs_c[None, :]
                 if it > 0:
                     gw += tl.load(gw_ptrs)
@@ -335,22 +366,32 @@ def network_bwd_kernel(
                     gb += tl.load(gb_l + offs_p)
                 tl.store(gb_l + offs_p, gb)
             mask_in = mask_m[:, None] & (offs_p < n_in)[None, :]
-            if li > 0:
-                # D_{l-1} = (D_l W_l) * act'_{l-1}(h_in), h_in being act_{l-1}'s output.
-                w = tl.load(w_l + offs_p[:, None] * P + offs_p[None, :])  # W_l, (P_out, P_in)
-                dh = mma(d_op, w, tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
-                h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
-                d = delta_rt(dh, h_in.to(ACC_DTYPE), tl.load(meta_ptr + L + li))
-            else:
-                if NEED_DX:
-                    w = tl.load(w_l + offs_p[:, None] * P + offs_p[None, :])
-                    dx = mma(d_op, w, tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
+            if li > 0 or NEED_DX:
+                # D_l W_l: the previous layer's delta before its activation's derivative, or dX.
+                dh = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
+                if CHUNK_K > 0:
+                    for k0 in range(0, P, CHUNK_K):
+                        offs_k = k0 + tl.arange(0, CHUNK_K)
+                        d_k = tl.load(dsc + offs_r[:, None] * P + offs_k[None, :])  # (BLOCK_M, CHUNK_K)
+                        w_k = tl.load(  # W_l rows k0.., (CHUNK_K, P_in)
+                            params_ptr + woff + offs_k[:, None] * n_in + offs_p[None, :],
+                            mask=(offs_k < n_out)[:, None] & (offs_p < n_in)[None, :],
+                            other=0,
+                        )
+                        dh = mma(d_k, w_k, dh, INPUT_PRECISION, UPCAST)
+                else:
+                    w = _weight_tile(params_ptr, woff, n_out, n_in, offs_p, False)  # (P_out, P_in)
+                    dh = mma(d_op, w, dh, INPUT_PRECISION, UPCAST)
+                if li > 0:
+                    # D_{l-1} = (D_l W_l) * act'_{l-1}(h_in), h_in being act_{l-1}'s output.
+                    h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
+                    d = delta_rt(dh, h_in.to(ACC_DTYPE), tl.load(meta_ptr + L + li))
+                else:
                     tl.store(
                         dx_ptr + offs_m[:, None] * stride_dxm + offs_p[None, :] * stride_dxk,
-                        dx.to(dx_ptr.dtype.element_ty),
+                        dh.to(dx_ptr.dtype.element_ty),
                         mask=mask_in,
                     )
-            w_l -= P * P
             gw_l -= P * P
             gb_l -= P
             h_l -= stride_hl
@@ -369,38 +410,22 @@ def network_bwd_kernel(
         tl.debug_barrier()  # the workspace is read back in another layout
         lr = tl.load(hyper_ptr)
         momentum = tl.load(hyper_ptr + 1)
-        w_l, b_l, gw_l, gb_l = w_ptr, b_ptr, gw_ptr, gb_ptr
-        ow_l, ob_l, bw_l, bb_l = outw_ptr, outb_ptr, bufw_ptr, bufb_ptr
         for li in range(L):
             n_in = tl.load(meta_ptr + li)
             n_out = tl.load(meta_ptr + li + 1)
+            woff = tl.load(meta_ptr + 2 * L + 1 + li)
             for r0 in range(0, P, GW_COLS):  # GW_COLS rows of the (P, P) tile at a time
                 offs_q = r0 + tl.arange(0, GW_COLS)
-                tile = offs_q[:, None] * P + offs_p[None, :]
+                g = tl.load(gw_ptr + li * P * P + offs_q[:, None] * P + offs_p[None, :])
+                dst = woff + offs_q[:, None] * n_in + offs_p[None, :]
                 mask = (offs_q < n_out)[:, None] & (offs_p < n_in)[None, :]
-                _finish(
-                    tl.load(gw_l + tile), mask, w_l + tile, bw_l + tile, ow_l + tile, lr, momentum, TRAIN, MOMENTUM
-                )
+                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
             if HAS_BIAS:
-                _finish(
-                    tl.load(gb_l + offs_p),
-                    offs_p < n_out,
-                    b_l + offs_p,
-                    bb_l + offs_p,
-                    ob_l + offs_p,
-                    lr,
-                    momentum,
-                    TRAIN,
-                    MOMENTUM,
-                )
-            w_l += P * P
-            b_l += P
-            gw_l += P * P
-            gb_l += P
-            ow_l += P * P
-            ob_l += P
-            bw_l += P * P
-            bb_l += P
+                boff = tl.load(meta_ptr + 3 * L + 1 + li)
+                dst = boff + offs_p
+                mask = offs_p < tl.where(boff >= 0, n_out, 0)  # no bias: nothing
+                g = tl.load(gb_ptr + li * P + offs_p)
+                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
 
 
 @triton.jit
@@ -408,13 +433,10 @@ def network_reduce_kernel(
     gw_ptr,  # float workspace (G, L, P, P)
     gb_ptr,  # float workspace (G, L, P)
     lossp_ptr,  # train mode: per-program loss sums (G,)
-    meta_ptr,  # int32 [n_0..n_L, act_0..act_{L-1}]
-    w_ptr,
-    b_ptr,  # train mode: packed parameters, updated in place
-    outw_ptr,
-    outb_ptr,  # gradient mode: dW (L, P, P), db (L, P) written
-    bufw_ptr,
-    bufb_ptr,  # train mode with MOMENTUM: momentum buffers
+    meta_ptr,  # int32 [n_0..n_L | act codes | weight offsets | bias offsets]
+    params_ptr,  # train mode: flat parameters, updated in place
+    grad_ptr,  # gradient mode: the gradients, written in the layout of params
+    buf_ptr,  # train mode with MOMENTUM: momentum buffer, in the layout of params
     loss_ptr,  # train mode: the loss, written by program (0, 0)
     hyper_ptr,  # train mode: [lr, momentum]
     G,
@@ -439,24 +461,26 @@ def network_reduce_kernel(
     # Sum the G partials in program order (fixed, hence deterministic), then finish.
     if tile < n_tiles:
         e = tile * BLOCK + offs
-        mask = (e < P * P) & (e // P < n_out) & (e % P < n_in)
+        row, col = e // P, e % P
+        mask = (e < P * P) & (row < n_out) & (col < n_in)
         acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
         src = gw_ptr + li * P * P + e
         for _ in range(G):
             acc += tl.load(src, mask=mask, other=0)
             src += L * P * P
-        base = li * P * P + e
-        _finish(acc, mask, w_ptr + base, bufw_ptr + base, outw_ptr + base, lr, momentum, TRAIN, MOMENTUM)
+        dst = tl.load(meta_ptr + 2 * L + 1 + li) + row * n_in + col
+        _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
     else:
         if HAS_BIAS:
-            mask = offs < n_out
+            boff = tl.load(meta_ptr + 3 * L + 1 + li)
+            mask = offs < tl.where(boff >= 0, n_out, 0)  # no bias: nothing
             acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
             src = gb_ptr + li * P + offs
             for _ in range(G):
                 acc += tl.load(src, mask=mask, other=0)
                 src += L * P
-            base = li * P + offs
-            _finish(acc, mask, b_ptr + base, bufb_ptr + base, outb_ptr + base, lr, momentum, TRAIN, MOMENTUM)
+            dst = boff + offs
+            _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
     if TRAIN:
         if li == 0:
             if tile == 0:
@@ -478,7 +502,10 @@ def network_reduce_kernel(
 
 def padded_width(sizes: Sequence[int]) -> int:
     """P: the widest layer rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(max(sizes)))
+    p = 16
+    while p < max(sizes):
+        p *= 2
+    return p
 
 
 def fits_network(sizes: Sequence[int]) -> bool:
@@ -486,21 +513,60 @@ def fits_network(sizes: Sequence[int]) -> bool:
     return max(sizes) <= MAX_WIDTH
 
 
+def param_count(sizes: Sequence[int], biased: Sequence[bool]) -> int:
+    """Elements of the flat parameter buffer: every weight, then the biases that exist."""
+    n = sum(o * i for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    return n + sum(o for o, b in zip(sizes[1:], biased, strict=True) if b)
+
+
+def network_meta(sizes: Sequence[int], activations: Sequence[str], biased: Sequence[bool]) -> list[int]:
+    """The kernels' `meta` as a list: widths, activation codes, weight and bias offsets in the
+    flat parameter buffer (-1 where a layer has no bias). Put it in an int32 tensor."""
+    n_layers = len(sizes) - 1
+    if len(activations) != n_layers or len(biased) != n_layers:
+        raise ValueError(f"need one activation and one bias flag per layer of {list(sizes)}")
+    woff, off = [], 0
+    for i, o in zip(sizes[:-1], sizes[1:], strict=True):
+        woff.append(off)
+        off += o * i
+    boff = []
+    for o, b in zip(sizes[1:], biased, strict=True):
+        boff.append(off if b else -1)
+        off += o if b else 0
+    return [*sizes, *(ACTIVATIONS[a] for a in activations), *woff, *boff]
+
+
 @dataclass(frozen=True)
 class NetConfig:
-    """Launch shape of a whole-network kernel: rows per block, warps, and the columns of
-    each dW_l step of the backward (GW_COLS)."""
+    """Launch shape of a whole-network kernel: rows per block, warps, and for the backward
+    the columns of each dW_l step (GW_COLS) and the reduction step of D's products through
+    the scratch (CHUNK_K, 0 for none)."""
 
     block_m: int
     num_warps: int
-    gw_cols: int
+    gw_cols: int = 0
+    chunk_k: int = 0
 
 
-# (kind, dtype, P) -> NetConfig; kind is "fwd" (network_fwd_kernel) or "bwd" (network_bwd_kernel,
-# gradient and train modes). Every entry compiles without register spills for sm_90a and sm_80
-# under triton 3.6 and the newest (`python -m bench.compile` checks each one); speed is
-# not measured yet.
-_NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {}
+# (kind, dtype, P) -> NetConfig; kind "fwd" is network_fwd_kernel, "bwd" network_bwd_kernel
+# (gradient and train modes). bfloat16 uses float16's entries. Every entry compiles without
+# register spills for sm_90a and sm_80 under triton 3.6 and the newest (`python -m
+# bench.compile` checks them all); none is timed yet.
+_F16, _F32, _F64 = torch.float16, torch.float32, torch.float64
+_NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
+    ("fwd", _F32, 16): NetConfig(64, 4),
+    ("fwd", _F32, 32): NetConfig(64, 8),
+    ("fwd", _F32, 64): NetConfig(64, 8),
+    ("fwd", _F32, 128): NetConfig(32, 8),
+    ("fwd", _F16, 16): NetConfig(128, 4),
+    ("fwd", _F16, 32): NetConfig(128, 4),
+    ("fwd", _F16, 64): NetConfig(128, 4),
+    ("fwd", _F16, 128): NetConfig(128, 8),
+    ("fwd", _F64, 16): NetConfig(32, 4),
+    ("fwd", _F64, 32): NetConfig(32, 4),
+    ("fwd", _F64, 64): NetConfig(32, 4),
+    ("fwd", _F64, 128): NetConfig(32, 8),
+}
 # A batch of at most this many rows takes one program in the backward: one launch, no
 # reduction kernel. Provisional until measured.
 SINGLE_PROGRAM_ROWS = 512
@@ -508,15 +574,18 @@ SINGLE_PROGRAM_ROWS = 512
 
 def network_config(kind: str, m: int, p: int, dtype: torch.dtype) -> NetConfig:
     """The NetConfig of `kind` for M rows, padded width P and `dtype` (see _NET_CONFIGS)."""
-    cfg = _NET_CONFIGS.get((kind, dtype, p))
-    if cfg is None:  # bfloat16 shares float16's table
-        cfg = _NET_CONFIGS.get((kind, torch.float16 if dtype == torch.bfloat16 else dtype, p), NetConfig(32, 4, 16))
+    key = (kind, _F16 if dtype == torch.bfloat16 else dtype, p)
+    cfg = _NET_CONFIGS.get(key)
+    if cfg is None:
+        cfg = NetConfig(32, 4, 16, 16)
     if INTERPRETED:
         # fewer, larger programs: the interpreter's cost is per program
-        cfg = NetConfig(128, cfg.num_warps, cfg.gw_cols)
+        cfg = replace(cfg, block_m=128)
     cap = max(16, triton.next_power_of_2(max(m, 1)))
     if cfg.block_m > cap:
-        cfg = NetConfig(cap, cfg.num_warps, cfg.gw_cols)
+        cfg = replace(cfg, block_m=cap)
+    if cfg.chunk_k > cfg.block_m:
+        cfg = replace(cfg, chunk_k=cfg.block_m)
     return cfg
 
 
@@ -537,39 +606,31 @@ def network_programs(
     return triton.cdiv(max(m, 1), rows), rows
 
 
-def _check_packed(
-    w_pack: torch.Tensor,
-    b_pack: torch.Tensor | None,
-    meta: torch.Tensor,
-    sizes: Sequence[int],
-    like: torch.Tensor,
-    who: str,
+def _check_net(
+    params: torch.Tensor, meta: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool], like, who: str
 ) -> int:
-    """Validate the packed parameters against `sizes`; return P."""
+    """Validate the flat parameters and `meta` against `sizes`/`biased`; return P."""
     n_layers = len(sizes) - 1
     if n_layers < 1:
         raise ValueError(f"{who}: sizes must list at least two widths, got {list(sizes)}")
+    if len(biased) != n_layers:
+        raise ValueError(f"{who}: {len(biased)} bias flags for {n_layers} layers")
     if not fits_network(sizes):
         raise ValueError(
             f"{who}: widths {list(sizes)} exceed {MAX_WIDTH}, the widest the "
             "whole-network kernels serve; use the per-layer path"
         )
-    p = padded_width(sizes)
-    for name, t, shape in (
-        ("w_pack", w_pack, (n_layers, p, p)),
-        ("b_pack", b_pack, (n_layers, p)),
-        ("meta", meta, (2 * n_layers + 1,)),
+    for name, t, shape, dtype in (
+        ("params", params, (param_count(sizes, biased),), like.dtype),
+        ("meta", meta, (4 * n_layers + 1,), torch.int32),
     ):
-        if t is None:
-            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{who}: {name} must be contiguous with shape {shape}, got {tuple(t.shape)}")
-        want = torch.int32 if name == "meta" else like.dtype
-        if t.dtype != want or t.device != like.device:
-            raise TypeError(f"{who}: {name} is {t.dtype} on {t.device}; expected {want} on {like.device}")
-    return p
+        if t.dtype != dtype or t.device != like.device:
+            raise TypeError(f"{who}: {name} is {t.dtype} on {t.device}; expected {dtype} on {like.device}")
+    return padded_width(sizes)
 
 
 def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor, who: str) -> None:
@@ -581,47 +642,40 @@ def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.
         raise TypeError(f"{who}: {name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}")
 
 
+def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
+        raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
+
+
 def network_forward(
     x: torch.Tensor,
-    w_pack: torch.Tensor,
-    b_pack: torch.Tensor | None,
+    params: torch.Tensor,
     meta: torch.Tensor,
     sizes: Sequence[int],
+    biased: Sequence[bool],
     store_hidden: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Y (M, n_L) of the whole network for a 2-D x (M, n_0), in one launch; also H
-    (L-1, M, P), the hidden outputs, written only when `store_hidden` (for the backward)."""
+    (L-1, M, P), the hidden outputs with zero padding, written only when `store_hidden`."""
     who = "network_forward"
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
-        raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
-    p = _check_packed(w_pack, b_pack, meta, sizes, x, who)
+    _check_x(x, sizes, who)
+    p = _check_net(params, meta, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
     y = empty((m, sizes[-1]), x)
     h = empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p), x)
     if m == 0:
         return y, h
     cfg = network_config("fwd", m, p, x.dtype)
-    block_m, num_warps = cfg.block_m, cfg.num_warps
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]),)  # noqa: E731
-    network_fwd_kernel[grid](
-        x,
-        w_pack,
-        b_pack if b_pack is not None else w_pack,
-        meta,
-        y,
-        h if h.numel() else y,
-        m,
-        n_layers,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
+    network_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
+        x, params, meta, y, h if h.numel() else y,
+        m, n_layers,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         m * p,
         P=p,
-        BLOCK_M=block_m,
-        HAS_BIAS=b_pack is not None,
+        BLOCK_M=cfg.block_m,
+        HAS_BIAS=any(biased),
         STORE_H=store_hidden and n_layers > 1,
-        num_warps=num_warps,
+        num_warps=cfg.num_warps,
         num_stages=1,
         **_dtype_flags(x.dtype),
     )
@@ -640,20 +694,19 @@ def network_backward(
     y: torch.Tensor,
     h: torch.Tensor,
     x: torch.Tensor,
-    w_pack: torch.Tensor,
+    params: torch.Tensor,
     meta: torch.Tensor,
     sizes: Sequence[int],
-    has_bias: bool,
+    biased: Sequence[bool],
     need_dx: bool,
     programs: int | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(dX, dW packed (L, P, P), db packed (L, P) or None) from dY, the saved output Y, the
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(dX or None, the gradients in the layout of `params`) from dY, the saved output Y, the
     hidden outputs H and the input X. One launch when the batch fits one program (G == 1),
     else two (the partial sums reduced in a fixed order). `programs` forces G (tests)."""
     who = "network_backward"
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
-        raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
-    p = _check_packed(w_pack, None, meta, sizes, x, who)
+    _check_x(x, sizes, who)
+    p = _check_net(params, meta, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
     _check_rows("dy", dy, (m, sizes[-1]), x, who)
     _check_rows("y", y, (m, sizes[-1]), x, who)
@@ -663,129 +716,49 @@ def network_backward(
         )
     dx = empty((m, sizes[0]), x) if need_dx else None
     if m == 0:
-        dw = torch.zeros((n_layers, p, p), dtype=x.dtype, device=x.device)
-        db = torch.zeros((n_layers, p), dtype=x.dtype, device=x.device) if has_bias else None
-        return dx, dw, db
+        return dx, torch.zeros_like(params)
+    has_bias = any(biased)
     cfg = network_config("bwd", m, p, x.dtype)
-    block_m, num_warps, gw_cols = cfg.block_m, cfg.num_warps, cfg.gw_cols
-    g, rows = network_programs(m, block_m, n_layers, p, x.dtype, programs)
+    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    # Only the real (n_{l+1}, n_l) corner of each layer is written: callers take views.
-    dw = empty((n_layers, p, p), x)
-    db = empty((n_layers, p), x) if has_bias else None
+    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
+    grads = empty(params.shape, x)
     flags = _dtype_flags(x.dtype)
-    hyper = gw  # never read in gradient mode
+    dxa = dx if need_dx else x
     network_bwd_kernel[(g,)](
-        x,
-        w_pack,
-        w_pack,
-        meta,
-        y,
-        dy,
-        h if h.numel() else y,
-        dx if need_dx else x,
-        gw,
-        gb,
-        dw,
-        db if has_bias else dw,
-        dw,
-        dw,
-        gw,
-        hyper,
-        m,
-        n_layers,
-        rows,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        dy.stride(0),
-        dy.stride(1),
-        dx.stride(0) if need_dx else 0,
-        dx.stride(1) if need_dx else 0,
-        m * p,
-        0,
+        x, params, meta, y, dy, h if h.numel() else y, dsc, dxa, gw, gb,
+        grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
+        m, n_layers, rows,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), dy.stride(1),
+        dxa.stride(0), dxa.stride(1),
+        m * p, 0,
         P=p,
-        BLOCK_M=block_m,
+        BLOCK_M=cfg.block_m,
         HAS_BIAS=has_bias,
         NEED_DX=need_dx,
         TRAIN=False,
         LOSS=0,
         MOMENTUM=False,
         FINISH=g == 1,
-        GW_COLS=gw_cols,
-        num_warps=num_warps,
+        GW_COLS=cfg.gw_cols,
+        CHUNK_K=cfg.chunk_k,
+        num_warps=cfg.num_warps,
         num_stages=1,
         **flags,
     )
     if g > 1:
-        _reduce(
-            gw,
-            gb,
-            gw,
-            meta,
-            w_pack,
-            w_pack,
-            dw,
-            db if has_bias else dw,
-            dw,
-            dw,
-            gw,
-            gw,
-            g,
-            n_layers,
-            m,
-            p,
-            has_bias,
-            False,
-            0,
-            False,
-            flags["ACC_DTYPE"],
-        )
-    return dx, dw, db
+        _reduce(gw, gb, gw, meta, params, grads, grads, gw, gw, g, n_layers, m, p, has_bias, False, 0, False,
+                flags["ACC_DTYPE"])
+    return dx, grads
 
 
-def _reduce(
-    gw,
-    gb,
-    lossp,
-    meta,
-    w,
-    b,
-    ow,
-    ob,
-    bw,
-    bb,
-    loss,
-    hyper,
-    g,
-    n_layers,
-    m,
-    p,
-    has_bias,
-    train,
-    loss_code,
-    momentum,
-    acc_dtype,
-) -> None:
+def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m, p, has_bias, train, loss_code,
+            momentum, acc_dtype) -> None:
     block = min(p * p, 1024)
     grid = (n_layers, triton.cdiv(p * p, block) + 1)
     network_reduce_kernel[grid](
-        gw,
-        gb,
-        lossp,
-        meta,
-        w,
-        b,
-        ow,
-        ob,
-        bw,
-        bb,
-        loss,
-        hyper,
-        g,
-        n_layers,
-        m,
+        gw, gb, lossp, meta, params, grads, buf, loss, hyper,
+        g, n_layers, m,
         P=p,
         BLOCK=block,
         HAS_BIAS=has_bias,
@@ -799,18 +772,17 @@ def _reduce(
 def network_train_step(
     x: torch.Tensor,
     target: torch.Tensor,
-    w_pack: torch.Tensor,
-    b_pack: torch.Tensor | None,
+    params: torch.Tensor,
     meta: torch.Tensor,
     sizes: Sequence[int],
+    biased: Sequence[bool],
     loss: str,
     hyper: torch.Tensor,
-    buf_w: torch.Tensor | None,
-    buf_b: torch.Tensor | None,
+    buf: torch.Tensor | None,
     programs: int | None = None,
 ) -> torch.Tensor:
     """One SGD step of the whole network on (x, target): forward, loss, backward, update of
-    w_pack / b_pack in place (and of the momentum buffers buf_w / buf_b when given).
+    `params` in place (and of the momentum buffer `buf`, in the layout of `params`, when given).
 
     `hyper` is [lr, momentum] in the accumulator dtype (float64 for float64, else float32).
     Returns the loss (a 0-dim tensor in x's dtype), computed before the update. One launch
@@ -819,9 +791,8 @@ def network_train_step(
     who = "network_train_step"
     if loss not in LOSSES:
         raise ValueError(f"{who}: unknown loss {loss!r}; known: {sorted(LOSSES)}")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
-        raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
-    p = _check_packed(w_pack, b_pack, meta, sizes, x, who)
+    _check_x(x, sizes, who)
+    p = _check_net(params, meta, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
     _check_rows("target", target, (m, sizes[-1]), x, who)
     if m == 0:
@@ -829,90 +800,41 @@ def network_train_step(
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if hyper.shape != (2,) or hyper.dtype != acc or hyper.device != x.device:
         raise ValueError(f"{who}: hyper must be [lr, momentum] as {acc} on {x.device}")
-    momentum = buf_w is not None
-    if momentum:
-        _check_packed(buf_w, buf_b, meta, sizes, x, who)
-    has_bias = b_pack is not None
+    momentum = buf is not None
+    if momentum and (buf.shape != params.shape or buf.dtype != params.dtype or buf.device != x.device
+                     or not buf.is_contiguous()):
+        raise ValueError(f"{who}: buf must be contiguous like params {tuple(params.shape)} {params.dtype}")
+    has_bias = any(biased)
     cfg = network_config("bwd", m, p, x.dtype)
-    block_m, num_warps, gw_cols = cfg.block_m, cfg.num_warps, cfg.gw_cols
-    g, rows = network_programs(m, block_m, n_layers, p, x.dtype, programs)
+    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    h = empty((g, max(n_layers - 1, 1), block_m, p), x)
+    h = empty((g, max(n_layers - 1, 1), cfg.block_m, p), x)
+    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
     out = empty((), x)
     lossp = empty((g,), x, dtype=acc) if g > 1 else out
-    b_arg = b_pack if has_bias else w_pack
-    bw = buf_w if momentum else w_pack
-    bb = buf_b if (momentum and has_bias) else b_arg
+    bufa = buf if momentum else params
     flags = _dtype_flags(x.dtype)
     network_bwd_kernel[(g,)](
-        x,
-        w_pack,
-        b_arg,
-        meta,
-        target,
-        target,
-        h,
-        x,
-        gw,
-        gb,
-        w_pack,
-        b_arg,
-        bw,
-        bb,
-        lossp,
-        hyper,
-        m,
-        n_layers,
-        rows,
-        x.stride(0),
-        x.stride(1),
-        target.stride(0),
-        target.stride(1),
-        0,
-        0,
-        0,
-        0,
-        h.stride(1),
-        h.stride(0),
+        x, params, meta, target, target, h, dsc, x, gw, gb,
+        params, bufa, lossp, hyper,  # grad_ptr unused in train mode
+        m, n_layers, rows,
+        x.stride(0), x.stride(1), target.stride(0), target.stride(1), 0, 0, 0, 0,
+        h.stride(1), h.stride(0),
         P=p,
-        BLOCK_M=block_m,
+        BLOCK_M=cfg.block_m,
         HAS_BIAS=has_bias,
         NEED_DX=False,
         TRAIN=True,
         LOSS=LOSSES[loss],
         MOMENTUM=momentum,
         FINISH=g == 1,
-        GW_COLS=gw_cols,
-        num_warps=num_warps,
+        GW_COLS=cfg.gw_cols,
+        CHUNK_K=cfg.chunk_k,
+        num_warps=cfg.num_warps,
         num_stages=1,
         **flags,
     )
     if g > 1:
-        _reduce(
-            gw,
-            gb,
-            lossp,
-            meta,
-            w_pack,
-            b_arg,
-            w_pack,
-            b_arg,
-            bw,
-            bb,
-            out,
-            hyper,
-            g,
-            n_layers,
-            m,
-            p,
-            has_bias,
-            True,
-            LOSSES[loss],
-            momentum,
-            flags["ACC_DTYPE"],
-        )
+        _reduce(gw, gb, lossp, meta, params, params, bufa, out, hyper, g, n_layers, m, p, has_bias, True,
+                LOSSES[loss], momentum, flags["ACC_DTYPE"])
     return out
-
-
-def activation_codes(activations: Sequence[str]) -> list[int]:
-    return [ACTIVATIONS[a] for a in activations]
