@@ -94,6 +94,19 @@ def _weight_tile(params_ptr, woff, n_out, n_in, offs_p, TRANS: tl.constexpr):
 
 
 @triton.jit
+def _layer_epilogue(
+    acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr
+):
+    """act_l(acc + b_l), its padded columns (>= n_out) set to exactly zero."""
+    if HAS_BIAS:
+        boff = tl.load(meta_ptr + 3 * L + 1 + li)
+        b = tl.load(params_ptr + boff + offs_p, mask=offs_p < tl.where(boff >= 0, n_out, 0), other=0)
+        acc += b.to(ACC_DTYPE)[None, :]
+    acc = activation_rt(acc, tl.load(meta_ptr + L + 1 + li))
+    return tl.where((offs_p < n_out)[None, :], acc, 0)
+
+
+@triton.jit
 def _layer_forward(
     h,
     params_ptr,
@@ -112,12 +125,8 @@ def _layer_forward(
     n_out = tl.load(meta_ptr + li + 1)
     wt = _weight_tile(params_ptr, tl.load(meta_ptr + 2 * L + 1 + li), n_out, n_in, offs_p, True)
     acc = mma(h, wt, tl.zeros((h.shape[0], P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        boff = tl.load(meta_ptr + 3 * L + 1 + li)
-        b = tl.load(params_ptr + boff + offs_p, mask=offs_p < tl.where(boff >= 0, n_out, 0), other=0)
-        acc += b.to(ACC_DTYPE)[None, :]
-    acc = activation_rt(acc, tl.load(meta_ptr + L + 1 + li))
-    return tl.where((offs_p < n_out)[None, :], acc, 0), n_out
+    acc = _layer_epilogue(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
+    return acc, n_out
 
 
 @triton.jit
@@ -284,19 +293,51 @@ def network_bwd_kernel(
 
         # Stage 1: the output delta D_{L-1} (train mode: forward and loss gradient first).
         if TRAIN:
-            h = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
-                mask=mask_m[:, None] & (offs_p < n_0)[None, :],
-                other=0,
-            )
+            tl.debug_barrier()  # the previous block's readers of the H scratch are done
+            if CHUNK_K > 0:
+                h = tl.zeros((BLOCK_M, P), dtype=dtype)  # the products read X and H from memory
+            else:
+                h = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_p < n_0)[None, :],
+                    other=0,
+                )
             h_l = h_base
             for li in range(L):
-                acc, n_out = _layer_forward(
-                    h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
-                )
+                if CHUNK_K > 0:
+                    # h_l @ W_l^T, CHUNK_K columns of h_l at a time, read back from X or H.
+                    n_in = tl.load(meta_ptr + li)
+                    n_out = tl.load(meta_ptr + li + 1)
+                    woff = tl.load(meta_ptr + 2 * L + 1 + li)
+                    acc = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
+                    for k0 in range(0, P, CHUNK_K):
+                        offs_k = k0 + tl.arange(0, CHUNK_K)
+                        if li == 0:
+                            a = tl.load(
+                                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                                mask=mask_m[:, None] & (offs_k < n_in)[None, :],
+                                other=0,
+                            )
+                        else:
+                            a = tl.load(
+                                h_l - stride_hl + h_rows[:, None] * P + offs_k[None, :], mask=mask_m[:, None], other=0
+                            )
+                        wt = tl.load(  # W_l^T rows k0.., (CHUNK_K, P_out)
+                            params_ptr + woff + offs_p[None, :] * n_in + offs_k[:, None],
+                            mask=(offs_p < n_out)[None, :] & (offs_k < n_in)[:, None],
+                            other=0,
+                        )
+                        acc = mma(a, wt, acc, INPUT_PRECISION, UPCAST)
+                    acc = _layer_epilogue(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
+                else:
+                    acc, n_out = _layer_forward(
+                        h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
+                    )
                 h = acc.to(dtype)
                 if li < L - 1:
                     tl.store(h_l + h_rows[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
+                    if CHUNK_K > 0:
+                        tl.debug_barrier()  # the next layer reads these rows back in other threads
                 h_l += stride_hl
             yh = h.to(ACC_DTYPE)
             t = tl.load(
