@@ -11,7 +11,7 @@ from torch import nn
 from kernels.checks import check_activation
 
 from .functional import backend, fnn_forward, linear_act
-from .network import check_fusion, fnn_network_forward, resolve_fusion
+from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
 
 
 def _check_size(value: object, name: str) -> int:
@@ -100,9 +100,15 @@ class FNN(nn.Module):
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
-    ValueError), packing the parameters into zero-padded buffers for each call; "auto"
-    picks per call (fnn.network.resolve_fusion: a provisional, unmeasured heuristic).
-    Under torch.autocast the "network" path falls back to "layer".
+    ValueError); "auto" picks per call (fnn.network.resolve_fusion: a provisional,
+    unmeasured heuristic). Under torch.autocast the "network" path falls back to "layer".
+
+    The parameters are contiguous views of one flat buffer that the FNN owns, every weight
+    then every bias (`flatten_parameters`, as nn.RNN's flat weights): the network kernels read
+    it as it is. `to()`, `cuda()`, `double()`, `copy.deepcopy` and `torch.load` flatten
+    again; where the parameters have been replaced otherwise, the network path concatenates
+    them for each call (one `torch.cat`) until `flatten_parameters()` is called (the fused
+    `fnn.Trainer` calls it).
     """
 
     def __init__(
@@ -139,6 +145,31 @@ class FNN(nn.Module):
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
         )
         self.fusion = check_fusion(fusion, sizes)
+        self._flat: torch.Tensor | None = None
+        self.flatten_parameters()
+
+    def flatten_parameters(self) -> bool:
+        """Make the parameters contiguous views of one new flat buffer of this module, in the
+        whole-network kernels' layout (every layer's weight row-major, then every bias), with
+        their current values. The Parameter objects stay the same (their `.data` is pointed
+        at the buffer), so optimizers and hooks holding them are unaffected. Does nothing where
+        they already are such views. Returns whether they are now; False, changing nothing,
+        for parameters that are not plain tensors of a real device (FSDP's DTensors, meta),
+        of mixed dtypes or devices, tied between layers, or while torch.compile traces."""
+        return flatten_parameters(self)
+
+    def _apply(self, fn, recurse=True):
+        # to(), cuda(), double(), ... give the parameters new storage: flatten them again.
+        out = super()._apply(fn, recurse)
+        flatten_parameters(self)
+        return out
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (torch.load) or deep-copied: flatten again unless the parameters still are
+        # views of the unpickled flat buffer (torch.save stores their shared storage once).
+        super().__setstate__(state)
+        self.__dict__.setdefault("_flat", None)
+        flatten_parameters(self)
 
     @property
     def sizes(self) -> list[int]:

@@ -1,13 +1,18 @@
 """The whole-network path: a narrow network (every width <= 128) run by one kernel.
 
-The kernels read the parameters packed into zero-padded buffers (kernels.network's layout):
-weights (L, P, P), biases (L, P). An FNN's parameters are ordinary contiguous tensors, as in
-nn.Linear, so everything PyTorch does with parameters works on them (FSDP2 included, which
-refuses non-contiguous ones); the network Function packs them for each call, one gather
-(fnn.network_ops.pack_parameters). The fused Trainer step instead points the parameters at
-slices of a pack it keeps (`ensure_packed`), so that its in-place update of the pack is the
-update of `model.parameters()` in one launch; while that holds, forwards read the pack
-without copying. Nothing else changes a model's parameters: a forward never does.
+The kernels read the parameters from one flat buffer (kernels.network's layout: every
+layer's weight row-major, then the bias of each layer that has one). An FNN keeps its
+parameters as contiguous views of a flat buffer of its own, as nn.RNN keeps its flat weights
+(`flatten_parameters`), so forwards, backwards and the fused Trainer step read and update
+that buffer directly: nothing is copied per call. Each network-path forward checks, with a
+few pointer comparisons (`flat_buffer`), that the parameters still are those views; where
+they are not (replaced by `load_state_dict(assign=True)`, sharded or gathered by FSDP2, set
+by `p.data = ...`, substituted by `torch.func.functional_call`, or while torch.compile
+traces), the network Function concatenates them for the call (one `torch.cat`,
+`concat_parameters`) and the model stays as it is. Only `flatten_parameters` re-points
+parameters: FNN's constructor, its `_apply` (`to()`, `cuda()`, `double()`, ...), unpickling
+(`copy.deepcopy`, `torch.load`) and the fused Trainer step call it; a forward never does
+(under FSDP that would corrupt its gathered parameters).
 """
 
 from __future__ import annotations
@@ -22,19 +27,18 @@ from kernels.checks import check_linear_args
 
 from . import network_ops
 from .functional import backend
-from .network_ops import NetworkPack, find_pack, pack_parameters, padded_width, register_pack
+from .network_ops import layer_sizes, padded_width
 
 __all__ = [
     "NetworkFunction",
-    "NetworkPack",
     "check_fusion",
-    "ensure_packed",
+    "concat_parameters",
     "fits_network",
+    "flat_buffer",
+    "flatten_parameters",
     "network_forward",
-    "pack_parameters",
     "padded_width",
     "resolve_fusion",
-    "unpack_parameters",
 ]
 
 FUSIONS = ("auto", "layer", "network")
@@ -74,95 +78,139 @@ def resolve_fusion(fusion: str, sizes: Sequence[int], device: torch.device | str
     return fusion
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    return t is None or type(t) is nn.Parameter or type(t) is torch.Tensor
+def _plain(t: torch.Tensor) -> bool:
+    """A parameter flatten_parameters may re-point: a plain tensor with real storage."""
+    return (type(t) is nn.Parameter or type(t) is torch.Tensor) and not t.is_meta
 
 
-def ensure_packed(model: nn.Module) -> NetworkPack | None:
-    """The packed buffers whose views an FNN's parameters are, making them first if there are
-    none: a new zero-padded pack receives the parameters' values, and each parameter's `.data`
-    is pointed at its slice. The Parameter objects stay the same, so optimizers and hooks
-    holding them see no change. The caller must keep the pack (the fused Trainer step does):
-    while it lives, the ops find it and read it without copying (fnn.network_ops.find_pack).
+def _layers_parameters(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    layers = model.layers
+    return [layer.weight for layer in layers], [layer.bias for layer in layers]
 
-    Returns None, changing nothing, where the parameters are not plain tensors of a real
-    device (FSDP's sharded DTensors, fake or meta tensors) or while torch.compile traces.
-    Only the Trainer calls this: an FNN's own forward never changes its parameters."""
+
+def flat_buffer(
+    model: nn.Module, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> torch.Tensor | None:
+    """The FNN's flat parameter buffer if `weights` and `biases` (its current parameters) are
+    exactly its contiguous views in the kernels' layout (each weight, then each bias, back to
+    back, same dtype and device, plain tensors), else None. None as well while torch.compile
+    traces. A few pointer comparisons per parameter; changes nothing."""
     if torch.compiler.is_compiling():
         return None
-    layers = model.layers
-    weights = [layer.weight for layer in layers]
-    biases = [layer.bias for layer in layers]
-    pack = find_pack(weights, biases)
-    if pack is not None:
-        return pack
-    if not all(_plain(t) for t in (*weights, *biases)) or weights[0].device.type == "meta":
+    flat = model.__dict__.get("_flat")
+    if flat is None:
         return None
-    pack = pack_parameters(weights, biases)
-    with torch.no_grad():
-        for li, layer in enumerate(layers):
-            o, i = layer.weight.shape
-            layer.weight.data = pack.w[li, :o, :i]
-            if layer.bias is not None:
-                layer.bias.data = pack.b[li, :o]
-    register_pack(pack)
-    return pack
+    dtype, device, size = flat.dtype, flat.device, flat.element_size()
+    start = addr = flat.data_ptr()
+    try:
+        for p in (*weights, *biases):
+            if p is None:
+                continue
+            if (
+                (type(p) is not nn.Parameter and type(p) is not torch.Tensor)
+                or p.data_ptr() != addr
+                or p.dtype != dtype
+                or not p.is_contiguous()
+                or p.device != device
+            ):
+                return None
+            addr += p.numel() * size
+    except RuntimeError:  # a tensor without storage (functorch's wrappers): not a view
+        return None
+    return flat if addr == start + flat.numel() * size else None
 
 
-def unpack_parameters(model: nn.Module) -> None:
-    """Give an FNN's parameters their own contiguous storage again (same Parameter objects,
-    same values), undoing the packed views the fused Trainer step leaves them as. Needed only
-    by code that requires contiguous parameters: FSDP2's `fully_shard`, `param.view(-1)`
-    (torch.nn.utils.parameters_to_vector). The next fused step packs them again."""
+def flatten_parameters(model: nn.Module) -> bool:
+    """Make an FNN's parameters contiguous views of one new flat buffer of its own, in the
+    kernels' layout (every weight, then every bias), holding their current values: the
+    Parameter objects stay the same (each one's `.data` is pointed at its slice), so
+    optimizers and hooks holding them see no change. Nothing happens where they already are
+    such views. Returns whether the parameters are now the flat buffer's views.
+
+    Refuses (returns False, changing nothing) where a parameter is not a plain tensor of a
+    real device (FSDP's sharded DTensors, fake or meta tensors), where the parameters differ
+    in dtype or device, where one Parameter serves two layers (tied weights), and while
+    torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    weights, biases = _layers_parameters(model)
+    if flat_buffer(model, weights, biases) is not None:
+        return True
+    params = [*weights, *(b for b in biases if b is not None)]
+    first = params[0]
+    if (
+        not all(_plain(p) and p.dtype == first.dtype and p.device == first.device for p in params)
+        or len({id(p) for p in params}) != len(params)
+    ):
+        return False
     with torch.no_grad():
-        for p in model.parameters():
-            if not p.is_contiguous() or p.untyped_storage().nbytes() != p.numel() * p.element_size():
-                p.data = p.data.clone(memory_format=torch.contiguous_format)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        off = 0
+        for p in params:
+            n = p.numel()
+            p.data = flat[off : off + n].view(p.shape)
+            off += n
+    model.__dict__["_flat"] = flat
+    return True
+
+
+def concat_parameters(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The parameters in one flat buffer, in the kernels' layout: one `torch.cat` (for a
+    single layer without bias, the weight itself, flattened: a view when it is contiguous).
+    Not differentiable (the network Function routes the gradients itself)."""
+    parts = [w.reshape(-1) for w in weights] + [b for b in biases if b is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class NetworkFunction(torch.autograd.Function):
     """A whole network as one autograd node and one kernel per direction (fnn.network_ops).
 
-    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; saves X, the output,
-    the packed weights and (only when a gradient is needed) the hidden outputs h_1..h_{L-1}.
+    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; when a gradient is
+    needed, saves X, the output, the hidden outputs h_1..h_{L-1}, the flat parameters and the
+    parameters (so that an in-place change of one before the backward raises, as for a layer).
     Backward, one launch when the batch fits one program (else two, the second summing the
     per-program partial gradients in a fixed order), with D_{L-1} = dY * act'(Y):
         dW_l = D_l^T h_l,   db_l = sum over rows of D_l,
         D_{l-1} = (D_l W_l) * act_{l-1}'(h_l),   dX = D_0 W_0.
-    Call as `NetworkFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be
-    None). The parameters are packed for the call (fnn.network_ops.pack_parameters), unless
-    they are views of a live pack (the fused Trainer's), which is then read as it is.
+    Call as `NetworkFunction.apply(x, activations, flat, w_1, b_1, ..., w_L, b_L)` (a bias
+    may be None). `flat` is the parameters' flat buffer when they are its views
+    (`flat_buffer`), read as it is; None concatenates them for the call (`concat_parameters`).
+    The gradients are contiguous views of one flat buffer in the same layout.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params):
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], flat: torch.Tensor | None, *params
+    ):
         weights, biases = params[0::2], params[1::2]
-        pack = None if torch.compiler.is_compiling() else find_pack(weights, biases)
-        if pack is None:
-            pack = pack_parameters(weights, biases)
+        if flat is None:
+            flat = concat_parameters(weights, biases)
+        sizes = layer_sizes(weights)
+        biased = tuple(b is not None for b in biases)
         x2d = x.reshape(-1, x.shape[-1])
         need = any(ctx.needs_input_grad)
-        y, h = network_ops.network_forward(x2d, pack.w, pack.b, pack.sizes, activations, need)
-        ctx.save_for_backward(x2d, y, h, pack.w)
+        y, h = network_ops.network_forward(x2d, flat, sizes, activations, biased, need)
+        if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
+            ctx.save_for_backward(x2d, y, h, flat, *params)
         ctx.activations = activations
-        ctx.sizes = pack.sizes
-        ctx.biased = pack.biased
+        ctx.sizes = sizes
+        ctx.biased = biased
         ctx.x_shape = x.shape
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, y, h, w_pack = ctx.saved_tensors
+        x2d, y, h, flat = ctx.saved_tensors[:4]
         needs = ctx.needs_input_grad
         dx, dws, dbs = network_ops.network_backward(
-            dy.reshape(-1, y.shape[-1]), y, h, x2d, w_pack, ctx.sizes, ctx.activations, ctx.biased, needs[0]
+            dy.reshape(-1, y.shape[-1]), y, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0]
         )
         grads: list[torch.Tensor | None] = []
         for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
-            grads.append(dw if needs[2 + 2 * li] else None)
-            grads.append(db if needs[3 + 2 * li] else None)
-        return (dx.view(ctx.x_shape) if dx is not None else None, None, *grads)
+            grads.append(dw if needs[3 + 2 * li] else None)
+            grads.append(db if needs[4 + 2 * li] else None)
+        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, *grads)
 
 
 def check_network_args(
@@ -192,22 +240,24 @@ def network_forward(
     activations: Sequence[str],
 ) -> torch.Tensor:
     """`fnn.fnn_forward` through the whole-network kernel (widths <= 128), one autograd node
-    (NetworkFunction), the parameters packed for the call. On the reference backend it runs
-    fnn.reference's layers."""
+    (NetworkFunction), the parameters concatenated into one flat buffer for the call (one
+    `torch.cat`). On the reference backend it runs fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
     if backend(x.device) == "reference":
         from .functional import fnn_forward
 
         return fnn_forward(x, weights, biases, activations)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return NetworkFunction.apply(x, tuple(activations), *params)
+    return NetworkFunction.apply(x, tuple(activations), None, *params)
 
 
 def fnn_network_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An FNN's forward on the network path (NetworkFunction). Changes nothing in the model."""
-    weights = [layer.weight for layer in model.layers]
-    biases = [layer.bias for layer in model.layers]
+    """An FNN's forward on the network path (NetworkFunction): the kernels read the model's
+    flat buffer where its parameters are that buffer's views, else a concatenation of them
+    made for the call. Changes nothing in the model."""
+    weights, biases = _layers_parameters(model)
     activations = model.activations
     check_network_args(x, weights, biases, activations)
+    flat = flat_buffer(model, weights, biases)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return NetworkFunction.apply(x, tuple(activations), *params)
+    return NetworkFunction.apply(x, tuple(activations), flat, *params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from . import network_ops
 from .functional import backend
 from .modules import FNN
-from .network import NetworkPack, ensure_packed, fits_network, resolve_fusion
+from .network import fits_network, flat_buffer, resolve_fusion
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -39,12 +40,13 @@ class Trainer:
     Fused path: an `FNN` whose `fusion` resolves to "network" (fnn.network.resolve_fusion)
     on a kernel backend runs the whole step in one kernel launch when the batch fits one
     program of the backward (kernels.network.network_programs), else in two (the second
-    sums the per-program gradients in a fixed order and updates). The parameters are
-    updated in place: the first fused step points them at slices of zero-padded packed
-    buffers that the Trainer keeps (fnn.network.ensure_packed; same Parameter objects, same
-    values, now non-contiguous views), which the kernel updates. If they are replaced or
-    moved later, the next step packs them again. `.grad` is not touched, and the momentum
-    buffers live in the Trainer.
+    sums the per-program gradients in a fixed order and updates). The kernel updates the
+    FNN's flat parameter buffer in place, whose views its parameters are (FNN.flatten_parameters),
+    so `model.parameters()` hold the new values. Where they are not its views (replaced by
+    `load_state_dict(assign=True)`, `p.data = ...`), the step first calls
+    `model.flatten_parameters()` (same Parameter objects, same values). `.grad` is not
+    touched. The momentum buffer is one flat buffer in the same layout, owned by the
+    Trainer, and starts again from zero when the flat parameter buffer is replaced.
     Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
     carried from one path to the other if a model changes path between steps.
 
@@ -76,8 +78,8 @@ class Trainer:
         self.momentum = momentum
         self._optimizer: torch.optim.SGD | None = None
         self._hyper: tuple[tuple, torch.Tensor] | None = None
-        self._pack: NetworkPack | None = None  # kept alive here: see ensure_packed
-        self._buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (the flat parameter buffer it belongs to, weakly; the flat momentum buffer)
+        self._momentum: tuple[weakref.ref, torch.Tensor] | None = None
 
     def _fnn(self) -> FNN | None:
         """The FNN the fused step would train: the model, or the one torch.compile wraps."""
@@ -156,44 +158,42 @@ class Trainer:
         return loss.detach()
 
     def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """The one-launch step on the model's packed buffers (packing them first if its
-        parameters are not their views); None where they cannot be packed."""
+        """The one-launch step on the FNN's flat parameter buffer (flattening its parameters
+        first if they are not its views); None where they cannot be flattened."""
         from kernels.network import network_train_step
 
         model = self._fnn()
-        pack = self._pack = ensure_packed(model)
-        if pack is None:
-            return None
+        layers = model.layers
+        weights, biases = [la.weight for la in layers], [la.bias for la in layers]
+        flat = flat_buffer(model, weights, biases)
+        if flat is None:
+            if not model.flatten_parameters():
+                return None
+            weights, biases = [la.weight for la in layers], [la.bias for la in layers]
+            flat = flat_buffer(model, weights, biases)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         key = (self.lr, self.momentum, acc, x.device)
         if self._hyper is None or self._hyper[0] != key:  # built once, not copied every step
             self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=x.device))
-        hyper = self._hyper[1]
-        bufs = None
+        buf = None
         if self.momentum > 0:
-            bufs = self._buffers
-            if (
-                bufs is None
-                or bufs[0].shape != pack.w.shape
-                or bufs[0].dtype != pack.w.dtype
-                or (bufs[0].device != pack.w.device)
-            ):
-                bufs = self._buffers = (
-                    torch.zeros_like(pack.w),
-                    torch.zeros_like(pack.b) if pack.b is not None else None,
-                )
+            state = self._momentum
+            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
+                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
+            buf = state[1]
+        sizes = network_ops.layer_sizes(weights)
+        biased = tuple(b is not None for b in biases)
         with torch.no_grad():
             return network_train_step(
                 x.reshape(-1, x.shape[-1]),
                 y.reshape(-1, y.shape[-1]),
-                pack.w,
-                pack.b,
-                network_ops.meta(pack.sizes, model.activations, x.device),
-                pack.sizes,
+                flat,
+                network_ops.meta(sizes, model.activations, biased, x.device),
+                sizes,
+                biased,
                 self.loss,
-                hyper,
-                bufs[0] if bufs else None,
-                bufs[1] if bufs else None,
+                self._hyper[1],
+                buf,
             )
 
 

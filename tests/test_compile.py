@@ -184,32 +184,29 @@ def test_compiled_fnn_matches_eager(mode_device):
         _check(eager, ref, f"eager FNN vs reference, batch {m}")
 
 
-def test_pack_parameters(device):
-    """The packed buffers, eager (a gather) and traced (padding ops), hold each parameter in
-    its corner and zeros elsewhere; missing biases pack as zeros."""
+def test_concat_parameters(device):
+    """The flat buffer the network path concatenates, eager and traced: every weight
+    row-major, then each bias that exists; `unflatten` gives the parameters back as views."""
     g = torch.Generator().manual_seed(7)
     sizes = [3, 20, 1, 5]
     weights = [torch.randn(o, i, generator=g).to(device) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
     biases = [torch.randn(20, generator=g).to(device), None, torch.randn(5, generator=g).to(device)]
-    expected_w = torch.zeros(3, 32, 32, device=device)
-    expected_b = torch.zeros(3, 32, device=device)
-    for li, (w, b) in enumerate(zip(weights, biases, strict=True)):
-        expected_w[li, : w.shape[0], : w.shape[1]] = w
-        if b is not None:
-            expected_b[li, : b.shape[0]] = b
-    eager = fnn.network_ops.pack_parameters(weights, biases)
-    assert (eager.sizes, eager.biased) == (tuple(sizes), (True, False, True))
-    pack = fnn.network_ops.pack_parameters
-    traced = torch.compile(lambda w, b: pack(w, b).w, fullgraph=True, backend="aot_eager")
-    for got, want in ((eager.w, expected_w), (eager.b, expected_b), (traced(weights, biases), expected_w)):
-        assert got.is_contiguous() and torch.equal(got, want)
-    assert fnn.network_ops.pack_parameters(weights, [None] * 3).b is None
+    expected = torch.cat([w.flatten() for w in weights] + [biases[0], biases[2]])
+    cat = fnn.network.concat_parameters
+    traced = torch.compile(cat, fullgraph=True, backend="aot_eager")
+    for got in (cat(weights, biases), traced(weights, biases)):
+        assert got.is_contiguous() and torch.equal(got, expected)
+    ws, bs = fnn.network_ops.unflatten(expected, sizes, (True, False, True))
+    for a, b in zip([*ws, *bs], [*weights, *biases], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(cat(weights[:1], [None]), weights[0].flatten())
 
 
 def test_compiled_network_fnn_matches_eager(device, network_fusion):
     """Compiled by inductor (fullgraph), the FNN gives eager's output and every gradient bit
-    for bit, with plain parameters and with parameters that are views of a Trainer's pack;
-    the graphs hold the two opaque network ops and no matmul."""
+    for bit (eager reads the FNN's flat buffer, the graph concatenates the parameters), also
+    with parameters replaced by load_state_dict(assign=True); the graphs hold the two opaque
+    network ops and no matmul."""
     fusion = network_fusion
     torch.manual_seed(2)
     model = fnn.FNN(
@@ -229,12 +226,13 @@ def test_compiled_network_fnn_matches_eager(device, network_fusion):
     fw, bw = _targets(rec.fw), _targets(rec.bw)
     assert "fnn.network_forward.default" in fw and "fnn.network_backward.default" in bw, (fw, bw)
     assert not any("linear_act" in t or "mm" in t for t in fw | bw), fw | bw
-    pack = fnn.network.ensure_packed(model)  # the fused Trainer's arrangement: views
-    assert pack is not None and not model.layers[0].weight.is_contiguous()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    params = list(model.parameters())
+    assert fnn.network.flat_buffer(model, *fnn.network._layers_parameters(model)) is None
     x, dy = _random((7, 5), device, 7), _random((7, 3), device, 107)
     eager = _run(model, params, x, dy)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _check(_run(compiled, params, x, dy), eager, f"{fusion}, packed views")
+    _check(_run(compiled, params, x, dy), eager, f"{fusion}, assigned parameters")
 
 
 def _unpack(model: fnn.FNN):
@@ -326,13 +324,13 @@ def _network_op_samples(device):
         acts = ["tanh", "relu", "sigmoid"][: len(sizes) - 1]
         weights = [r(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         biases = [r(o) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
-        pack = fnn.network_ops.pack_parameters(weights, biases)
+        flat = fnn.network.concat_parameters(weights, biases)
         x, dy = r(m, sizes[0]), r(m, sizes[-1])
         for store in (False, True):
-            out.append((torch.ops.fnn.network_forward.default, (x, pack.w, pack.b, sizes, acts, store)))
-        y, h = torch.ops.fnn.network_forward(x, pack.w, pack.b, sizes, acts, True)
+            out.append((torch.ops.fnn.network_forward.default, (x, flat, sizes, acts, biased, store)))
+        y, h = torch.ops.fnn.network_forward(x, flat, sizes, acts, biased, True)
         for need_dx in (True, False):
-            args = (dy, y, h, x, pack.w, sizes, acts, biased, need_dx)
+            args = (dy, y, h, x, flat, sizes, acts, biased, need_dx)
             out.append((torch.ops.fnn.network_backward.default, args))
     return out
 

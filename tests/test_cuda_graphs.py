@@ -159,7 +159,7 @@ def test_functions_do_not_sync(which, device, monkeypatch):
             run = lambda x, m=model: fnn.linear_act(x, m.weight, m.bias, "relu")
         x = torch.randn(2, 7, 6, device=dev, requires_grad=True)
         dy = torch.ones(2, 7, 5, device=dev)
-        if which == "FNN-network":  # the first call makes the cached index tensors (a copy)
+        if which == "FNN-network":  # the first call makes the cached meta tensor (a copy)
             run(x).backward(dy)
             x.grad = None
         mode = NoHostSync()

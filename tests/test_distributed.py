@@ -4,9 +4,10 @@ weights of one process training on the whole batch.
 
 DDP averages the gradients of the ranks, and so does FSDP2's reduce-scatter; each rank's loss
 is the mean over its half, so the averaged gradient is that of the mean over the whole batch.
-On the network path DDP trains the model's packed parameters in place; under FSDP2 the
-parameters are sharded DTensors, gathered for each forward into FSDP's own buffers, which the
-ops pack per call, and fnn.Trainer trains such a model through autograd (FSDP's hooks run).
+On the network path DDP trains the FNN's own parameters, views of its flat buffer, which the
+kernels read as they are; under FSDP2 the parameters are sharded DTensors, gathered for each
+forward into FSDP's own buffers, which the network path concatenates per call (one cat), and
+fnn.Trainer trains such a model through autograd (FSDP's hooks run).
 One spawn runs every configuration, to keep the processes few. The children inherit
 TRITON_INTERPRET from this process (conftest sets it without CUDA), so they run the same
 backend; every wait has a timeout, so a stuck rendezvous fails the test instead of hanging.
@@ -88,11 +89,19 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
         x, y = _data()
         half = x.shape[0] // WORLD
         rows = slice(rank * half, (rank + 1) * half)
-        results, packings = {}, {}
-        real_pack = fnn.network_ops.pack_parameters
-        calls = []
-        fnn.network_ops.pack_parameters = lambda *a: calls.append(1) or real_pack(*a)
-        fnn.network.pack_parameters = fnn.network_ops.pack_parameters
+        results, paths = {}, {}
+        # Which path each network-path forward took: "flat" (the FNN's flat buffer read as it
+        # is) or "cat" (the parameters concatenated for the call).
+        calls, cats = [], []
+        real_cat, real_forward = fnn.network.concat_parameters, fnn.network_ops.network_forward
+        fnn.network.concat_parameters = lambda *a: cats.append(1) or real_cat(*a)
+
+        def forward(*a):
+            calls.append("cat" if cats else "flat")
+            cats.clear()
+            return real_forward(*a)
+
+        fnn.network_ops.network_forward = forward
         for wrapper, fusion, by in CONFIGS:
             calls.clear()
             model = _model(fusion, state)
@@ -101,11 +110,13 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
                 weights = model.state_dict()
             else:
                 fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+                assert not model.flatten_parameters(), "sharded parameters must be left alone"
                 _train(model, x[rows], y[rows], by)
                 weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
             results[(wrapper, fusion, by)] = {k: v.detach().clone() for k, v in weights.items()}
-            packings[(wrapper, fusion, by)] = len(calls)
-        saved = {"results": results, "packings": packings, "backend": fnn.backend("cpu")}
+            views = fnn.network.flat_buffer(model, *fnn.network._layers_parameters(model)) is not None
+            paths[(wrapper, fusion, by)] = [*calls, f"views={views}"]
+        saved = {"results": results, "paths": paths, "backend": fnn.backend("cpu")}
         torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -148,9 +159,11 @@ def test_two_processes_match_one_process(ranks, config):
     for rank in range(WORLD):
         assert saved[rank]["backend"] == fnn.backend("cpu"), "the ranks ran another backend than this process"
         got = saved[rank]["results"][config]
-        # Each network-path forward packs the parameters it is given (DDP's own, FSDP's
-        # gathered ones); the layer path never does: proof of which path ran.
-        packings = saved[rank]["packings"][config]
-        assert (packings == STEPS) if fusion == "network" else (packings == 0), (config, packings)
+        # Proof of which path ran: under DDP each network-path forward reads the FNN's flat
+        # buffer; under FSDP2 it concatenates the gathered parameters; the layer path neither.
+        # After training, DDP's FNN still holds its parameters as views of its flat buffer.
+        want = {"layer": [], "network": ["flat" if wrapper == "ddp" else "cat"] * STEPS}[fusion]
+        want.append(f"views={wrapper == 'ddp'}")
+        assert saved[rank]["paths"][config] == want, (config, saved[rank]["paths"][config])
         for k, v in expected.items():
             assert_close(got[k], v, rtol=1e-12, atol=1e-14, what=f"{wrapper} {fusion} {by}, rank {rank}: {k}")

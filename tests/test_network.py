@@ -16,7 +16,7 @@ import fnn
 import kernels.linear_act
 import kernels.network
 from fnn import network_ops, reference
-from fnn.network import ensure_packed, resolve_fusion
+from fnn.network import flat_buffer, resolve_fusion
 
 ACTS = ["identity", "sigmoid", "relu", "tanh"]
 
@@ -163,32 +163,31 @@ def test_backward_programs_agree_and_are_deterministic(device, programs):
     from kernels.network import network_backward
 
     sizes, acts = [5, 24, 24, 2], ["sigmoid", "tanh", "identity"]
+    biased = (True, True, True)
     net = _model(sizes, acts, True, torch.float32, device, "network")
-    pack = ensure_packed(net)
-    meta = network_ops.meta(pack.sizes, acts, device)
+    flat = net._flat
+    meta = network_ops.meta(sizes, acts, biased, device)
     torch.manual_seed(3)
     x = torch.randn(1000, 5, device=device)
     dy = torch.randn(1000, 2, device=device)
-    y, h = kernels.network.network_forward(x, pack.w, pack.b, meta, pack.sizes, True)
-    runs = [
-        network_backward(dy, y, h, x, pack.w, meta, pack.sizes, True, True, programs) for _ in range(2)
-    ]
+    y, h = kernels.network.network_forward(x, flat, meta, sizes, biased, True)
+    runs = [network_backward(dy, y, h, x, flat, meta, sizes, biased, True, programs) for _ in range(2)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), "two identical backwards differ"
     _, g_ref = _reference(net, x, dy)
-    dx, dw, db = runs[0]
+    dx, grads = runs[0]
+    dws, dbs = network_ops.unflatten(grads, sizes, biased)
     got = [dx]
-    for li, layer in enumerate(net.layers):
-        o, i = layer.weight.shape
-        got += [dw[li, :o, :i], db[li, :o]]
+    for dw, db in zip(dws, dbs, strict=True):
+        got += [dw, db]
     for what, a, e in zip(_grad_names(net), got, g_ref, strict=True):
         assert_close(a, e, 1e-5, 1e-5 * e.abs().max().item(), f"G={programs} {what}")
 
 
-def test_launch_counts(device, launches):
+def test_launch_counts(device, launches, cats):
     net = _model([2, 32, 1], ["sigmoid", "sigmoid"], False, torch.float32, device, "network")
     x = torch.randn(100, 2, device=device, requires_grad=True)
-    # Triton launches only: the packing (a cat and a take) and the gradient gather are torch ops.
+    # Triton launches; `cats` counts the concatenations of the parameters (a torch op).
     with torch.no_grad():
         net(x)
     assert launches.calls == ["network_fwd_kernel"]
@@ -197,43 +196,143 @@ def test_launch_counts(device, launches):
     assert launches.calls == ["network_fwd_kernel"]
     launches.calls.clear()
     y.sum().backward()
-    assert launches.calls == ["network_bwd_kernel"]
+    assert launches.calls == ["network_bwd_kernel"] and cats == []
     # A batch over one program: the backward adds the fixed-order reduction.
     launches.calls.clear()
     net(torch.randn(1000, 2, device=device)).sum().backward()
     assert launches.calls == ["network_fwd_kernel", "network_bwd_kernel", "network_reduce_kernel"]
+    assert cats == []
+    # Parameters that are not the flat buffer's views: the same kernels and one cat per forward.
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    launches.calls.clear()
+    net(x).sum().backward()
+    assert launches.calls == ["network_fwd_kernel", "network_bwd_kernel"] and cats == [1]
+
+
+FAST_PATH_SCRIPT = """
+import json, torch, fnn, fnn.network
+from torch.utils._python_dispatch import TorchDispatchMode
+from bench.fakecuda import compile_only
+
+cats = []
+real = fnn.network.concat_parameters
+fnn.network.concat_parameters = lambda *a: cats.append(1) or real(*a)
+# What dispatches no GPU work: views, allocations, metadata; every other aten op would launch.
+FREE = ("view", "_unsafe_view", "slice", "as_strided", "alias", "detach", "t", "transpose",
+        "expand", "unsqueeze", "squeeze", "select", "reshape", "empty", "empty_strided",
+        "new_empty", "new_empty_strided", "empty_like")
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not (func.namespace == "aten" and name in FREE):
+            self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+out = {}
+with compile_only(90) as gpu:
+    torch.manual_seed(0)
+    model = fnn.FNN([2, 32, 1], bias=False, fusion="network")
+    x, y, dy = torch.randn(100, 2), torch.rand(100, 1), torch.randn(100, 1)
+    trainer = fnn.Trainer(model, loss="sse", lr=1e-3)
+
+    def measure(what, fn):
+        fn()  # compiles
+        gpu.launches.clear(); cats.clear()
+        mode = Ops()
+        with mode:
+            fn()
+        out[what] = {"launches": [l.kernel for l in gpu.launches], "cats": len(cats), "ops": mode.ops}
+
+    def fwbw():
+        for p in model.parameters():
+            p.grad = None
+        model(x).backward(dy)
+
+    measure("fwbw", fwbw)
+    measure("step", lambda: trainer.step(x, y))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    measure("fwbw_assigned", fwbw)
+    measure("step_assigned", lambda: trainer.step(x, y))  # flattens on the first of the two calls
+    measure("fwbw_after_step", fwbw)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_fast_path_launch_counts_compiled_for_sm90(tmp_path):
+    """Compiled for sm_90a with the launches skipped (bench.fakecuda), seed 000's network on
+    the network path: forward + backward is exactly two launches and no other GPU work, the
+    Trainer step exactly one; parameters replaced by load_state_dict(assign=True) cost one
+    torch.cat per forward, until the Trainer's next step flattens them again."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run(
+        [sys.executable, "-c", FAST_PATH_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    fwbw, bwd = ["network_fwd_kernel", "network_bwd_kernel"], ["network_bwd_kernel"]
+    assert out["fwbw"] == {"launches": fwbw, "cats": 0,
+                           "ops": ["fnn.network_forward", "fnn.network_backward"]}, out["fwbw"]
+    assert out["step"] == {"launches": bwd, "cats": 0, "ops": []}, out["step"]
+    assert out["fwbw_assigned"] == {"launches": fwbw, "cats": 1,
+                                    "ops": ["aten.cat", "fnn.network_forward", "fnn.network_backward"]}
+    assert out["step_assigned"] == {"launches": bwd, "cats": 0, "ops": []}, out["step_assigned"]
+    assert out["fwbw_after_step"] == out["fwbw"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Packing survives what users do to a model
+# The flat parameter buffer survives what users do to a model
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def packs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the packings (a gather of every parameter), by a forward or by ensure_packed."""
+def cats(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the concatenations of the parameters made for a forward (the slow path)."""
     calls: list[int] = []
-    real = network_ops.pack_parameters
-    counted = lambda *a: calls.append(1) or real(*a)  # noqa: E731
-    monkeypatch.setattr(network_ops, "pack_parameters", counted)
-    monkeypatch.setattr(fnn.network, "pack_parameters", counted)
+    real = fnn.network.concat_parameters
+    monkeypatch.setattr(fnn.network, "concat_parameters", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
-def _views_of(model, pack) -> bool:
-    """Whether every parameter is its slice of `pack` (and the padding is zero)."""
+def _layout(model):
+    """The parameters in the flat buffer's order: every weight, then every bias."""
     layers = model.layers
-    if network_ops.find_pack([la.weight for la in layers], [la.bias for la in layers]) is not pack:
+    return [la.weight for la in layers] + [la.bias for la in layers if la.bias is not None]
+
+
+def _views_of_own_flat(model) -> bool:
+    """Whether every parameter is its slice of the model's own flat buffer (checked by
+    storage, offset and value, independently of fnn.network.flat_buffer, which must agree)."""
+    flat = model._flat
+    if flat is None:
+        assert flat_buffer(model, *fnn.network._layers_parameters(model)) is None
         return False
-    pad = torch.ones_like(pack.w, dtype=torch.bool)
-    for li, la in enumerate(layers):
-        pad[li, : la.weight.shape[0], : la.weight.shape[1]] = False
-    assert (pack.w[pad] == 0).all(), "padding of the packed weights is not zero"
-    return True
-
-
-def _plain(model) -> bool:
-    return all(p.is_contiguous() and p.storage_offset() == 0 for p in model.parameters())
+    off, ok = 0, True
+    for p in _layout(model):
+        ok &= (
+            p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+            and p.storage_offset() == flat.storage_offset() + off
+            and p.is_contiguous()
+        )
+        off += p.numel()
+    ok &= off == flat.numel()
+    if ok:
+        assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in _layout(model)]))
+    assert (flat_buffer(model, *fnn.network._layers_parameters(model)) is flat) == ok
+    return ok
 
 
 def _check_model(model, what, seed=0):
@@ -266,41 +365,38 @@ def _train_both(net, twin, x, y, steps=2):
         assert_close(p, q, 1e-5, 1e-6, f"trained {name}")
 
 
-def test_parameters_stay_plain_and_forwards_change_nothing(device, packs):
-    """An FNN's parameters are ordinary contiguous tensors; a forward and backward on the
-    network path packs them once (the backward reuses the forward's pack) and changes none."""
+def test_parameters_are_views_of_the_flat_buffer(device, cats):
+    """An FNN's parameters are contiguous views of its flat buffer from the start: a forward
+    and backward read it (no cat) and change nothing; an in-place change of a parameter is a
+    change of the buffer; parameters_to_vector works on them."""
     net = _net(device)
-    ptrs = [p.data_ptr() for p in net.parameters()]
-    assert _plain(net) and packs == []
-    _check_model(net, "plain parameters")
-    assert packs == [1], "one packing per forward, none in the backward"
-    assert [p.data_ptr() for p in net.parameters()] == ptrs and _plain(net)
+    flat, params = net._flat, list(net.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    assert _views_of_own_flat(net) and all(isinstance(p, torch.nn.Parameter) for p in params)
+    _check_model(net, "views of the flat buffer")
+    assert cats == [], "a forward concatenated parameters that are the flat buffer's views"
+    assert net._flat is flat and [p.data_ptr() for p in net.parameters()] == ptrs
     assert all(p.grad.is_contiguous() for p in net.parameters())
-
-
-def test_trainer_pack_is_read_without_copies(device, packs):
-    """The Trainer's arrangement: parameters are views of a pack it keeps; forwards and
-    backwards read it (no packing); an in-place change of a parameter is a change of the pack."""
-    net = _net(device)
-    params = list(net.parameters())
-    pack = fnn.network.ensure_packed(net)
-    assert _views_of(net, pack) and list(net.parameters()) == params and packs == [1]
-    assert fnn.network.ensure_packed(net) is pack and packs == [1]
     with torch.no_grad():
         net.layers[1].bias.add_(1.0)
-    assert torch.equal(pack.b[1, :2], net.layers[1].bias.detach())
-    _check_model(net, "packed views")
-    assert packs == [1], "a forward or backward packed parameters that are the pack's views"
-    del pack  # nothing keeps the pack: the ops no longer find it, and pack for the call
-    _check_model(net, "views of a dropped pack")
-    assert packs == [1, 1]
+    assert torch.equal(flat[-2:], net.layers[1].bias.detach())
+    vec = torch.nn.utils.parameters_to_vector(net.parameters())
+    assert torch.equal(vec, torch.cat([p.detach().reshape(-1) for p in params]))
+    assert net.flatten_parameters() and net._flat is flat, "flattening views again copies nothing"
+    y = net(torch.randn(4, 3, device=device))
+    with torch.no_grad():
+        net.layers[0].weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()  # autograd sees an in-place change, as on the layer path
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_optimizers_built_before_or_after_packing(device, when):
+def test_optimizers_built_before_or_after_training(device, when, cats):
     """A torch optimizer and the fused Trainer take turns on the same Parameter objects:
-    built before the Trainer packs them or after, every update is seen by the other."""
+    built before the Trainer's first step or after, every update is seen by the other, and
+    the parameters stay the flat buffer's views throughout (no cat)."""
     net, twin = _net(device), _net(device, fusion="layer")
+    flat = net._flat
     x, y = torch.randn(9, 3, device=device), torch.rand(9, 2, device=device)
     opts = None
     if when == "before":
@@ -315,51 +411,63 @@ def test_optimizers_built_before_or_after_packing(device, when):
             opt.step()
     _train_both(net, twin, x, y)
     _check_model(net, f"optimizer built {when}")
+    assert net._flat is flat and _views_of_own_flat(net) and cats == []
 
 
-def test_to_after_packing(device):
+def test_to_flattens_again(device, cats):
     net, twin = _net(device), _net(device, fusion="layer")
     x, y = torch.randn(9, 3, device=device), torch.rand(9, 2, device=device)
     _train_both(net, twin, x, y)
-    params = list(net.parameters())
+    params, flat = list(net.parameters()), net._flat
+    assert net.to(device) is net and net._flat is flat, "a no-op to() keeps the buffer"
     for m in (net, twin):
         m.double()
     assert list(net.parameters()) == params, "to() keeps the Parameter objects"
+    assert net._flat.dtype == torch.float64 and _views_of_own_flat(net)
     _check_model(net, "after double()")
     _train_both(net, twin, x.double(), y.double())
     _check_model(net, "trained after double()")
+    assert cats == []
 
 
-def test_load_state_dict_in_place_and_assign(device):
+def test_load_state_dict_in_place_and_assign(device, cats):
     src, net = _net(device, seed=1), _net(device, seed=2)
     x, y = torch.randn(9, 3, device=device), torch.rand(9, 2, device=device)
     trainer = fnn.Trainer(net, loss="mse", lr=0.5)
     trainer.step(x, y)
-    pack = trainer._pack
+    flat = net._flat
     net.load_state_dict(src.state_dict())
-    assert _views_of(net, pack), "an in-place load keeps the views"
+    assert net._flat is flat and _views_of_own_flat(net), "an in-place load keeps the views"
     for p, q in zip(net.parameters(), src.parameters(), strict=True):
         assert torch.equal(p, q)
     _check_model(net, "load_state_dict")
+    assert cats == []
     fresh = {k: v.clone() + 1 for k, v in src.state_dict().items()}
     net.load_state_dict(fresh, assign=True)
-    for k, p in net.named_parameters():
-        assert torch.equal(p, fresh[k]), k
+    assert not _views_of_own_flat(net)
     _check_model(net, "load_state_dict(assign=True)")
+    assert cats == [1], "parameters that are not the buffer's views are concatenated per forward"
+    for k, p in net.named_parameters():  # the forward left the assigned tensors in place
+        assert p.data_ptr() == fresh[k].data_ptr(), k
     trainer.step(x, y)
-    assert _views_of(net, trainer._pack), "the next fused step packs the new tensors"
+    assert _views_of_own_flat(net) and net._flat is not flat, "the fused step flattens them again"
+    before = [p.detach().clone() for p in net.parameters()]
+    trainer.step(x, y)
+    assert all(not torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    _check_model(net, "trained after load_state_dict(assign=True)")
     # An FNN's state_dict loads into a layer-path FNN and back.
     layer = _net(device, fusion="layer", seed=3)
     layer.load_state_dict(net.state_dict())
     assert torch.equal(layer(x), net(x))
 
 
-def test_deepcopy_and_save_load_whole_model(device, tmp_path):
+def test_deepcopy_and_save_load_whole_model(device, tmp_path, cats):
     net = _net(device)
     x, y = torch.randn(9, 3, device=device), torch.rand(9, 2, device=device)
-    fnn.Trainer(net, loss="mse", lr=0.5).step(x, y)  # net's parameters are now a pack's views
+    fnn.Trainer(net, loss="mse", lr=0.5).step(x, y)
     twin = copy.deepcopy(net)
-    assert _plain(twin), "deepcopy gives plain parameters"
+    assert _views_of_own_flat(twin), "the copy's parameters are views of its own flat buffer"
+    assert twin._flat.data_ptr() != net._flat.data_ptr() and _views_of_own_flat(net)
     before = [p.detach().clone() for p in net.parameters()]
     fnn.Trainer(twin, loss="mse", lr=1.0).step(x, y)
     for p, q, r in zip(net.parameters(), before, twin.parameters(), strict=True):
@@ -368,43 +476,59 @@ def test_deepcopy_and_save_load_whole_model(device, tmp_path):
     _check_model(twin, "deepcopy")
     torch.save(net, tmp_path / "net.pt")
     loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    assert _views_of_own_flat(loaded)
     assert torch.equal(loaded(x), net(x))
     _check_model(loaded, "torch.load")
+    assert cats == []
 
 
-def test_unpack_parameters_after_trainer_steps(device):
-    net = _net(device)
-    x, y = torch.randn(9, 3, device=device), torch.rand(9, 2, device=device)
-    trainer = fnn.Trainer(net, loss="mse", lr=0.5)
-    trainer.step(x, y)
-    params, values = list(net.parameters()), [p.detach().clone() for p in net.parameters()]
-    with pytest.raises(RuntimeError):
-        torch.nn.utils.parameters_to_vector(net.parameters())  # views of the pack: not contiguous
-    fnn.network.unpack_parameters(net)
-    assert _plain(net) and list(net.parameters()) == params
-    for p, v in zip(net.parameters(), values, strict=True):
-        assert torch.equal(p, v)
-    torch.nn.utils.parameters_to_vector(net.parameters())
-    trainer.step(x, y)
-    assert _views_of(net, trainer._pack)
-    _check_model(net, "unpacked, then packed again")
-
-
-def test_parameters_replaced_or_substituted(device):
-    """A replaced parameter, torch.func.functional_call, vector_to_parameters and
-    parameters_to_vector: every one sees the parameters as they are."""
+def test_parameters_replaced_or_substituted(device, cats):
+    """A replaced parameter, torch.func.functional_call, vector_to_parameters: every one sees
+    the parameters as they are (one cat per forward), and none changes the model's own."""
     net = _net(device)
     with torch.no_grad():
         net.layers[1].weight = torch.nn.Parameter(torch.randn(2, 10, device=device))
+    assert not _views_of_own_flat(net)
     _check_model(net, "replaced weight")
+    assert cats == [1]
+    assert net.flatten_parameters() and _views_of_own_flat(net)
+    flat = net._flat
     other = {k: v.detach() * 0.5 for k, v in net.named_parameters()}
     x = torch.randn(4, 3, device=device)
     weights = [other[f"layers.{i}.weight"] for i in range(2)]
     want = reference.fnn_forward(x, weights, [other[f"layers.{i}.bias"] for i in range(2)], net.activations)
     assert_close(torch.func.functional_call(net, other, (x,)), want, 1e-5, 1e-6, "functional_call")
+    assert cats == [1, 1] and net._flat is flat and _views_of_own_flat(net)
     vec = torch.nn.utils.parameters_to_vector(net.parameters())
     torch.nn.utils.vector_to_parameters(vec * 2, net.parameters())
     _check_model(net, "vector_to_parameters")
+
+
+def test_flatten_refuses_what_it_cannot_flatten(device, cats):
+    """Meta parameters and tied weights are left as they are (the forward concatenates);
+    to_empty() from meta flattens; tied weights keep their single gradient by autograd."""
+    meta = fnn.FNN([3, 4, 2], device="meta", fusion="network")
+    assert meta._flat is None and not meta.flatten_parameters()
+    meta.to_empty(device=device)
+    assert _views_of_own_flat(meta)
+    tied = _model([4, 4, 4], ["tanh", "sigmoid"], False, torch.float32, device, "network")
+    tied.layers[1].weight = tied.layers[0].weight
+    assert not tied.flatten_parameters() and not _views_of_own_flat(tied)
+    ref = copy.deepcopy(tied)  # deepcopy keeps the tie (memo); the layer path as the reference
+    ref.fusion = "layer"
+    assert ref.layers[1].weight is ref.layers[0].weight
+    x, y = torch.randn(5, 4, device=device), torch.rand(5, 4, device=device)
+    for m in (tied, ref):
+        m(x).square().sum().backward()
+    assert_close(tied.layers[0].weight.grad, ref.layers[0].weight.grad, 1e-5, 1e-6, "tied weight's gradient")
+    assert len(cats) == 1
+    trainer = fnn.Trainer(tied, loss="mse", lr=0.1)
+    trainer.step(x, y)  # cannot flatten: autograd and torch.optim.SGD
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    opt.step()
+    assert_close(tied.layers[0].weight, ref.layers[0].weight, 1e-6, 1e-7, "tied weight trained")
 
 
 def test_leading_dims_and_strided_input(device):
@@ -443,18 +567,23 @@ def test_bad_inputs_raise_before_launch(device, launches):
     with pytest.raises(TypeError):
         net([[1.0, 2.0, 3.0]])
     assert launches.calls == []
-    # The registered ops check what packing hides from the launchers.
-    pack = network_ops.pack_parameters([la.weight for la in net.layers], [la.bias for la in net.layers])
+    # The registered ops check what the launchers would, before any launch.
+    flat = net._flat
     x = torch.randn(4, 3, device=device)
     op = torch.ops.fnn.network_forward
-    with pytest.raises(ValueError, match="w_pack must be"):
-        op(x, pack.w[:1], pack.b, [3, 5, 2], ["relu", "sigmoid"], False)
+    args = ([3, 5, 2], ["relu", "sigmoid"], [True, True], False)
+    with pytest.raises(ValueError, match="params must be flat"):
+        op(x, flat[:-1], *args)
+    with pytest.raises(ValueError, match="params must be flat"):
+        op(x, flat.double(), *args)
+    with pytest.raises(ValueError, match="params must be flat"):
+        op(x, flat, [3, 5, 2], ["relu", "sigmoid"], [True, False], False)
     with pytest.raises(ValueError, match="one activation per layer"):
-        op(x, pack.w, pack.b, [3, 5, 2], ["relu"], False)
+        op(x, flat, [3, 5, 2], ["relu"], [True, True], False)
+    with pytest.raises(ValueError, match="bias flags"):
+        op(x, flat, [3, 5, 2], ["relu", "sigmoid"], [True], False)
     with pytest.raises(ValueError, match="unknown activation"):
-        op(x, pack.w, pack.b, [3, 5, 2], ["relu", "gelu"], False)
+        op(x, flat, [3, 5, 2], ["relu", "gelu"], [True, True], False)
     with pytest.raises(ValueError, match="x must be 2-D"):
-        op(x[:, :2], pack.w, pack.b, [3, 5, 2], ["relu", "sigmoid"], False)
-    with pytest.raises(ValueError, match="b_pack must be"):
-        op(x, pack.w, pack.b.double(), [3, 5, 2], ["relu", "sigmoid"], False)
+        op(x[:, :2], flat, *args)
     assert launches.calls == []

@@ -12,7 +12,6 @@ from test_network import LaunchCounter
 import fnn
 from fnn.cli import seed000_model
 from fnn.data import seed000_data
-from fnn.network import ensure_packed
 
 TORCH_LOSSES = {
     "bce": torch.nn.BCELoss(),
@@ -50,6 +49,7 @@ def test_step_equals_autograd_and_sgd(device, loss, momentum, batch):
     )
     trainer = fnn.Trainer(model, loss=loss, lr=0.05, momentum=momentum)
     assert trainer.fused(device)
+    flat, params = model._flat, list(model.parameters())
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum)
     for step in range(3):
         got = trainer.step(x, y)
@@ -60,12 +60,14 @@ def test_step_equals_autograd_and_sgd(device, loss, momentum, batch):
         assert got.shape == () and got.dtype == torch.float32
         assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), f"step {step} loss"
         _assert_params(model, list(ref.parameters()), f"step {step}")
-    # The padding of the packed buffers is still exactly zero.
-    pack = ensure_packed(model)
-    for li, layer in enumerate(model.layers):
-        o, i = layer.weight.shape
-        assert pack.w[li, o:].abs().sum() == 0 and pack.w[li, :, i:].abs().sum() == 0
-        assert pack.b[li, o:].abs().sum() == 0
+    # The kernel updated the FNN's flat buffer in place: the same Parameter objects, still its
+    # views; the momentum buffer is the Trainer's, flat, in the same layout.
+    assert model._flat is flat and list(model.parameters()) == params
+    assert fnn.network.flat_buffer(model, *fnn.network._layers_parameters(model)) is flat
+    assert all(p.grad is None for p in model.parameters()), ".grad is not touched"
+    if momentum:
+        buf = trainer._momentum[1]
+        assert buf.shape == flat.shape and buf.dtype == flat.dtype and buf.abs().sum() > 0
 
 
 def test_float64_step(device):
@@ -119,10 +121,10 @@ def test_seed000_through_trainer_equals_manual_loop(device, launches):
     w2 = model.layers[1].weight.detach().T.clone()
     w1, w2 = _seed000_manual(x, y, w1, w2, 0.001, 101)
     trainer = fnn.Trainer(model, loss="sse", lr=0.001)
-    trainer.step(x, y)  # the first step packs the parameters (torch copies)
-    launches.calls.clear()
-    trainer.step(x, y)
-    assert launches.calls == ["network_bwd_kernel"], "one launch per training step"
+    for _ in range(2):
+        launches.calls.clear()
+        trainer.step(x, y)
+        assert launches.calls == ["network_bwd_kernel"], "one launch per training step"
     history = trainer.fit(x, y, 99)
     assert len(history) == 99
     _assert_params(model, [w1.T, w2.T], "seed 000 after 101 epochs")
@@ -231,3 +233,37 @@ def test_trainer_and_torch_compile(device, launches):
         for p, q in zip(m.parameters(), models[0].parameters(), strict=True):
             assert torch.equal(p, q)
     torch._dynamo.reset()
+
+
+def test_momentum_buffer_follows_the_flat_buffer(device):
+    """The flat momentum buffer is kept from step to step, and made again (from zero, as a
+    new torch.optim.SGD would) when the FNN's flat parameter buffer is replaced: by `to()`,
+    or by the step's own flattening of assigned parameters, which happens once."""
+    torch.manual_seed(7)
+    model = fnn.FNN([3, 8, 2], activation=["tanh", "sigmoid"], device=device, fusion="network")
+    x, y = torch.randn(10, 3, device=device), torch.rand(10, 2, device=device)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
+    trainer.step(x, y)
+    buf = trainer._momentum[1]
+    trainer.step(x, y)
+    assert trainer._momentum[1] is buf
+    for change in ("double", "assign"):
+        if change == "double":
+            model.double()
+            x, y = x.double(), y.double()
+        else:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        ref = copy.deepcopy(model)
+        ref.fusion = "layer"
+        opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+        for step in range(2):
+            trainer.step(x, y)
+            if step == 0:
+                flat = model._flat
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            opt.step()
+            _assert_params(model, list(ref.parameters()), f"after {change}, step {step}")
+        assert model._flat is flat and trainer._momentum[1] is not buf
+        assert trainer._momentum[1].dtype == torch.float64
+        buf = trainer._momentum[1]
