@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import backend
-from .modules import FNN
+from .modules import FNN, layer_only_activations
 from .network import ensure_packed, fits_network, resolve_fusion
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -41,7 +41,8 @@ class Trainer:
     sums the per-program gradients in a fixed order and updates). The parameters are
     updated in place (they are views of the model's packed buffers), `.grad` is not
     touched, and the momentum buffers live in the Trainer.
-    Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
+    Otherwise (any other model, or an FNN with an activation the network kernels do not serve
+    yet: see fnn.FNN): autograd and torch.optim.SGD, the same maths. The momentum state is not
     carried from one path to the other if a model changes path between steps.
     """
 
@@ -74,6 +75,7 @@ class Trainer:
         return (
             isinstance(model, FNN)
             and fits_network(model.sizes)
+            and not layer_only_activations(model.activations)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
         )
