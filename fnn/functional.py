@@ -61,6 +61,12 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     ]
 
 
+def _grad_needed(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether autograd will record the call: grad mode on and some tensor requiring grad.
+    (Inside a Function's forward, ctx.needs_input_grad ignores torch.no_grad.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class LinearActFunction(torch.autograd.Function):
     """Y = act(Z), Z = X W^T + b, saving no more than the backward needs.
 
@@ -227,6 +233,10 @@ def linear_act(
     Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
     x, weight, bias = _autocast((x, weight, bias))
+    if not _grad_needed((x, weight, bias)):  # inference: one kernel, nothing saved, no Z
+        check_linear_args(x, weight, bias, activation)
+        y = _ops(x).linear_act_forward(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return LinearActFunction.apply(x, weight, bias, activation)
 
 
@@ -266,5 +276,10 @@ def fnn_forward(
         else:
             # The input of layer i is the output of layer i - 1: check it as an empty batch.
             check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
+    if not _grad_needed((x, *weights, *biases)):  # inference: no autograd node, nothing saved
+        ops, h = _ops(x), x.reshape(-1, x.shape[-1])
+        for w, b, a in zip(weights, biases, activations, strict=True):
+            h = ops.linear_act_forward(h, w, b, a)
+        return h.view(*x.shape[:-1], h.shape[-1])
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return FNNFunction.apply(x, tuple(activations), *params)

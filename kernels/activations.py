@@ -321,20 +321,30 @@ def gelu_tanh_grad(g, z):
 
 @triton.jit
 def silu(z):
-    # z sigmoid(z), from exp(-|z|): z / (1 + e) for z >= 0, z e / (1 + e) below.
-    e = exp(-tl.abs(z))
-    return tl.where(z >= 0, div(z, 1 + e), div(z * e, 1 + e))
+    # z sigmoid(z) = z / (1 + exp(-z)): three roundings (z e / (1 + e) would take four). Below
+    # z = -87, where exp(-z) nears float32's overflow, (z h) h with h = exp(z/2): exp(z) itself
+    # would be subnormal there, and silu(z) is not yet.
+    h = exp(0.5 * tl.where(z < -87, z, 0))
+    return tl.where(z < -87, (z * h) * h, div(z, 1 + exp(-tl.where(z < -87, 0, z))))
 
 
 @triton.jit
 def silu_grad(g, z):
-    # sigmoid(z) (1 + z (1 - sigmoid(z))) = s (1 + e + z e') / (1 + e), e = exp(-|z|), e' = e
-    # for z >= 0 and 1 below: there (1 + z) + e, where 1 + z is exact near the root z = -1.28,
-    # so the factor's only rounding error is e's (a product z sigmoid(-z) would add its own).
+    # sigmoid(z) (1 + z (1 - sigmoid(z))), with e = exp(-|z|) and q + ql = 1 + e exactly.
+    # z >= 0: 1/(1 + e) (1 + z e/(1 + e)), a sum of positive terms.
+    # z < 0: s b, s = e/(1 + e), b = 1 + z/(1 + e), which cancels towards the root z = -1.28:
+    # both quotients are carried with their remainders (fma) and 1 + e's rounding ql, so that
+    # e's rounding, b's and the last fma's are the only errors left.
     e = exp(-tl.abs(z))
-    s = tl.where(z >= 0, div(1, 1 + e), div(e, 1 + e))
-    num = tl.where(z >= 0, tl.fma(z, e, 1 + e), (1 + z) + e)
-    return g * (s * div(num, 1 + e))
+    q = 1 + e
+    ql = e - (q - 1)
+    pos = div(1, q) * (1 + div(z * e, q))
+    s0 = div(e, q)
+    cs = div(tl.fma(-s0, q, e) - s0 * ql, q)  # s = s0 + cs
+    t = div(z, q)
+    b = (1 + t) + div(tl.fma(-t, q, z) - t * ql, q)  # 1 + t is exact wherever b cancels
+    neg = tl.fma(s0, b, cs * b)
+    return g * tl.where(z >= 0, pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------
