@@ -237,6 +237,21 @@ def test_gradcheck(act, device):
     assert torch.autograd.gradcheck(lambda *a: fnn.linear_act(*a, activation=act), (x, w, b), fast_mode=True)
 
 
+def test_gradcheck_fnn_forward(device):
+    """FNNFunction's chained backward with Z-saving layers: the next layer's weight gradient
+    recomputes their output from Z, and the previous layer's delta reads Z in the epilogue."""
+    g = _gen(122)
+    acts = ["gelu", Activation("leaky_relu", negative_slope=-0.3), "silu"]
+    x = _randn((2, 2), g, torch.float64, device).requires_grad_()
+    w0, w1, w2 = (_randn(s, g, torch.float64, device).requires_grad_() for s in ((3, 2), (2, 3), (2, 2)))
+    b0 = _randn((3,), g, torch.float64, device).requires_grad_()
+
+    def f(x, w0, b0, w1, w2):
+        return fnn.fnn_forward(x, [w0, w1, w2], [b0, None, None], acts)
+
+    assert torch.autograd.gradcheck(f, (x, w0, b0, w1, w2), fast_mode=True)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
