@@ -11,8 +11,8 @@ NaN and inf follow PyTorch: relu(NaN) = NaN, sigmoid(+-inf) = 1 / 0, tanh(+-inf)
 Accuracy (float32 within about 2 ulps of the exact value over the whole range): no formula
 here cancels (tanh from expm1, gelu from erfc, softplus from log1p, sigmoid and silu from
 exp(-|z|)), and the transcendental primitives below are accurate ones:
-- compiled, CUDA's libdevice (`__nv_expf`, `__nv_expm1f`, `__nv_log1pf`, `__nv_erff`,
-  `__nv_erfcf` and their float64 forms: the functions PyTorch's CUDA kernels call), and IEEE
+- compiled, CUDA's libdevice (`__nv_expf`, `__nv_expm1f`, `__nv_log1pf`, `__nv_erfcf`,
+  `__nv_erfcxf` and their float64 forms: the libm PyTorch's CUDA kernels call), and IEEE
   division (`div_rn`). Triton's own float32 `tl.exp` is `ex2.approx` of a rounded product and
   its `/` is `div.full`, both several ulps off for some arguments;
 - in Triton's interpreter, numpy evaluated in float64 and rounded once: numpy's float32 exp
@@ -39,8 +39,8 @@ _GELU_TANH_C1 = tl.constexpr(1.5957691216057308)  # 2 sqrt(2/pi)
 _GELU_TANH_C3 = tl.constexpr(0.07135481627260025)  # 2 sqrt(2/pi) * 0.044715
 
 # ---------------------------------------------------------------------------------------------
-# Primitives: exp, expm1, log1p, erf, erfc, erfcx (= exp(x^2) erfc(x)) and division, accurate in
-# both modes (see above).
+# Primitives: exp, expm1, log1p, erfc, erfcx (= exp(x^2) erfc(x)) and division, accurate in both
+# modes (see above).
 # ---------------------------------------------------------------------------------------------
 
 if INTERPRETED:
@@ -69,10 +69,6 @@ if INTERPRETED:
         r = tl.where(u == 1, d, tl.log(safe) * d / (safe - 1))
         r = tl.where((u == float("inf")) | (u <= 0), tl.log(u), r)
         return r.to(x.dtype)
-
-    @triton.jit
-    def erf(x):
-        return tl.erf(x.to(tl.float64)).to(x.dtype)
 
     @triton.jit
     def erfc(x):
@@ -117,10 +113,6 @@ else:
     @triton.jit
     def log1p(x):
         return libdevice.log1p(x)
-
-    @triton.jit
-    def erf(x):
-        return libdevice.erf(x)
 
     @triton.jit
     def erfc(x):
