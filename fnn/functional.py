@@ -64,7 +64,7 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
 def _grad_needed(tensors: Sequence[torch.Tensor | None]) -> bool:
     """Whether autograd will record the call: grad mode on and some tensor requiring grad.
     (Inside a Function's forward, ctx.needs_input_grad ignores torch.no_grad.)"""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 class LinearActFunction(torch.autograd.Function):

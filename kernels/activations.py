@@ -32,6 +32,13 @@ def _probe():
 # Whether @triton.jit produces interpreted functions here (TRITON_INTERPRET=1 at import).
 INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 
+
+def device_fn(fn):
+    """@triton.jit for the helpers below; in the interpreter they stay plain Python functions,
+    run inside the calling kernel: every interpreted jit call patches triton.language anew, a
+    cost the many small helpers here would multiply."""
+    return fn if INTERPRETED else triton.jit(fn)
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2 pi)
 _INV_SQRT_PI = tl.constexpr(0.5641895835477563)  # 1/sqrt(pi)
@@ -45,11 +52,11 @@ _GELU_TANH_C3 = tl.constexpr(0.07135481627260025)  # 2 sqrt(2/pi) * 0.044715
 
 if INTERPRETED:
 
-    @triton.jit
+    @device_fn
     def exp(x):
         return tl.exp(x.to(tl.float64)).to(x.dtype)
 
-    @triton.jit
+    @device_fn
     def expm1(x):
         # Kahan's trick in float64: (u - 1) * x / log(u) cancels the rounding of u = exp(x).
         d = x.to(tl.float64)
@@ -60,7 +67,7 @@ if INTERPRETED:
         r = tl.where(u == float("inf"), u, tl.where(um1 == -1, -1, r))
         return r.to(x.dtype)
 
-    @triton.jit
+    @device_fn
     def log1p(x):
         # log(u) * x / (u - 1) with u = 1 + x, likewise exact to float64 rounding.
         d = x.to(tl.float64)
@@ -70,7 +77,7 @@ if INTERPRETED:
         r = tl.where((u == float("inf")) | (u <= 0), tl.log(u), r)
         return r.to(x.dtype)
 
-    @triton.jit
+    @device_fn
     def erfc(x):
         # 1 - erf(x) below x = 2 (erfc(2) = 0.005: float64 keeps 1e-14 of it); above, Laplace's
         # continued fraction exp(-x^2)/sqrt(pi) / (x + (1/2)/(x + 1/(x + (3/2)/(x + ...)))),
@@ -84,7 +91,7 @@ if INTERPRETED:
         r = tl.where(d < 2, 1 - tl.erf(d), tail)
         return r.to(x.dtype)
 
-    @triton.jit
+    @device_fn
     def erfcx(x):
         # exp(x^2) erfc(x): the continued fraction above without its exp factor from x = 2 on.
         d = x.to(tl.float64)
@@ -96,33 +103,33 @@ if INTERPRETED:
         r = tl.where(d < 2, tl.exp(small * small) * (1 - tl.erf(small)), _INV_SQRT_PI / t)
         return r.to(x.dtype)
 
-    @triton.jit
+    @device_fn
     def div(a, b):
         return a / b  # numpy: IEEE division (b is a tensor in every call)
 
 else:
 
-    @triton.jit
+    @device_fn
     def exp(x):
         return libdevice.exp(x)
 
-    @triton.jit
+    @device_fn
     def expm1(x):
         return libdevice.expm1(x)
 
-    @triton.jit
+    @device_fn
     def log1p(x):
         return libdevice.log1p(x)
 
-    @triton.jit
+    @device_fn
     def erfc(x):
         return libdevice.erfc(x)
 
-    @triton.jit
+    @device_fn
     def erfcx(x):
         return libdevice.erfcx(x)
 
-    @triton.jit
+    @device_fn
     def div(a, b):
         if b.dtype == tl.float32:
             return tl.math.div_rn(a, b)  # `/` is div.full.f32 (2 ulps) in float32
@@ -130,13 +137,13 @@ else:
             return a / b
 
 
-@triton.jit
+@device_fn
 def param(p, DTYPE: tl.constexpr):
     """A float64 kernel argument as a DTYPE scalar (the interpreter passes a Python float)."""
     return tl.full((), p, tl.float64).to(DTYPE)
 
 
-@triton.jit
+@device_fn
 def _sig_pair(z):
     """(sigmoid(z), sigmoid(-z)) = (s, 1 - s), each without cancellation: exp(-|z|) only."""
     e = exp(-tl.abs(z))
@@ -151,19 +158,19 @@ def _sig_pair(z):
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@device_fn
 def sigmoid(z):
     # exp of a non-positive number only: no overflow for large |z|.
     s, _ = _sig_pair(z)
     return s
 
 
-@triton.jit
+@device_fn
 def sigmoid_grad(g, y):
     return g * (1 - y) * y
 
 
-@triton.jit
+@device_fn
 def tanh(z):
     # Nothing cancels (the former (1 - e)/(1 + e) lost up to 30 float32 ulps just above its
     # Taylor switch at 0.03): below |z| = 0.55, tanh|z| = -t / (2 + t) with t = expm1(-2|z|);
@@ -175,56 +182,56 @@ def tanh(z):
     return tl.where(z < 0, -r, r)
 
 
-@triton.jit
+@device_fn
 def tanh_grad(g, y):
     # (1 - y)(1 + y) rather than 1 - y^2: exact 1 - y where y is near 1.
     return g * ((1 - y) * (1 + y))
 
 
-@triton.jit
+@device_fn
 def relu(z):
     # `z < 0` is False for NaN, so NaN passes through as in torch.relu.
     return tl.where(z < 0, 0, z)
 
 
-@triton.jit
+@device_fn
 def relu_grad(g, y):
     # torch's threshold_backward: zero where y <= 0, pass-through elsewhere (NaN included).
     return tl.where(y <= 0, 0, g)
 
 
-@triton.jit
+@device_fn
 def leaky_relu(z, slope):
     # torch: z > 0 ? z : z * slope (NaN takes the second branch and stays NaN).
     return tl.where(z > 0, z, z * slope)
 
 
-@triton.jit
+@device_fn
 def leaky_relu_grad(g, s, slope):
     # s = y when slope >= 0 (then y > 0 exactly where z > 0), s = z otherwise: same rule.
     return tl.where(s > 0, g, g * slope)
 
 
-@triton.jit
+@device_fn
 def elu(z, alpha):
     # torch: z <= 0 ? alpha * expm1(z) : z (NaN takes the second branch).
     return tl.where(z > 0, z, alpha * expm1(tl.where(z > 0, 0, z)))
 
 
-@triton.jit
+@device_fn
 def elu_grad(g, y, alpha):
     # From y, alpha >= 0 (y > 0 exactly where z > 0): y <= 0 ? g (y + alpha) : g, as torch's
     # elu_backward(is_result=True); NaN gives g, as torch's from the input does.
     return tl.where(y <= 0, g * (y + alpha), g)
 
 
-@triton.jit
+@device_fn
 def elu_grad_z(g, z, alpha):
     # From z (alpha < 0, where y no longer tells z's sign): z <= 0 ? g alpha exp(z) : g.
     return tl.where(z <= 0, g * (alpha * exp(tl.where(z > 0, 0, z))), g)
 
 
-@triton.jit
+@device_fn
 def _scaled(z, beta):
     """(t, r): t = z * beta rounded, r = z * beta - t exactly (0 where t is infinite)."""
     t = z * beta
@@ -232,7 +239,7 @@ def _scaled(z, beta):
     return t, tl.where(tl.abs(t) < float("inf"), r, 0)
 
 
-@triton.jit
+@device_fn
 def softplus(z, beta, threshold):
     # torch: beta z > threshold ? z : log1p(exp(beta z)) / beta (the test on the rounded
     # product, as torch's), written max(t, 0) + log1p(exp(-|t|)) with t = beta z, which neither
@@ -244,7 +251,7 @@ def softplus(z, beta, threshold):
     return tl.where(t > threshold, z, div(sp, beta))
 
 
-@triton.jit
+@device_fn
 def softplus_grad(g, y, beta, threshold):
     # From y: 1 where beta y > threshold (torch's linear region; see kernels.checks
     # .SOFTPLUS_Y_THRESHOLD for why that is exact), else sigmoid(beta z) = 1 - exp(-beta y),
@@ -253,7 +260,7 @@ def softplus_grad(g, y, beta, threshold):
     return tl.where(t > threshold, g, g * -expm1(-t))
 
 
-@triton.jit
+@device_fn
 def softplus_grad_z(g, z, beta, threshold):
     # From z (small thresholds): as torch's softplus_backward, 1 or sigmoid(beta z).
     t, r = _scaled(z, beta)
@@ -267,7 +274,7 @@ def softplus_grad_z(g, z, beta, threshold):
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@device_fn
 def _exp_half_sq(z):
     """exp(-z^2 / 2), with z^2's rounding put back (z^2 = p + r exactly): a plain exp(-z*z/2)
     is off by about z^2/2 ulps."""
@@ -277,7 +284,7 @@ def _exp_half_sq(z):
     return tl.fma(e, -0.5 * tl.where(p < float("inf"), r, 0), e)
 
 
-@triton.jit
+@device_fn
 def gelu(z):
     # z Phi(z) = z/2 erfc(-z/sqrt 2): no 1 + erf cancellation for negative z. Below z = -1,
     # erfc(x) = exp(-x^2) erfcx(x) with exp(-x^2) = exp(-z^2/2) computed from z itself, not
@@ -286,7 +293,7 @@ def gelu(z):
     return 0.5 * z * tl.where(z < -1, tail, erfc(-z * _SQRT1_2))
 
 
-@triton.jit
+@device_fn
 def gelu_grad(g, z):
     # Phi(z) + z phi(z); below z = -1, exp(-z^2/2) (erfcx(x)/2 + z/sqrt(2 pi)), as in gelu.
     e = _exp_half_sq(z)
@@ -294,14 +301,14 @@ def gelu_grad(g, z):
     return g * tl.where(z < -1, tail, 0.5 * erfc(-z * _SQRT1_2) + z * (e * _INV_SQRT_2PI))
 
 
-@triton.jit
+@device_fn
 def gelu_tanh(z):
     # z/2 (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3): no cancellation.
     s, _ = _sig_pair(z * (_GELU_TANH_C1 + _GELU_TANH_C3 * (z * z)))
     return z * s
 
 
-@triton.jit
+@device_fn
 def gelu_tanh_grad(g, z):
     # d/dz z sigmoid(2u) = s + z s (1 - s) 2u'(z), 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2).
     # z^2 is capped at 1e30 in the last factor: there s (1 - s) is 0, and 0 * inf would be NaN
@@ -311,7 +318,7 @@ def gelu_tanh_grad(g, z):
     return g * (s + z * (s * sc) * (_GELU_TANH_C1 + 3 * _GELU_TANH_C3 * tl.minimum(z2, 1e30)))
 
 
-@triton.jit
+@device_fn
 def silu(z):
     # z sigmoid(z) = z / (1 + exp(-z)): three roundings (z e / (1 + e) would take four). Below
     # z = -87, where exp(-z) nears float32's overflow, (z h) h with h = exp(z/2): exp(z) itself
@@ -320,7 +327,7 @@ def silu(z):
     return tl.where(z < -87, (z * h) * h, div(z, 1 + exp(-tl.where(z < -87, 0, z))))
 
 
-@triton.jit
+@device_fn
 def silu_grad(g, z):
     # sigmoid(z) (1 + z (1 - sigmoid(z))), with e = exp(-|z|) and q + ql = 1 + e exactly.
     # z >= 0: 1/(1 + e) (1 + z e/(1 + e)), a sum of positive terms.
@@ -344,7 +351,7 @@ def silu_grad(g, z):
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@device_fn
 def apply_activation(z, ACTIVATION: tl.constexpr, a, b):
     """act(z) for the code ACTIVATION with parameters a, b (in z's dtype; see Activation.args)."""
     if ACTIVATION == 1:
@@ -368,7 +375,7 @@ def apply_activation(z, ACTIVATION: tl.constexpr, a, b):
     return z
 
 
-@triton.jit
+@device_fn
 def apply_delta(g, s, ACTIVATION: tl.constexpr, a, b):
     """g * act'(z) from s, the saved tensor (y, or z for the codes that save Z); identity
     returns g untouched (s is then never read)."""
