@@ -2,7 +2,10 @@
 
     y = fnn.linear_act(x, weight, bias, activation="sigmoid")   # act(F.linear(x, weight, bias))
     model = fnn.FNN([2, 32, 1], bias=False)                     # a network of FusedLinear layers
+    layer = fnn.FusedLinear(8, 8, activation=fnn.Activation("leaky_relu", negative_slope=0.2))
 """
+
+from kernels.checks import Activation
 
 from . import ops, reference
 from .convert import fuse
@@ -11,6 +14,7 @@ from .modules import FNN, FusedLinear
 from .trainer import Trainer
 
 __all__ = [
+    "Activation",
     "FNN",
     "FNNFunction",
     "FusedLinear",

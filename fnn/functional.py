@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from kernels.checks import check_linear_args
+from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import ops
 
@@ -61,13 +61,24 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     ]
 
 
-class LinearActFunction(torch.autograd.Function):
-    """Y = act(X W^T + b), saving only X, W and Y.
+def _grad_needed(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether autograd will record the call: grad mode on and some tensor requiring grad.
+    (Inside a Function's forward, ctx.needs_input_grad ignores torch.no_grad.)"""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
-    Backward, with D = dY * act'(Y) formed from the saved output:
+
+class LinearActFunction(torch.autograd.Function):
+    """Y = act(Z), Z = X W^T + b, saving no more than the backward needs.
+
+    Backward, with D = dY * act'(Z) read off the saved tensor S:
         dX = D W,   dW = D^T X,   db = sum over rows of D.
-    Only the gradients `ctx.needs_input_grad` asks for are computed.
-    Call as `LinearActFunction.apply(x, weight, bias, activation)`.
+    S is Y for activations whose derivative the output tells (sigmoid, relu, tanh, leaky_relu,
+    elu, softplus at their usual parameters), Z for gelu, gelu_tanh and silu (and elu with
+    alpha < 0, leaky_relu with a negative slope, softplus with threshold < 17: see
+    fnn.Activation), nothing for identity. Z is written by the forward kernel as a second
+    output only when a gradient will be needed. X is saved only when dW or db is needed, W
+    only when dX is. Only the gradients `ctx.needs_input_grad` asks for are computed.
+    Call as `LinearActFunction.apply(x, weight, bias, activation)` (a name or an fnn.Activation).
     """
 
     @staticmethod
@@ -76,31 +87,41 @@ class LinearActFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        activation: str,
+        activation: str | Activation,
     ) -> torch.Tensor:
         check_linear_args(x, weight, bias, activation)
+        act = as_activation(activation)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ops = _ops(x)
         x2d = x.reshape(-1, x.shape[-1])
-        y = _ops(x).linear_act_forward(x2d, weight, bias, activation)
-        y = y.view(*x.shape[:-1], weight.shape[0])
-        ctx.save_for_backward(x2d, weight, y)
-        ctx.activation = activation
+        n = weight.shape[0]
+        if act.saves == "z" and (need_x or need_w or need_b):
+            y, z = ops.linear_act_forward_z(x2d, weight, bias, act)
+            y = y.view(*x.shape[:-1], n)
+            saved = z
+        else:
+            y = ops.linear_act_forward(x2d, weight, bias, act).view(*x.shape[:-1], n)
+            saved = y if act.saves == "y" else None
+        ctx.save_for_backward(x2d if (need_w or need_b) else None, weight if need_x else None, saved)
+        ctx.activation = act
         ctx.x_shape = x.shape
+        ctx.n_out = n
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, weight, y = ctx.saved_tensors
+        x2d, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _ops(dy)
-        n = weight.shape[0]
-        dy2d, y2d = dy.reshape(-1, n), y.reshape(-1, n)
+        dy2d = dy.reshape(-1, ctx.n_out)
+        s2d = saved.reshape(-1, ctx.n_out) if saved is not None else dy2d  # identity reads none
         dx = dw = db = None
         if need_x:
-            dx = ops.linear_act_backward_input(dy2d, y2d, weight, ctx.activation)
+            dx = ops.linear_act_backward_input(dy2d, s2d, weight, ctx.activation)
             dx = dx.view(ctx.x_shape)
         if need_w or need_b:
-            dw, db = ops.linear_act_backward_weight(dy2d, y2d, x2d, ctx.activation, need_b)
+            dw, db = ops.linear_act_backward_weight(dy2d, s2d, x2d, ctx.activation, need_b)
             dw = dw if need_w else None
         return dx, dw, db, None
 
@@ -108,27 +129,45 @@ class LinearActFunction(torch.autograd.Function):
 class FNNFunction(torch.autograd.Function):
     """A whole feed-forward network as one autograd node.
 
-    Forward: h_0 = X, h_l = act_l(h_{l-1} W_l^T + b_l); saves X, every W_l and every h_l.
-    Backward, with D_L = dY * act_L'(h_L):
+    Forward: h_0 = X, h_l = act_l(Z_l), Z_l = h_{l-1} W_l^T + b_l. Saves X, every W_l and, per
+    layer, one tensor S_l: h_l where act_l's derivative is read off its output; Z_l where it
+    saves Z (gelu, gelu_tanh, silu, ...; see fnn.Activation), and then h_l is not kept: the
+    next layer's weight-gradient kernel recomputes it on load as act_l(Z_l); h_l for a hidden
+    identity layer (the next layer's input), nothing for an identity last layer. So a network
+    saves as much as a sigmoid network of the same widths, whatever its activations.
+    Backward, with D_L = dY * act_L'(Z_L) read off S_L:
         dW_l = D_l^T h_{l-1},   db_l = sum over rows of D_l,
-        D_{l-1} = (D_l W_l) * act_{l-1}'(h_{l-1})   (in the epilogue of the dX kernel),
+        D_{l-1} = (D_l W_l) * act_{l-1}'(Z_{l-1}), read off S_{l-1} (in the epilogue of the dX kernel),
         dX = D_1 W_1.
     No elementwise kernel runs between layers. Call as
-    `FNNFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be None).
+    `FNNFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be None; an
+    activation is a name or an fnn.Activation).
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], *params) -> torch.Tensor:
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str | Activation, ...], *params
+    ) -> torch.Tensor:
         weights, biases = params[0::2], params[1::2]
+        acts = [as_activation(a) for a in activations]
+        need = any(ctx.needs_input_grad)
         ops = _ops(x)
-        h = x.reshape(-1, x.shape[-1])
-        hs = [h]
-        for w, b, a in zip(weights, biases, activations, strict=True):
-            h = ops.linear_act_forward(h, w, b, a)
-            hs.append(h)
+        x2d = h = x.reshape(-1, x.shape[-1])
+        saved: list[torch.Tensor | None] = []
+        n_layers = len(acts)
+        for i, (w, b, act) in enumerate(zip(weights, biases, acts, strict=True)):
+            if need and act.saves == "z":
+                h, z = ops.linear_act_forward_z(h, w, b, act)
+                saved.append(z)
+            else:
+                h = ops.linear_act_forward(h, w, b, act)
+                keep = act.saves == "y" or (act.saves == "none" and i < n_layers - 1)
+                saved.append(h if keep else None)
         out = h if x.dim() == 2 else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
-        ctx.save_for_backward(*hs[:-1], out, *weights)
-        ctx.activations = activations
+        if saved[-1] is h:
+            saved[-1] = out  # the output itself, as autograd expects a saved output to be
+        ctx.save_for_backward(x2d, *saved, *weights)
+        ctx.activations = acts
         ctx.has_bias = [b is not None for b in biases]
         ctx.x_shape = x.shape
         return out
@@ -136,32 +175,41 @@ class FNNFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        n_layers = len(ctx.activations)
+        acts = ctx.activations
+        n_layers = len(acts)
         saved = ctx.saved_tensors
-        hs = list(saved[: n_layers + 1])  # h_0 (= X, 2-D), ..., h_L (output shape)
+        x2d = saved[0]
+        ss = list(saved[1 : n_layers + 1])  # S_1..S_L (None where nothing is saved)
         weights = saved[n_layers + 1 :]
         needs = ctx.needs_input_grad
         need_w = [needs[2 + 2 * i] for i in range(n_layers)]
         need_b = [needs[3 + 2 * i] and ctx.has_bias[i] for i in range(n_layers)]
         n_out = weights[-1].shape[0]
-        hs[-1] = hs[-1].reshape(-1, n_out)
-        g, g_act = dy.reshape(-1, n_out), ctx.activations[-1]
+        if ss[-1] is not None:
+            ss[-1] = ss[-1].reshape(-1, n_out)
+        g, g_act = dy.reshape(-1, n_out), acts[-1]
         ops = _ops(dy)
         grads: list[torch.Tensor | None] = [None] * (2 * n_layers)
         dx = None
         for i in reversed(range(n_layers)):
-            x_i, y_i, w_i = hs[i], hs[i + 1], weights[i]
+            s_i, w_i = ss[i], weights[i]
+            s_i = g if g_act.saves == "none" or s_i is None else s_i  # never read then
             if need_w[i] or need_b[i]:
-                dw, db = ops.linear_act_backward_weight(g, y_i, x_i, g_act, need_b[i])
+                if i == 0:
+                    x_i, x_act = x2d, "identity"
+                else:  # layer i's input: S_{i-1}, or act_{i-1}(S_{i-1}) when that is Z
+                    x_i = ss[i - 1]
+                    x_act = acts[i - 1] if acts[i - 1].saves == "z" else "identity"
+                dw, db = ops.linear_act_backward_weight(g, s_i, x_i, g_act, need_b[i], None, x_act)
                 grads[2 * i] = dw if need_w[i] else None
                 grads[2 * i + 1] = db
             if i == 0:
                 if needs[0]:
-                    dx = ops.linear_act_backward_input(g, y_i, w_i, g_act).view(ctx.x_shape)
+                    dx = ops.linear_act_backward_input(g, s_i, w_i, g_act).view(ctx.x_shape)
             elif needs[0] or any(need_w[:i]) or any(need_b[:i]):
-                prev = ctx.activations[i - 1]
-                g = ops.linear_act_backward_input(g, y_i, w_i, g_act, x=x_i, prev_activation=prev)
-                g_act = "identity"  # g is now D_{i-1}: the delta is already applied
+                prev = acts[i - 1]
+                g = ops.linear_act_backward_input(g, s_i, w_i, g_act, x=ss[i - 1], prev_activation=prev)
+                g_act = as_activation("identity")  # g is now D_{i-1}: the delta is already applied
             else:
                 break
         return (dx, None, *grads)
@@ -171,17 +219,24 @@ def linear_act(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation: str = "sigmoid",
+    activation: str | Activation = "sigmoid",
 ) -> torch.Tensor:
     """act(x @ weight^T + bias), a drop-in for `act(F.linear(x, weight, bias))`.
 
     x: (..., in_features) or (in_features,); weight: (out_features, in_features);
-    bias: (out_features,) or None; activation: "sigmoid", "relu", "tanh" or "identity".
+    bias: (out_features,) or None; activation: a name ("sigmoid", "relu", "tanh", "identity",
+    "leaky_relu", "elu", "softplus", "gelu", "gelu_tanh", "silu", with torch's default
+    parameters) or an fnn.Activation such as `Activation("leaky_relu", negative_slope=0.2)`.
     Returns (..., out_features) in x's dtype. Gradients flow to x, weight and bias:
-    with D = dY * act'(Y), dx = D weight, dweight = D^T x, dbias = sum over rows of D.
+    with D = dY * act'(Z), dx = D weight, dweight = D^T x, dbias = sum over rows of D
+    (act' read off the saved output, or off the saved Z: see LinearActFunction).
     Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
     x, weight, bias = _autocast((x, weight, bias))
+    if not _grad_needed((x, weight, bias)):  # inference: one kernel, nothing saved, no Z
+        check_linear_args(x, weight, bias, activation)
+        y = _ops(x).linear_act_forward(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return LinearActFunction.apply(x, weight, bias, activation)
 
 
@@ -199,12 +254,12 @@ def fnn_forward(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
 ) -> torch.Tensor:
     """Run a feed-forward network through FNNFunction (one autograd node for all layers).
 
     Layer l computes act_l(h @ weights[l]^T + biases[l]); every argument is checked first.
-    The backward is FNNFunction's (D_l = dh_l * act_l'(h_l), dW_l = D_l^T h_{l-1}, ...).
+    The backward is FNNFunction's (D_l = dh_l * act_l'(Z_l), dW_l = D_l^T h_{l-1}, ...).
     Under torch.autocast every tensor is first cast to the autocast dtype, as F.linear's are.
     """
     if not (len(weights) == len(biases) == len(activations)) or not weights:
@@ -221,5 +276,10 @@ def fnn_forward(
         else:
             # The input of layer i is the output of layer i - 1: check it as an empty batch.
             check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
+    if not _grad_needed((x, *weights, *biases)):  # inference: no autograd node, nothing saved
+        ops, h = _ops(x), x.reshape(-1, x.shape[-1])
+        for w, b, a in zip(weights, biases, activations, strict=True):
+            h = ops.linear_act_forward(h, w, b, a)
+        return h.view(*x.shape[:-1], h.shape[-1])
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return FNNFunction.apply(x, tuple(activations), *params)

@@ -8,10 +8,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.checks import check_activation
+from kernels.checks import NETWORK_ACTIVATIONS, Activation, as_activation, check_activation
 
 from .functional import backend, fnn_forward, linear_act
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
+
+
+def layer_only_activations(activations: Sequence[str | Activation]) -> list[str]:
+    """The activations among `activations` that the whole-network kernels do not serve yet
+    (every one but identity, sigmoid, relu and tanh): such an FNN runs per layer."""
+    names = [as_activation(a).name for a in activations]
+    return sorted({n for n in names if n not in NETWORK_ACTIVATIONS})
 
 
 def _check_size(value: object, name: str) -> int:
@@ -25,8 +32,11 @@ def _check_size(value: object, name: str) -> int:
 class FusedLinear(nn.Module):
     """`act(x @ weight^T + bias)` in one fused kernel: nn.Linear followed by its activation.
 
-    Backward (fnn.LinearActFunction), with D = dY * act'(Y) formed from the saved output:
-    dx = D weight, dweight = D^T x, dbias = sum over rows of D.
+    `activation`: a name (torch's default parameters) or an fnn.Activation; `.activation` holds
+    the name when every parameter is the default, else the Activation.
+    Backward (fnn.LinearActFunction), with D = dY * act'(Z) read off the saved output (or the
+    saved Z for gelu, gelu_tanh, silu, ...): dx = D weight, dweight = D^T x, dbias = sum over
+    rows of D.
     Parameters are laid out and initialised as in nn.Linear (`weight` (out, in), `bias`
     (out,)), so an nn.Linear's state_dict loads into it (see also `from_linear`, `fnn.fuse`).
     """
@@ -36,7 +46,7 @@ class FusedLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        activation: str = "sigmoid",
+        activation: str | Activation = "sigmoid",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -60,7 +70,7 @@ class FusedLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "sigmoid") -> FusedLinear:
+    def from_linear(cls, linear: nn.Linear, activation: str | Activation = "sigmoid") -> FusedLinear:
         """`activation(linear(x))` as one FusedLinear that shares `linear`'s Parameter objects
         (no copy: optimizers holding them keep working, and training one trains the other)."""
         if not isinstance(linear, nn.Linear):
@@ -94,14 +104,17 @@ class FNN(nn.Module):
     Forward h_l = act_l(h_{l-1} W_l^T + b_l); backward (fnn.FNNFunction) with
     D_l = dh_l * act_l'(h_l): dW_l = D_l^T h_{l-1}, db_l = sum over rows of D_l, dh_{l-1} = D_l W_l.
     `sizes` lists the widths, input first: `FNN([2, 32, 1])` has layers 2->32 and 32->1.
-    `activation` is one name for every layer or a list with one name per layer.
+    `activation` is one activation for every layer or a list with one per layer; each is a
+    name or an fnn.Activation (e.g. `["gelu", fnn.Activation("leaky_relu", negative_slope=0.2)]`).
     The backward chains the layers' kernels, each layer's delta computed in the epilogue of
     the next layer's input-gradient kernel.
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
     ValueError); "auto" picks per call (fnn.network.resolve_fusion: a provisional,
-    unmeasured heuristic). Under torch.autocast the "network" path falls back to "layer".
+    unmeasured heuristic). Under torch.autocast the "network" path falls back to "layer". The
+    network kernels serve identity, sigmoid, relu and tanh only, for now: with any other
+    activation "auto" runs per layer and "network" raises ValueError.
 
     The parameters are contiguous views of one flat buffer that the FNN owns, every weight
     then every bias (`flatten_parameters`, as nn.RNN's flat weights): the network kernels read
@@ -114,7 +127,7 @@ class FNN(nn.Module):
     def __init__(
         self,
         sizes: Sequence[int],
-        activation: str | Sequence[str] = "sigmoid",
+        activation: str | Activation | Sequence[str | Activation] = "sigmoid",
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -127,13 +140,14 @@ class FNN(nn.Module):
         for i, s in enumerate(sizes):
             _check_size(s, f"sizes[{i}]")
         n_layers = len(sizes) - 1
-        if isinstance(activation, str):
+        if isinstance(activation, (str, Activation)):
             activations = [activation] * n_layers
         elif isinstance(activation, Sequence):
             activations = list(activation)
         else:
             raise TypeError(
-                f"FNN activation must be a name or a list of names, got {type(activation).__name__}"
+                "FNN activation must be a name, an fnn.Activation or a list of them, "
+                f"got {type(activation).__name__}"
             )
         if len(activations) != n_layers:
             raise ValueError(
@@ -145,6 +159,13 @@ class FNN(nn.Module):
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
         )
         self.fusion = check_fusion(fusion, sizes)
+        layer_only = layer_only_activations(self.activations)
+        if self.fusion == "network" and layer_only:
+            raise ValueError(
+                f'fusion="network" does not serve activation(s) {", ".join(layer_only)} yet '
+                f"(the whole-network kernels know identity, sigmoid, relu and tanh); "
+                f'use fusion="layer" or "auto"'
+            )
         self._flat: torch.Tensor | None = None
         self.flatten_parameters()
 
@@ -176,7 +197,9 @@ class FNN(nn.Module):
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
     @property
-    def activations(self) -> list[str]:
+    def activations(self) -> list[str | Activation]:
+        """Each layer's activation: its name, or its fnn.Activation when a parameter differs
+        from the default."""
         return [layer.activation for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +211,13 @@ class FNN(nn.Module):
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
         mode = resolve_fusion(self.fusion, self.sizes, x.device)
+        if mode == "network" and layer_only_activations(self.activations):
+            if self.fusion == "network":  # activations changed since construction
+                raise ValueError(
+                    f'fusion="network" does not serve activation(s) '
+                    f'{", ".join(layer_only_activations(self.activations))} yet; use fusion="layer" or "auto"'
+                )
+            mode = "layer"
         if (
             mode == "network"
             and backend(x.device) != "reference"

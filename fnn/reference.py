@@ -15,54 +15,96 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.checks import check_activation
+from kernels.checks import Activation, as_activation
 
-_ACTIVATIONS = {
-    "identity": lambda z: z,
-    "sigmoid": torch.sigmoid,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-}
+_LOWP = (torch.float16, torch.bfloat16)
 
 
-def activation(z: torch.Tensor, name: str) -> torch.Tensor:
-    """act(z) for an activation name."""
-    return _ACTIVATIONS[check_activation(name)](z)
-
-
-def delta(g: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
-    """g * act'(z), with the derivative taken from the output y = act(z).
-
-    sigmoid: y(1 - y); tanh: 1 - y^2; relu: 1 where y > 0 (0 where y <= 0); identity: 1.
-    """
-    check_activation(name)
-    if name in ("sigmoid", "tanh") and g.dtype in (torch.float16, torch.bfloat16):
-        # One rounding, as PyTorch's sigmoid/tanh backward and the kernels do, not one per op.
-        return delta(g.float(), y.float(), name).to(g.dtype)
+def apply_activation(z: torch.Tensor, act: str | Activation) -> torch.Tensor:
+    """act(z) for an activation name or fnn.Activation (parameters included), by torch's own
+    functions: torch.sigmoid, torch.relu, torch.tanh, F.leaky_relu, F.elu, F.softplus, F.gelu
+    (approximate "none" or "tanh") and F.silu."""
+    a = as_activation(act)
+    name = a.name
+    if name == "identity":
+        return z
     if name == "sigmoid":
-        return g * (1 - y) * y
-    if name == "tanh":
-        return g * (1 - y * y)
+        return torch.sigmoid(z)
     if name == "relu":
-        return torch.where(y <= 0, torch.zeros_like(g), g)
-    return g
+        return torch.relu(z)
+    if name == "tanh":
+        return torch.tanh(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, a.negative_slope)
+    if name == "elu":
+        return F.elu(z, a.alpha)
+    if name == "softplus":
+        return F.softplus(z, a.beta, a.threshold)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return F.silu(z)
+
+
+activation = apply_activation  # the former name
+
+
+def delta(g: torch.Tensor, s: torch.Tensor, act: str | Activation) -> torch.Tensor:
+    """g * act'(z), read off s, what the forward saved for `act` (Activation.saves): the output
+    y = act(z), or z itself.
+
+    From y: sigmoid y(1 - y); tanh 1 - y^2; relu 1 where y > 0 (0 where y <= 0); leaky_relu 1
+    where y > 0, else the slope; elu 1 where y > 0, else y + alpha; softplus 1 where beta*y >
+    threshold, else 1 - exp(-beta*y). From z: gelu, gelu_tanh, silu, and leaky_relu (slope < 0),
+    elu (alpha < 0), softplus (small thresholds) as torch's backward computes them. identity: 1.
+    PyTorch's own backward functions (torch.ops.aten.*_backward) where they exist, so half
+    precision rounds once, as PyTorch's does.
+    """
+    a = as_activation(act)
+    name, from_y = a.name, a.saves == "y"
+    aten = torch.ops.aten
+    if name == "identity":
+        return g
+    if name == "sigmoid":
+        return aten.sigmoid_backward(g, s)
+    if name == "tanh":
+        return aten.tanh_backward(g, s)
+    if name == "relu":
+        return aten.threshold_backward(g, s, 0)
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward(g, s, a.negative_slope, from_y)
+    if name == "elu":
+        return aten.elu_backward(g, a.alpha, 1, 1, from_y, s)
+    if name == "softplus":
+        if not from_y:
+            return aten.softplus_backward(g, s, a.beta, a.threshold)
+        if g.dtype in _LOWP:  # one rounding, as PyTorch's backward functions
+            return delta(g.float(), s.float(), a).to(g.dtype)
+        t = s * a.beta
+        return torch.where(t > a.threshold, g, g * -torch.expm1(-t))
+    if name == "gelu":
+        return aten.gelu_backward(g, s)
+    if name == "gelu_tanh":
+        return aten.gelu_backward(g, s, approximate="tanh")
+    return aten.silu_backward(g, s)
 
 
 def linear_act(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation: str = "sigmoid",
+    activation: str | Activation = "sigmoid",
 ) -> torch.Tensor:
     """act(F.linear(x, weight, bias)), differentiable by autograd."""
-    return _ACTIVATIONS[check_activation(activation)](F.linear(x, weight, bias))
+    return apply_activation(F.linear(x, weight, bias), activation)
 
 
 def fnn_forward(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
 ) -> torch.Tensor:
     """A feed-forward network: layer l computes act_l(h @ W_l^T + b_l)."""
     for w, b, a in zip(weights, biases, activations, strict=True):
@@ -74,24 +116,34 @@ def fnn_forward(
 
 
 def linear_act_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | Activation
 ) -> torch.Tensor:
     """Y = act(x @ weight^T + bias) for a 2-D x."""
     return linear_act(x, weight, bias, activation)
+
+
+def linear_act_forward_z(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | Activation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z): Y = act(Z), Z = x @ weight^T + bias."""
+    z = F.linear(x, weight, bias)
+    return apply_activation(z, activation), z
 
 
 def linear_act_backward_input(
     dy: torch.Tensor,
     y: torch.Tensor,
     weight: torch.Tensor,
-    activation: str,
+    activation: str | Activation,
     x: torch.Tensor | None = None,
-    prev_activation: str = "identity",
+    prev_activation: str | Activation = "identity",
 ) -> torch.Tensor:
-    """dX = (dy * act'(y)) @ weight; times prev_act'(x) when `prev_activation` is given."""
+    """dX = delta(dy, y) @ weight; then delta(dX, x) for `prev_activation` when it is not
+    identity (`y`, `x`: what the forward saved, see `delta`)."""
     dx = delta(dy, y, activation) @ weight
-    if check_activation(prev_activation, "prev_activation") != "identity":
-        dx = delta(dx, x, prev_activation)
+    prev = as_activation(prev_activation, "prev_activation")
+    if prev.name != "identity":
+        dx = delta(dx, x, prev)
     return dx
 
 
@@ -99,13 +151,16 @@ def linear_act_backward_weight(
     dy: torch.Tensor,
     y: torch.Tensor,
     x: torch.Tensor,
-    activation: str,
+    activation: str | Activation,
     need_bias: bool,
     split: int | None = None,
+    x_activation: str | Activation = "identity",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dW = D^T @ x and db = sum of D over rows (if `need_bias`), D = dy * act'(y).
+    """dW = D^T @ X and db = sum of D over rows (if `need_bias`), D = delta(dy, y); X = x, or
+    x_activation(x) (the layer input recomputed from the previous layer's Z).
 
     `split` is accepted for signature parity with the kernel launcher and ignored.
     """
     d = delta(dy, y, activation)
-    return d.t() @ x, (d.sum(0) if need_bias else None)
+    xs = apply_activation(x, x_activation)
+    return d.t() @ xs, (d.sum(0) if need_bias else None)

@@ -6,22 +6,224 @@ error messages work on machines without triton.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-# Name -> the integer the kernels take as their ACTIVATION constexpr.
-ACTIVATIONS: dict[str, int] = {"identity": 0, "sigmoid": 1, "relu": 2, "tanh": 3}
+# Name -> the integer the layer kernels take as their ACTIVATION constexpr (the activation's kind;
+# its parameters are runtime arguments). bench's compile check reads this table.
+ACTIVATIONS: dict[str, int] = {
+    "identity": 0,
+    "sigmoid": 1,
+    "relu": 2,
+    "tanh": 3,
+    "leaky_relu": 4,
+    "elu": 5,
+    "softplus": 6,
+    "gelu": 7,
+    "gelu_tanh": 8,
+    "silu": 9,
+}
+# Kernel codes of parameter values whose derivative cannot be read off the output: the same
+# forward as ACTIVATIONS[name], the derivative taken from the saved pre-activation Z instead.
+ELU_FROM_Z = 10  # elu with alpha < 0
+SOFTPLUS_FROM_Z = 11  # softplus with threshold < SOFTPLUS_Y_THRESHOLD
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Activations the whole-network kernels (kernels/network.py) serve; the others run per layer.
+NETWORK_ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")
+
+# Parameters of each activation, in the order the kernels take them, with torch's defaults.
+PARAMETERS: dict[str, tuple[tuple[str, float], ...]] = {
+    "leaky_relu": (("negative_slope", 0.01),),
+    "elu": (("alpha", 1.0),),
+    "softplus": (("beta", 1.0), ("threshold", 20.0)),
+}
+# softplus's derivative is read off Y (1 where beta*y > threshold, else 1 - exp(-beta*y)) when
+# the threshold is at least this: pre-activations just below the threshold then have outputs
+# above it only where sigmoid(beta*z) >= 1 - exp(-17) = 1 - 4e-8, below float32's resolution
+# at 1, so taking the derivative there as 1 errs by < 4.2e-8 (2.1e-9 at torch's default 20).
+# Below this threshold the two sides overlap visibly: softplus saves Z.
+SOFTPLUS_Y_THRESHOLD = 17.0
+# What the backward needs besides X and W: "y" (the output), "z" (the pre-activation), "none".
+_SAVES = {
+    "identity": "none",
+    "sigmoid": "y",
+    "relu": "y",
+    "tanh": "y",
+    "gelu": "z",
+    "gelu_tanh": "z",
+    "silu": "z",
+}
 
 
-def check_activation(activation: object, what: str = "activation") -> str:
-    """Return `activation` if it names a known activation, else raise."""
+def _known() -> str:
+    return ", ".join(sorted(ACTIVATIONS))
+
+
+class Activation:
+    """An activation and its parameters, for every fnn entry point that takes `activation`.
+
+        Activation("leaky_relu", negative_slope=0.2)      # torch.nn.LeakyReLU(0.2)
+        Activation("elu", alpha=0.5)                      # torch.nn.ELU(0.5)
+        Activation("softplus", beta=2.0, threshold=10.0)  # torch.nn.Softplus(2.0, 10.0)
+        Activation("gelu", approximate="tanh")            # the same as "gelu_tanh"
+
+    A plain name (`activation="leaky_relu"`) means the defaults, torch's: negative_slope 0.01,
+    alpha 1.0, beta 1.0 and threshold 20.0. Parameters are keyword-only, each a finite real
+    number; softplus's beta must not be 0. Unknown names or parameters raise ValueError or
+    TypeError. Instances are immutable, hashable and compare by name and parameter values;
+    `act.negative_slope` etc. read a parameter.
+
+    What the backward saves besides X and W (`saves`): "y" (the output) for sigmoid, relu, tanh,
+    leaky_relu with negative_slope >= 0, elu with alpha >= 0 and softplus with threshold >= 17;
+    "z" (the pre-activation) for gelu, gelu_tanh, silu and the other parameter values, where the
+    output no longer tells the derivative; "none" for identity.
+    """
+
+    __slots__ = ("name", "values")
+    name: str
+    values: tuple[float, ...]
+
+    def __init__(self, name: str, **params: object) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"activation name must be a string, got {type(name).__name__}")
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}; known activations: {_known()}")
+        if name == "gelu" and "approximate" in params:
+            approximate = params.pop("approximate")
+            if approximate not in ("none", "tanh"):
+                raise ValueError(
+                    f"gelu's approximate must be 'none' or 'tanh' (as torch's), got {approximate!r}"
+                )
+            if approximate == "tanh":
+                name = "gelu_tanh"
+        spec = PARAMETERS.get(name, ())
+        allowed = [p for p, _ in spec]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+            if name == "gelu":
+                takes += " (but approximate='none' or 'tanh')"
+            raise TypeError(
+                f"Activation({name!r}) got unexpected parameter(s) {', '.join(unknown)}; {name} {takes}"
+            )
+        values = []
+        for pname, default in spec:
+            value = params.get(pname, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name}'s {pname} must be a real number, got {type(value).__name__}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}'s {pname} must be finite, got {value}")
+            values.append(value)
+        if name == "softplus" and values[0] == 0:
+            raise ValueError("softplus's beta must not be 0 (softplus divides by it)")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "values", tuple(values))
+
+    @classmethod
+    def from_values(cls, name: str, values: Sequence[float]) -> Activation:
+        """The activation `name` with its parameters given in order (PARAMETERS[name]); an empty
+        `values` means the defaults. The registered ops carry activations this way."""
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}; known activations: {_known()}")
+        spec = PARAMETERS.get(name, ())
+        if len(values) not in (0, len(spec)):
+            raise ValueError(
+                f"{name} takes {len(spec)} parameter value(s), got {len(values)}: {list(values)}"
+            )
+        return cls(name, **{p: v for (p, _), v in zip(spec, values, strict=False)})
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError("Activation is immutable")
+
+    def __getattr__(self, key: str) -> float:
+        if key in ("name", "values"):  # __slots__ not yet set: only while unpickling/copying
+            raise AttributeError(key)
+        for (pname, _), value in zip(PARAMETERS.get(self.name, ()), self.values, strict=True):
+            if pname == key:
+                return value
+        raise AttributeError(f"Activation({self.name!r}) has no parameter {key!r}")
+
+    def __reduce__(self):
+        return (Activation.from_values, (self.name, self.values))
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The parameters by name, defaults included."""
+        return {p: v for (p, _), v in zip(PARAMETERS.get(self.name, ()), self.values, strict=True)}
+
+    @property
+    def is_default(self) -> bool:
+        """Whether every parameter has torch's default value (the plain name means the same)."""
+        return all(v == d for (_, d), v in zip(PARAMETERS.get(self.name, ()), self.values, strict=True))
+
+    @property
+    def saves(self) -> str:
+        """What the backward needs besides X and W: "y", "z" or "none" (see the class docstring)."""
+        if self.name in _SAVES:
+            return _SAVES[self.name]
+        if self.name == "leaky_relu":
+            return "y" if self.values[0] >= 0 else "z"
+        if self.name == "elu":
+            return "y" if self.values[0] >= 0 else "z"
+        return "y" if self.values[1] >= SOFTPLUS_Y_THRESHOLD else "z"  # softplus
+
+    @property
+    def code(self) -> int:
+        """The layer kernels' ACTIVATION constexpr: ACTIVATIONS[name], or ELU_FROM_Z /
+        SOFTPLUS_FROM_Z where those save Z (leaky_relu's derivative reads either alike)."""
+        if self.saves == "z" and self.name == "elu":
+            return ELU_FROM_Z
+        if self.saves == "z" and self.name == "softplus":
+            return SOFTPLUS_FROM_Z
+        return ACTIVATIONS[self.name]
+
+    @property
+    def args(self) -> tuple[float, float]:
+        """The two runtime float arguments of the kernels (unused ones are 0.0)."""
+        return (*self.values, 0.0, 0.0)[:2]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Activation):
+            return self.name == other.name and self.values == other.values
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((Activation, self.name, self.values))
+
+    def __repr__(self) -> str:
+        params = "".join(f", {p}={v!r}" for p, v in self.params.items())
+        return f"Activation({self.name!r}{params})"
+
+
+# Every distinct kernel code, as an Activation: what a compile check should cover.
+ACTIVATION_VARIANTS: tuple[Activation, ...] = (
+    *(Activation(name) for name in ACTIVATIONS),
+    Activation("elu", alpha=-1.0),
+    Activation("softplus", threshold=1.0),
+)
+
+
+def as_activation(activation: object, what: str = "activation") -> Activation:
+    """`activation` (a name or an Activation) as an Activation; raises TypeError or ValueError."""
+    if isinstance(activation, Activation):
+        return activation
     if not isinstance(activation, str):
         raise TypeError(
-            f"{what} must be a string, one of {sorted(ACTIVATIONS)}; got {type(activation).__name__}"
+            f"{what} must be a name (one of {_known()}) or an fnn.Activation; got {type(activation).__name__}"
         )
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown {what} {activation!r}; known activations: {sorted(ACTIVATIONS)}")
-    return activation
+        raise ValueError(f"unknown {what} {activation!r}; known activations: {_known()}")
+    return Activation(activation)
+
+
+def check_activation(activation: object, what: str = "activation") -> str | Activation:
+    """Validate `activation` and return its canonical form: the plain name when every parameter
+    has its default (so `Activation("relu")` and `"relu"` are stored alike), else the Activation."""
+    act = as_activation(activation, what)
+    return act.name if act.is_default else act
 
 
 def _check_tensor(t: object, name: str) -> torch.Tensor:

@@ -1,9 +1,15 @@
 """Fused linear + activation kernels and their launchers.
 
-Forward   Y  = act(X @ W^T + b)                     X (M, K), W (N, K), b (N,), Y (M, N)
-Delta     D  = dY * act'(Y)                          formed in the load path, never stored
-Backward  dX = D @ W          (optionally times act'_prev(X): the previous layer's delta)
+Forward   Y  = act(Z), Z = X @ W^T + b               X (M, K), W (N, K), b (N,), Y and Z (M, N)
+          (Z is stored too, as a second output, for the activations that save it)
+Delta     D  = dY * act'(Z), read off S              formed in the load path, never stored;
+                                                     S is Y, or Z (kernels.checks.Activation.saves)
+Backward  dX = D @ W          (optionally times act'_prev: the previous layer's delta)
           dW = D^T @ X,  db = sum_m D                 one kernel, the same reduction over M
+                              (X optionally recomputed on load as act_prev(Z_prev))
+
+The activation's kind is a constexpr code (Activation.code); its parameters are two float64
+runtime arguments (Activation.args), so a new parameter value compiles nothing.
 
 Each launcher checks its inputs, allocates its outputs and launches on a `lambda META` grid.
 """
@@ -14,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import apply_activation, apply_delta
-from .checks import ACTIVATIONS, check_activation, check_linear_args
+from .activations import apply_activation, apply_delta, param
+from .checks import Activation, as_activation, check_linear_args
 from .configs import matmul_config, weight_grad_split
 from .memory import empty
 
@@ -68,6 +74,7 @@ def linear_act_fwd_kernel(
     w_ptr,  # W (N, K), any strides
     b_ptr,  # b (N,); not read unless HAS_BIAS
     y_ptr,  # Y (M, N), written
+    z_ptr,  # Z (M, N), the pre-activation, written only when STORE_Z
     M,  # rows of X and Y
     N,  # out_features
     K,  # in_features
@@ -75,8 +82,11 @@ def linear_act_fwd_kernel(
     stride_wn, stride_wk,  # strides of W
     stride_b,  # stride of b
     stride_ym, stride_yn,  # strides of Y
-    ACTIVATION: tl.constexpr,  # kernels.checks.ACTIVATIONS code
+    stride_zm, stride_zn,  # strides of Z
+    act_a: tl.float64, act_b: tl.float64,  # the activation's parameters (Activation.args)
+    ACTIVATION: tl.constexpr,  # Activation.code
     HAS_BIAS: tl.constexpr,  # add b before the activation
+    STORE_Z: tl.constexpr,  # also store Z
     ACC_DTYPE: tl.constexpr,  # float32, or float64 for float64 inputs
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" (float32 inputs only)
     UPCAST: tl.constexpr,  # interpreter + bf16: see mma and cast
@@ -102,30 +112,36 @@ def linear_act_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: bias and activation on the accumulator, one cast at the store.
+    # Epilogue: bias and activation on the accumulator, one cast at each store.
+    mask_mn = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0)
         acc += b.to(ACC_DTYPE)[None, :]
-    acc = apply_activation(acc, ACTIVATION)
+    if STORE_Z:
+        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+        tl.store(z_ptrs, cast(acc, z_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
+    acc = apply_activation(acc, ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE))
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
 
 
 @triton.jit
 def linear_act_bwd_input_kernel(
     dy_ptr,  # dY (M, N), any strides (stride 0 for an expanded gradient)
-    y_ptr,  # Y (M, N), the saved output; not read when ACTIVATION is identity
+    y_ptr,  # S (M, N), what the forward saved (Y, or Z); not read when ACTIVATION is identity
     w_ptr,  # W (N, K)
-    x_ptr,  # X (M, K), the layer input; read only when PREV_ACTIVATION is not identity
-    dx_ptr,  # dX (M, K), written: D @ W, times act'_prev(X) when PREV_ACTIVATION is set
+    x_ptr,  # S_prev (M, K), the previous layer's saved tensor (its output X, or its Z); read only when PREV_ACTIVATION is not identity
+    dx_ptr,  # dX (M, K), written: D @ W, times act'_prev when PREV_ACTIVATION is set
     M, N, K,
     stride_dym, stride_dyn,
     stride_ym, stride_yn,
     stride_wn, stride_wk,
     stride_xm, stride_xk,
     stride_dxm, stride_dxk,
-    ACTIVATION: tl.constexpr,  # this layer's activation: D = dY * act'(Y)
-    PREV_ACTIVATION: tl.constexpr,  # the previous layer's activation, whose output X is
+    act_a: tl.float64, act_b: tl.float64,  # this layer's activation parameters
+    prev_a: tl.float64, prev_b: tl.float64,  # the previous layer's activation parameters
+    ACTIVATION: tl.constexpr,  # this layer's Activation.code: D = dY * act'(Z), read off S
+    PREV_ACTIVATION: tl.constexpr,  # the previous layer's Activation.code (identity: none)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -143,6 +159,7 @@ def linear_act_bwd_input_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
 
     # Main loop over N: D tile formed on load, acc += D @ W.
+    a, b = param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
@@ -150,19 +167,20 @@ def linear_act_bwd_input_kernel(
         d = tl.load(dy_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
         if ACTIVATION != 0:
             y = tl.load(y_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
-            d = apply_delta(d, y, ACTIVATION)
+            d = apply_delta(d, y, ACTIVATION, a, b)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc = mma(cast(d, w.dtype, UPCAST), w, acc, INPUT_PRECISION, UPCAST)
         dy_ptrs += BLOCK_N * stride_dyn
         y_ptrs += BLOCK_N * stride_yn
         w_ptrs += BLOCK_N * stride_wn
 
-    # Epilogue: the previous layer's delta, (D @ W) * act'_prev(X), when chaining layers.
+    # Epilogue: the previous layer's delta, (D @ W) * act'_prev, when chaining layers.
     mask_mk = mask_m[:, None] & mask_k[None, :]
     if PREV_ACTIVATION != 0:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_mk, other=0)
-        acc = apply_delta(acc, x.to(ACC_DTYPE), PREV_ACTIVATION)
+        acc = apply_delta(acc, x.to(ACC_DTYPE), PREV_ACTIVATION,
+                          param(prev_a, ACC_DTYPE), param(prev_b, ACC_DTYPE))
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, cast(acc, dx_ptr.dtype.element_ty, UPCAST), mask=mask_mk)
 
@@ -170,8 +188,8 @@ def linear_act_bwd_input_kernel(
 @triton.jit
 def linear_act_bwd_weight_kernel(
     dy_ptr,  # dY (M, N), any strides
-    y_ptr,  # Y (M, N); not read when ACTIVATION is identity
-    x_ptr,  # X (M, K)
+    y_ptr,  # S (M, N), what the forward saved (Y, or Z); not read when ACTIVATION is identity
+    x_ptr,  # X (M, K), or Z_prev when X_ACTIVATION is set (then X = act_x(Z_prev))
     dw_ptr,  # dW (N, K), or float partials (SPLIT, N, K) when SPLIT > 1
     db_ptr,  # db (N,), or partials (SPLIT, N); written only when HAS_BIAS
     M, N, K,
@@ -181,7 +199,10 @@ def linear_act_bwd_weight_kernel(
     stride_xm, stride_xk,
     stride_dws, stride_dwn, stride_dwk,  # split, row and column strides of dW
     stride_dbs, stride_dbn,  # split and element strides of db
-    ACTIVATION: tl.constexpr,
+    act_a: tl.float64, act_b: tl.float64,  # this layer's activation parameters
+    x_a: tl.float64, x_b: tl.float64,  # X_ACTIVATION's parameters
+    ACTIVATION: tl.constexpr,  # this layer's Activation.code
+    X_ACTIVATION: tl.constexpr,  # Activation.code applied to x_ptr's tiles on load (0: none)
     HAS_BIAS: tl.constexpr,  # also reduce db = sum_m D
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -200,6 +221,8 @@ def linear_act_bwd_weight_kernel(
     m_end = tl.minimum(M, m_start + rows_per_split)
 
     # Main loop over this split's rows: acc += D^T @ X, acc_b += column sums of D.
+    a, b = param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE)
+    xa, xb = param(x_a, ACC_DTYPE), param(x_b, ACC_DTYPE)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     acc_b = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -211,9 +234,11 @@ def linear_act_bwd_weight_kernel(
         if ACTIVATION != 0:
             y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
                         mask=mask_mn, other=0).to(ACC_DTYPE)
-            d = apply_delta(d, y, ACTIVATION)
+            d = apply_delta(d, y, ACTIVATION, a, b)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)
+        if X_ACTIVATION != 0:  # the layer input, recomputed from the previous layer's Z
+            x = cast(apply_activation(x.to(ACC_DTYPE), X_ACTIVATION, xa, xb), x.dtype, UPCAST)
         acc = mma(tl.trans(cast(d, x.dtype, UPCAST)), x, acc, INPUT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc_b += tl.sum(d, axis=0)
@@ -265,65 +290,96 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Te
         )
 
 
-def linear_act_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
-) -> torch.Tensor:
-    """Y = act(x @ weight^T + bias) for a 2-D x (M, K); returns a new (M, N) tensor."""
-    check_linear_args(x, weight, bias, activation, who="linear_act_forward")
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | Activation,
+    store_z: bool,
+    who: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    check_linear_args(x, weight, bias, activation, who=who)
     if x.dim() != 2:
-        raise ValueError(f"linear_act_forward: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+        raise ValueError(f"{who}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
+    act = as_activation(activation)
     M, K = x.shape
     N = weight.shape[0]
     y = empty((M, N), x)
+    z = empty((M, N), x) if store_z else None
     if M == 0:
-        return y
+        return y, z
+    zs = z if store_z else y  # never written unless STORE_Z
     cfg = matmul_config(M, N, K, x.dtype)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     linear_act_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, y,
+        x, weight, bias if bias is not None else x, y, zs,
         M, N, K,
         x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1),
-        ACTIVATION=ACTIVATIONS[activation],
+        zs.stride(0), zs.stride(1),
+        *act.args,
+        ACTIVATION=act.code,
         HAS_BIAS=bias is not None,
+        STORE_Z=store_z,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_dtype_flags(x.dtype),
     )
-    return y
+    return y, z
+
+
+def linear_act_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | Activation
+) -> torch.Tensor:
+    """Y = act(x @ weight^T + bias) for a 2-D x (M, K); returns a new (M, N) tensor.
+    `activation` is a name or a kernels.checks.Activation (parameters included)."""
+    return _forward(x, weight, bias, activation, False, "linear_act_forward")[0]
+
+
+def linear_act_forward_z(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | Activation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z): Y = act(Z) and the pre-activation Z = x @ weight^T + bias, both (M, N), from one
+    launch (Z is stored from the accumulator before the activation, cast to x's dtype)."""
+    y, z = _forward(x, weight, bias, activation, True, "linear_act_forward_z")
+    return y, z
 
 
 def linear_act_backward_input(
     dy: torch.Tensor,
     y: torch.Tensor,
     weight: torch.Tensor,
-    activation: str,
+    activation: str | Activation,
     x: torch.Tensor | None = None,
-    prev_activation: str = "identity",
+    prev_activation: str | Activation = "identity",
 ) -> torch.Tensor:
-    """dX = (dy * act'(y)) @ weight, an (M, K) tensor.
+    """dX = D @ weight, an (M, K) tensor, with D = dy * act'(Z) read off `y`: what the forward
+    saved for `activation` (Y, or Z where Activation.saves is "z"; never read for identity).
 
-    With `prev_activation` other than identity, returns (D @ W) * prev_act'(x) instead: the
-    delta of the previous layer, whose output `x` is (the FNN backward chains through this).
+    With `prev_activation` other than identity, returns (D @ W) * prev_act'(Z_prev) instead: the
+    delta of the previous layer, read off `x`, that layer's saved tensor (its output, which is
+    this layer's input, or its Z). The FNN backward chains layers through this.
     """
-    check_activation(activation)
-    check_activation(prev_activation, "prev_activation")
+    act = as_activation(activation)
+    prev = as_activation(prev_activation, "prev_activation")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("linear_act_backward_input: weight must be a 2-D tensor")
     N, K = weight.shape
     M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
     _check_2d("dy", dy, (M, N), weight)
     _check_2d("y", y, (M, N), weight)
-    if prev_activation != "identity":
+    if prev.code != 0:
         if x is None:
-            raise ValueError("linear_act_backward_input: prev_activation needs x, the layer input")
+            raise ValueError(
+                "linear_act_backward_input: prev_activation needs x, the previous layer's saved tensor"
+            )
         _check_2d("x", x, (M, K), weight)
     dx = empty((M, K), weight)
     if M == 0:
         return dx
-    xp = x if prev_activation != "identity" else dx  # never read when prev is identity
+    xp = x if prev.code != 0 else dx  # never read when prev is identity
     cfg = matmul_config(M, K, N, weight.dtype)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
     linear_act_bwd_input_kernel[grid](
@@ -334,8 +390,9 @@ def linear_act_backward_input(
         weight.stride(0), weight.stride(1),
         xp.stride(0), xp.stride(1),
         dx.stride(0), dx.stride(1),
-        ACTIVATION=ACTIVATIONS[activation],
-        PREV_ACTIVATION=ACTIVATIONS[prev_activation],
+        *act.args, *prev.args,
+        ACTIVATION=act.code,
+        PREV_ACTIVATION=prev.code,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_K=cfg.block_n, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_dtype_flags(weight.dtype),
@@ -347,16 +404,21 @@ def linear_act_backward_weight(
     dy: torch.Tensor,
     y: torch.Tensor,
     x: torch.Tensor,
-    activation: str,
+    activation: str | Activation,
     need_bias: bool,
     split: int | None = None,
+    x_activation: str | Activation = "identity",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dW = D^T @ x (N, K) and, if `need_bias`, db = D summed over rows (N,); D = dy * act'(y).
+    """dW = D^T @ X (N, K) and, if `need_bias`, db = D summed over rows (N,); D = dy * act'(Z)
+    read off `y`, what the forward saved (as in linear_act_backward_input).
 
+    X is `x`, or x_activation(x) when `x_activation` is not identity: the layer input recomputed
+    on load from the previous layer's saved Z (FNN saves Z, not the output, of a gelu layer).
     `split` (default: chosen from the shape) slices the batch into that many parts reduced
     in parallel, their float partials summed afterwards in a fixed order.
     """
-    check_activation(activation)
+    act = as_activation(activation)
+    xact = as_activation(x_activation, "x_activation")
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("linear_act_backward_weight: x must be a 2-D tensor (M, K)")
     M, K = x.shape
@@ -391,7 +453,9 @@ def linear_act_backward_weight(
         x.stride(0), x.stride(1),
         dws.stride(0), dws.stride(1), dws.stride(2),
         dbs_arg.stride(0), dbs_arg.stride(1),
-        ACTIVATION=ACTIVATIONS[activation],
+        *act.args, *xact.args,
+        ACTIVATION=act.code,
+        X_ACTIVATION=xact.code,
         HAS_BIAS=need_bias,
         BLOCK_M=cfg.block_k, BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_n, GROUP_N=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -235,6 +235,24 @@ def test_compiled_network_fnn_matches_eager(device, network_fusion):
     _check(_run(compiled, params, x, dy), eager, f"{fusion}, assigned parameters")
 
 
+def test_compiled_new_activations_match_eager(mode_device):
+    """Activations with parameters (carried by the ops as float[]) and Z-saving ones (the
+    linear_act_forward_z op, and the weight gradient recomputing a layer's output from Z)
+    compile without graph breaks and match eager mode."""
+    dev = mode_device
+    torch.manual_seed(2)
+    acts = ["gelu", fnn.Activation("leaky_relu", negative_slope=0.2), fnn.Activation("softplus", beta=2.0)]
+    model = fnn.FNN([5, 16, 8, 3], activation=acts, device=dev, dtype=torch.float64, fusion="layer")
+    params = list(model.parameters())
+    x, dy = _random((7, 5), dev, 3), _random((7, 3), dev, 4)
+    explained = torch._dynamo.explain(model)(x.requires_grad_(True))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = _run(model, params, x, dy)
+    _check(_run(torch.compile(model, fullgraph=True), params, x, dy), eager, "compiled FNN, new activations")
+    ref = _run(lambda x: reference.fnn_forward(x, *_unpack(model)), params, x, dy)
+    _check(eager, ref, "eager vs reference")
+
+
 def _unpack(model: fnn.FNN):
     return [la.weight for la in model.layers], [la.bias for la in model.layers], model.activations
 
@@ -286,6 +304,19 @@ def _op_samples(device):
             (torch.ops.fnn.linear_act_backward_input.default, (dy, y, w, "sigmoid", torch.tanh(x), "tanh")),
             (torch.ops.fnn.linear_act_backward_weight.default, (dy, y, x, "sigmoid", True, None)),
             (torch.ops.fnn.linear_act_backward_weight.default, (dy, y, x, "sigmoid", False, None)),
+            # Parameters as float[], the op that also writes Z, Z-saving derivatives.
+            (torch.ops.fnn.linear_act_forward.default, (x, w, b, "leaky_relu", [0.2])),
+            (torch.ops.fnn.linear_act_forward.default, (x, w, None, "softplus", [2.0, 5.0])),
+            (torch.ops.fnn.linear_act_forward_z.default, (x, w, b, "gelu", [])),
+            (torch.ops.fnn.linear_act_forward_z.default, (x, w, None, "elu", [-0.5])),
+            (
+                torch.ops.fnn.linear_act_backward_input.default,
+                (dy, x @ w.T, w, "silu", x, "softplus", [], [1.5, 1.0]),
+            ),
+            (
+                torch.ops.fnn.linear_act_backward_weight.default,
+                (dy, x @ w.T, x, "elu", True, None, [-0.5], "gelu_tanh", []),
+            ),
         ]
     return out
 

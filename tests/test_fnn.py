@@ -18,18 +18,32 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fnn
 import fnn.functional
 from fnn import reference
+from kernels.checks import Activation, as_activation
 
 LOWP = (torch.float16, torch.bfloat16)
 
-# (sizes, activation(s), bias): depths 1 to 4, widths 1, 3 and 32, mixed activations.
+# (sizes, activation(s), bias): depths 1 to 4, widths 1, 3 and 32, mixed activations; the last
+# two mix the activations that save Z (gelu, gelu_tanh, silu, a negative-slope leaky_relu, a
+# negative-alpha elu, a small-threshold softplus: the next layer's weight gradient recomputes
+# their output from Z) with those that save Y, and an identity between them.
 NETS = [
     ([5, 1], "sigmoid", True),
     ([2, 32, 1], "sigmoid", False),  # seed 000's network
     ([2, 3, 2, 1], ["relu", "relu", "sigmoid"], True),  # seed 001's network
     ([3, 3, 32, 1], ["tanh", "relu", "identity"], True),
     ([4, 32, 3, 1, 3], ["tanh", "relu", "sigmoid", "identity"], False),
+    (
+        [4, 32, 3, 7, 2],
+        ["gelu", Activation("leaky_relu", negative_slope=-0.3), "silu", Activation("elu", alpha=0.5)],
+        True,
+    ),
+    (
+        [3, 16, 5, 8, 1],
+        ["gelu_tanh", "identity", Activation("softplus", beta=2.0, threshold=1.0), "leaky_relu"],
+        False,
+    ),
 ]
-NET_IDS = ["1layer", "2-32-1", "2-3-2-1", "3-3-32-1", "4layers"]
+NET_IDS = ["1layer", "2-32-1", "2-3-2-1", "3-3-32-1", "4layers", "new-4layers", "new-z-id-z"]
 
 
 @pytest.fixture(autouse=True)
@@ -147,6 +161,8 @@ WIDE_NETS = [
     ([8, 32, 16, 4], ["tanh", "sigmoid", "identity"], True),
     ([16, 32, 8], ["sigmoid", "tanh"], False),
     ([6, 24, 12, 10, 5], ["tanh", "identity", "sigmoid", "tanh"], True),
+    ([8, 32, 16, 6], ["gelu", "silu", Activation("softplus", beta=2.0)], True),
+    ([12, 24, 16, 4], ["gelu_tanh", "elu", "silu"], False),
 ]
 DTYPE_CASES = [
     pytest.param(net, dtype, id=f"{'-'.join(map(str, net[0]))}-{dtype}")
@@ -273,10 +289,12 @@ def test_fnn_backward_launches(net, x_grad, frozen_first, device, monkeypatch):
     chained = inputs[: n_layers - 1 - (1 if frozen_first else 0)]  # layers L-1, ..., 1 (or 2)
     for j, kw in enumerate(chained):  # each applies the activation derivative of the layer below
         layer = n_layers - 1 - j
-        assert kw["prev_activation"] == model.activations[layer - 1], (layer, kw["prev_activation"])
+        prev = as_activation(kw["prev_activation"])
+        assert prev == as_activation(model.activations[layer - 1]), (layer, prev)
         assert kw["x"] is not None and kw["x"].shape == (17, sizes[layer]), f"layer {layer}: no input given"
     if x_grad:  # the last call, layer 0's dX, has no layer below
-        assert inputs[-1]["prev_activation"] == "identity" and len(inputs) == len(chained) + 1
+        assert as_activation(inputs[-1]["prev_activation"]).name == "identity"
+        assert len(inputs) == len(chained) + 1
     other = [str(f) for f in recorder.ops if not (f.is_view or f.overloadpacket.__name__ == "_unsafe_view")]
     assert not other, f"FNN backward ran tensor work outside the fnn kernels: {other}"
     # The grads are still right with the spies in place.
