@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     if args.host:
-        return _host(args, argv)
+        return _host(args)
     if args.breakdown or args.profile:
         parser().error("--breakdown and --profile go with --host")
     if args.list:
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _host(args: argparse.Namespace, argv: list[str]) -> int:
+def _host(args: argparse.Namespace) -> int:
     from . import host
 
     if args.list:

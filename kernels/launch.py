@@ -215,7 +215,7 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
             options["num_warps"] = num_warps
         if num_stages is not None:
             options["num_stages"] = num_stages
-        kernel = fn[grid](*args, **options)
+        kernel = fn.run(*args, grid=grid, warmup=False, **options)  # what fn[grid](...) calls
         if key is None or kernel is None:
             state.fallbacks += 1
             return kernel
