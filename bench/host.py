@@ -581,6 +581,21 @@ def gpu_end_to_end(cases: Sequence[HostCase], settings: Settings, log=print) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+class _Trivial(torch.autograd.Function):
+    """Saves its inputs and allocates its outputs, nothing else: the cost of the autograd
+    machinery alone, for a one-node network of 100 x 1 output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, *weights)
+        return x.new_empty((x.shape[0], 1))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        saved = ctx.saved_tensors
+        return (None, *(torch.empty_like(w) for w in saved[1:]))
+
+
 def breakdown(settings: Settings, log=print) -> dict[str, Any]:
     """Host time of each layer of `fnn.linear_act(x, w)` (100 x 2 -> 32) and of the pieces
     the launcher calls, each timed alone under compile_only (launch skipped). Layers that do
@@ -649,6 +664,13 @@ def breakdown(settings: Settings, log=print) -> dict[str, Any]:
         probes["triton.next_power_of_2"] = lambda: triton.next_power_of_2(100)
         probes["torch.empty((100, 32))"] = lambda: torch.empty((100, 32))
         probes["x.reshape + y.view"] = lambda: x.reshape(-1, 2).view(100, 2)
+        # Floors of any autograd.Function design: a Function that only allocates its outputs.
+        w1, w2 = torch.randn(32, 2, requires_grad=True), torch.randn(1, 32, requires_grad=True)
+        gy = torch.randn(100, 1)
+        probes["trivial autograd.Function.apply (no grad needed)"] = lambda: _Trivial.apply(x)
+        probes["torch.autograd.grad through a trivial Function (2 weights)"] = lambda: torch.autograd.grad(
+            _Trivial.apply(x, w1, w2), (w1, w2), gy
+        )
         results = {}
         for name, fn in probes.items():
             fn()
