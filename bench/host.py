@@ -528,17 +528,23 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def gpu_end_to_end(cases: Sequence[HostCase], settings: Settings, log=print) -> dict[str, Any]:
+def gpu_end_to_end(
+    cases: Sequence[HostCase], settings: Settings, device: torch.device | None = None, log=print
+) -> dict[str, Any]:
     """The same cases on the GPU, real launches: wall clock around a batch of calls between
-    two torch.cuda.synchronize(), fnn and eager alternating, median per call over batches."""
-    device = torch.device("cuda")
+    two torch.cuda.synchronize(), fnn and eager alternating, median per call over batches.
+    (`device` is for the tests, which run this code on the CPU with fnn's reference.)"""
+    device = device or torch.device("cuda")
+    cuda = device.type == "cuda"
 
     def batch(fn: Call, calls: int) -> float:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / calls
 
     rows = []
@@ -573,7 +579,7 @@ def gpu_end_to_end(cases: Sequence[HostCase], settings: Settings, log=print) -> 
             f"eager/fnn {row['eager_over_fnn']:.2f}"
         )
         rows.append(row)
-    return {"device": torch.cuda.get_device_name(device), "cases": rows}
+    return {"device": torch.cuda.get_device_name(device) if cuda else str(device), "cases": rows}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.cli import main
-from bench.host import CASES, HostGoal
+from bench.host import CASES, HostGoal, Settings, gpu_end_to_end, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +131,21 @@ def test_host_cli_list_and_interpreter_refusal(capsys):
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert main(["--host", "--tiny"]) == 2
         assert "unset TRITON_INTERPRET" in capsys.readouterr().out
+
+
+def test_end_to_end_timer_on_the_reference_backend(monkeypatch):
+    """The GPU part's code path (not run on a GPU yet), on the CPU with fnn's reference."""
+    import fnn
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fnn.backend("cpu") == "reference"
+    tiny = Settings.for_budget(None, tiny=True)
+    with one_thread():  # as in the CPU measurement: no OpenMP stalls on a busy machine
+        doc = gpu_end_to_end(list(CASES.values()), tiny, device=torch.device("cpu"), log=lambda *a: None)
+    assert doc["device"] == "cpu"
+    assert [r["name"] for r in doc["cases"]] == list(CASES)
+    for r in doc["cases"]:
+        assert r["fnn_us"]["median"] > 0 and r["eager_us"]["median"] > 0
+        assert r["eager_over_fnn"] == pytest.approx(r["eager_us"]["median"] / r["fnn_us"]["median"])
+        has_goal = r["name"] in ("fnn_2_32_1_fwbw_network", "trainer_step_seed000")
+        assert (r["goal"] is not None) == has_goal, r["name"]
