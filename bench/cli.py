@@ -1,4 +1,5 @@
-"""`python -m bench`: time fnn against PyTorch eager, torch.compile and cuBLAS on a CUDA GPU."""
+"""`python -m bench`: time fnn against PyTorch eager, torch.compile and cuBLAS on a CUDA GPU.
+`python -m bench --host`: fnn's host time per call on small problems, on any machine."""
 
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--commit", metavar="SHA", help="git commit to record when the tree has no .git")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--host",
+        action="store_true",
+        help="host overhead per call on small problems, without a GPU: kernels compiled for "
+        "sm_90a, launches skipped, against eager PyTorch on the CPU (bench/host.py); with a GPU, "
+        "also end to end on it. Results in bench/results/host/",
+    )
+    p.add_argument(
+        "--breakdown", action="store_true", help="with --host: time each layer of one linear_act call"
+    )
+    p.add_argument("--profile", action="store_true", help="with --host: cProfile each case's fnn call")
     # Testing: every case at a tiny shape, on the CPU through Triton's interpreter when no GPU.
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compile-backend", help=argparse.SUPPRESS)
@@ -51,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if args.host:
+        return _host(args)
+    if args.breakdown or args.profile:
+        parser().error("--breakdown and --profile go with --host")
     if args.list:
         print(list_cases())
         return 0
@@ -85,3 +101,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=["python", "-m", "bench", *argv],
     )
     return status
+
+
+def _host(args: argparse.Namespace) -> int:
+    from . import host
+
+    if args.list:
+        for c in host.CASES.values():
+            goal = f"; goal: {c.goal.text}" if c.goal else ""
+            print(f"{c.name}: {c.what} ({c.launches} launch(es){goal})")
+        return 0
+    if args.cases:
+        unknown = [n for n in args.cases if n not in host.CASES]
+        if unknown:
+            parser().error(f"unknown host case(s): {', '.join(unknown)}; known: {', '.join(host.CASES)}")
+    if args.rep is not None and args.rep <= 0:
+        parser().error("--rep must be > 0")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("python -m bench --host compiles fnn's kernels for sm_90a: unset TRITON_INTERPRET")
+        return 2
+    host.run_host(
+        args.cases,
+        tiny=args.tiny,
+        out_dir=args.out,
+        rep_ms=args.rep,
+        commit=args.commit,
+        with_breakdown=args.breakdown,
+        with_profile=args.profile,
+    )
+    return 0

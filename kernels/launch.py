@@ -1,0 +1,241 @@
+"""A per-specialization launch cache for @triton.jit kernels.
+
+`kernel[grid](*args, **kwargs)` goes through `JITFunction.run` on every call: it binds the
+arguments, asks Triton's C specializer for every argument's type and attributes, builds a
+string key, looks the kernel up, builds the launch metadata and only then calls the compiled
+kernel's launcher. For a small problem that is most of the host time of a launch.
+
+    fwd = launcher(my_kernel)                    # once, at import (no device query)
+    fwd((grid_x,), x, w, y, M, N, BLOCK=64, num_warps=4)
+
+The first call of a specialization goes through Triton's normal `kernel[grid](...)` path
+(compile or cache lookup, launch); the cache then keeps that CompiledKernel's launcher, and
+later calls with the same specialization call it directly with the same arguments Triton
+would pass it. The key is complete, as Triton's own is (it may be finer, never coarser):
+
+- every tensor argument's dtype and whether its address is a multiple of 16;
+- every int argument's Triton specialization: 1 becomes a constexpr, a multiple of 16 gets
+  the divisibility attribute, and the range picks i32, i64 or u64 (the small ints -15..15
+  are keyed by value); bools, floats and None are keyed by type;
+- every constexpr's value and type, num_warps and num_stages;
+- the current device of the active Triton driver (a change of driver empties the cache):
+  Triton keys its kernels on that device, not on the tensors' (a tensor on another device
+  is launched as Triton's own path would launch it).
+
+The stream is read on every call (it is not part of the kernel), so CUDA-graph capture on a
+side stream works; the fast path allocates no tensor and never synchronises.
+
+The normal path serves every call, uncached, when anything the key does not cover is in
+play: Triton's interpreter (TRITON_INTERPRET=1), launch enter/exit hooks, pre-run hooks,
+TRITON_DEBUG or a kernel's debug flag, an instrumentation mode, a pipeline-inspection hook,
+options other than num_warps/num_stages, a grid that is not a tuple, or an
+argument of another type (a tensor descriptor, a tuple). Triton 3.6 and 3.9 call the
+compiled kernel's launcher the same way:
+`run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata,
+enter_hook, exit_hook, *all_arguments_in_signature_order)`.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime.driver import driver
+
+__all__ = ["CachedLauncher", "UnsupportedArgument", "launcher", "value_spec"]
+
+# A cache holds at most this many specializations; past it, it starts again empty (a
+# workload that cycles through more than this many is served, only slower).
+MAX_ENTRIES = 512
+
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+_UINT64_MAX = 2**64 - 1
+
+
+class UnsupportedArgument(Exception):
+    """An argument the key does not describe: the call takes the normal path, uncached."""
+
+
+def value_spec(a: object) -> Any:
+    """The key part of a non-constexpr argument that is not a plain int in the i32 range.
+
+    Matches what Triton specializes on: tensors by dtype and 16-byte alignment; ints by
+    range (i32 / i64 / u64), == 1 and divisibility by 16; bools, floats and None by type.
+    """
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.dtype, a.data_ptr() & 15 == 0)
+    cls = a.__class__
+    if cls is int:
+        if -16 < a < 16:
+            return a
+        if _INT32[0] <= a <= _INT32[1]:
+            return (a & 15) | 16
+        if _INT64[0] <= a <= _INT64[1]:
+            return ("i64", a & 15 == 0)
+        if 0 <= a <= _UINT64_MAX:
+            return ("u64", a & 15 == 0)
+        raise UnsupportedArgument(a)  # Triton rejects it too: let its path say so
+    if cls is bool or cls is float or a is None:
+        return (cls,)
+    raise UnsupportedArgument(a)
+
+
+_TEMPLATE = """
+def launch(_grid, {params}, num_warps=None, num_stages=None, **_options):
+    _d = _driver.active
+    _hit = _key = None
+    try:
+        if _grid.__class__ is tuple and not (
+            _options or _rt.debug or _fn.debug or _comp.instrumentation_mode or _fn.pre_run_hooks
+            or _rt.launch_enter_hook.calls or _rt.launch_exit_hook.calls
+            or _rt.add_stages_inspection_hook is not None
+        ):
+            if _state.driver is not _d:  # another driver: what was cached belongs to the old one
+                _state.use_driver(_d)
+            _dev = _d.get_current_device()
+            _key = (_dev, {key}, num_warps, num_warps.__class__, num_stages, num_stages.__class__)
+            _hit = _cache.get(_key)
+    except (AttributeError, TypeError, UnsupportedArgument):
+        _key = None
+    if _hit is None:
+        return _slow(_key, _grid, ({args}), num_warps, num_stages, _options)
+    if _fn.used_global_vals:
+        _check_globals(_fn)
+    _n = len(_grid)
+    _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
+            _d.get_current_stream(_dev), _hit[1], _hit[2], None, None, None, {args})
+    return _hit[3]
+"""
+
+
+class CachedLauncher:
+    """Statistics and state of one kernel's launch cache (see `launcher`)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.cache: dict[tuple, tuple] = {}
+        self.misses = 0  # calls that took Triton's path, their specialization then cached
+        self.fallbacks = 0  # calls that took Triton's path uncached
+        self.driver: Any = None  # the Triton driver the cached launchers belong to
+
+    def use_driver(self, driver: Any) -> None:
+        """Start an empty cache for another active Triton driver."""
+        self.cache.clear()
+        self.driver = driver
+
+    def clear(self) -> None:
+        """Forget every cached specialization (the next call of each takes Triton's path)."""
+        self.cache.clear()
+
+
+def _check_globals(fn: Any) -> None:
+    """Triton's check that the globals a kernel read when it was compiled are unchanged."""
+    missing = object()
+    for (name, _), (val, globals_dict) in fn.used_global_vals.items():
+        if (new := globals_dict.get(name, missing)) != val:
+            raise RuntimeError(
+                f"Global variable {name} has changed since we compiled this kernel, from {val} to {new}"
+            )
+
+
+def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..., Any]:
+    """A launch function for the @triton.jit kernel `fn`, with a per-specialization cache.
+
+    `launch(grid, *args, num_warps=None, num_stages=None, **kwargs)` does what
+    `fn[grid](*args, num_warps=..., num_stages=..., **kwargs)` does (and returns the
+    CompiledKernel as it does); `grid` is a tuple of one to three ints (a callable grid or
+    other options take the normal path every time). `tensor_params` names the parameters
+    that take tensors (default: those ending in `_ptr`, the house naming); it only decides
+    which key expression is tried first, never correctness.
+
+    The returned function carries `.state` (a CachedLauncher: the cache, counters, clear()).
+    Under Triton's interpreter (or for anything that is not a JITFunction: an autotuner,
+    heuristics) it is a thin wrapper over `fn[grid](...)`.
+    """
+    state = CachedLauncher(fn)
+    params = getattr(fn, "params", None)
+    if not isinstance(fn, triton.runtime.jit.JITFunction) or params is None:
+
+        def passthrough(grid, *args, **kwargs):
+            state.fallbacks += 1
+            return fn[grid](*args, **kwargs)
+
+        passthrough.state = state  # type: ignore[attr-defined]
+        return passthrough
+
+    names = [p.name for p in params]
+    for name in names:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+            raise ValueError(f"launcher: cannot generate code for kernel parameter {name!r}")
+        if name in ("num_warps", "num_stages"):
+            raise ValueError(f"launcher: kernel parameter {name!r} clashes with a launch option")
+    tensors = set(tensor_params) if tensor_params is not None else {n for n in names if n.endswith("_ptr")}
+    namespace: dict[str, Any] = {
+        "_driver": driver,
+        "_rt": knobs.runtime,
+        "_comp": knobs.compilation,
+        "_fn": fn,
+        "_cache": state.cache,
+        "_state": state,
+        "UnsupportedArgument": UnsupportedArgument,
+        "_spec": value_spec,
+        "_check_globals": _check_globals,
+        "_lo": _INT32[0],
+        "_hi": _INT32[1],
+    }
+    signature, keys = [], []
+    for p in params:
+        n = p.name
+        if p.has_default:
+            namespace[f"_default_{n}"] = p.default
+            signature.append(f"{n}=_default_{n}")
+        else:
+            signature.append(n)
+        if p.is_constexpr:
+            keys.append(f"{n}, {n}.__class__")
+        elif n in tensors:
+            # A non-tensor here raises AttributeError: the call takes the normal path.
+            keys.append(f"{n}.dtype, {n}.data_ptr() & 15 == 0")
+        else:
+            keys.append(
+                f"({n} if -16 < {n} < 16 else ({n} & 15) | 16 if _lo <= {n} <= _hi else _spec({n}))"
+                f" if {n}.__class__ is int else _spec({n})"
+            )
+    if len(signature) > 250:
+        raise ValueError("launcher: too many kernel parameters")
+
+    def slow(key, grid, args, num_warps, num_stages, options):
+        """Triton's path; with a key (a fast-path candidate), cache what it launched."""
+        if num_warps is not None:
+            options["num_warps"] = num_warps
+        if num_stages is not None:
+            options["num_stages"] = num_stages
+        kernel = fn.run(*args, grid=grid, warmup=False, **options)  # what fn[grid](...) calls
+        if key is None or kernel is None:
+            state.fallbacks += 1
+            return kernel
+        if hasattr(kernel, "result"):  # an asynchronous compile (a future)
+            kernel = kernel.result()
+        if len(state.cache) >= MAX_ENTRIES:
+            state.cache.clear()
+        # kernel.run is the launcher that the launch which just happened created.
+        state.cache[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
+        state.misses += 1
+        return kernel
+
+    namespace["_slow"] = slow
+    src = _TEMPLATE.format(
+        params=", ".join(signature),
+        key=", ".join(keys),
+        args=", ".join(names) + ("," if len(names) == 1 else ""),
+    )
+    exec(compile(src, f"<kernels.launch: {getattr(fn, '__name__', fn)}>", "exec"), namespace)
+    launch = namespace["launch"]
+    launch.state = state
+    launch.__doc__ = f"Launch {getattr(fn, '__name__', fn)} through its launch cache (kernels.launch)."
+    return launch

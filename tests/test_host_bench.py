@@ -1,0 +1,151 @@
+"""`python -m bench --host` at tiny size: a subprocess with TRITON_INTERPRET unset (the kernels
+compile for sm_90a, launches are skipped). Checks the JSON's structure and that fnn launches
+what the code says it launches, per call of each case."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.host import CASES, HostGoal, Settings, gpu_end_to_end, one_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Launches per call, read off fnn/functional.py, fnn/network.py and kernels/network.py.
+EXPECTED_LAUNCHES = {
+    "linear_act_fwd_2x32": 1,
+    "linear_act_fwd_32x1": 1,
+    "linear_act_fwbw_2x32": 2,  # forward; dW (x is data: no dX)
+    "linear_act_fwbw_32x1": 3,  # forward; dX; dW
+    # 2 forward; dW of layer 2, dX of layer 2 with layer 1's delta in its epilogue, dW of
+    # layer 1 (the input needs no gradient: no dX of layer 1).
+    "fnn_2_32_1_fwbw_layer": 5,
+    "fnn_2_32_1_fwbw_network": 2,  # forward; backward (100 rows fit one program)
+    "trainer_step_seed000": 1,  # the whole step in one kernel
+    "fnn_64x5_fwbw_layer": 11,  # 4 forward; 4 dW (with db), 3 dX with the delta
+    "fnn_64x5_fwbw_network": 3,  # forward; backward over 4 programs; their reduction
+}
+GOALS = {
+    "linear_act_fwd_2x32": ("fnn/eager", 3.0),
+    "linear_act_fwd_32x1": ("fnn/eager", 3.0),
+    "fnn_2_32_1_fwbw_layer": ("eager/fnn", 1.0),
+    "fnn_2_32_1_fwbw_network": ("eager/fnn", 2.0),
+    "trainer_step_seed000": ("eager/fnn", 10.0),
+}
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("host")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--host", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout, json.loads((out / "host.json").read_text()), (out / "host.md").read_text()
+
+
+def test_host_json_structure(host_run):
+    stdout, doc, summary = host_run
+    assert doc["benchmark"] == "host"
+    env = doc["environment"]
+    for key in (
+        "host",
+        "cpu_count",
+        "torch",
+        "triton",
+        "git_commit",
+        "load_average_start",
+        "load_average_end",
+    ):
+        assert key in env, key
+    assert doc["method"]["launch_us_added"] == 4.0
+    assert [c["name"] for c in doc["cases"]] == list(EXPECTED_LAUNCHES)
+    for c in doc["cases"]:
+        for impl in ("fnn_host_us", "eager_us"):
+            t = c[impl]
+            assert 0 < t["min"] <= t["p20"] <= t["median"] <= t["p80"], (c["name"], impl, t)
+            assert t["batches"] == 3
+        assert c["fnn_plus_launch_us"] == pytest.approx(c["fnn_host_us"]["median"] + 4.0 * c["launches"])
+        assert c["eager_over_fnn"] == pytest.approx(c["eager_us"]["median"] / c["fnn_plus_launch_us"])
+        want = GOALS.get(c["name"])
+        if want is None:
+            assert c["goal"] is None, c["name"]
+        else:
+            g = c["goal"]
+            assert (g["ratio"], g["threshold"]) == want
+            fnn_us, eager_us = c["fnn_plus_launch_us"], c["eager_us"]["median"]
+            value = fnn_us / eager_us if want[0] == "fnn/eager" else eager_us / fnn_us
+            assert g["value"] == pytest.approx(value)
+            assert g["passed"] == (value <= want[1] if want[0] == "fnn/eager" else value >= want[1])
+        assert c["name"] in stdout and c["name"] in summary
+    goals = [c["goal"] for c in doc["cases"] if c["goal"]]
+    assert doc["goals"] == {
+        "passed": sum(g["passed"] for g in goals),
+        "failed": sum(not g["passed"] for g in goals),
+    }
+    assert doc["gpu"] is None or doc["gpu"]["cases"]
+    assert "| case | fnn host µs" in stdout
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_LAUNCHES))
+def test_host_launch_counts(host_run, name):
+    (case,) = [c for c in host_run[1]["cases"] if c["name"] == name]
+    want = EXPECTED_LAUNCHES[name]
+    assert case["launches_per_call"] == [want] * 3, case["launches_per_call"]
+    assert case["launches_per_call_timed"] == want  # every timed call launched as many
+    assert case["launches"] == case["expected_launches"] == want
+
+
+def test_host_cases_and_goals_match_the_issue():
+    assert set(CASES) == set(EXPECTED_LAUNCHES)
+    for name, (ratio, threshold) in GOALS.items():
+        assert CASES[name].goal == HostGoal(ratio, threshold)
+    assert HostGoal("fnn/eager", 3.0).evaluate(30.0, 10.0) == (3.0, True)
+    assert HostGoal("fnn/eager", 3.0).evaluate(31.0, 10.0)[1] is False
+    assert HostGoal("eager/fnn", 2.0).evaluate(10.0, 19.0) == (1.9, False)
+
+
+def test_host_cli_list_and_interpreter_refusal(capsys):
+    assert main(["--host", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in CASES)
+    with pytest.raises(SystemExit):
+        main(["--host", "--cases", "no_such_case"])
+    with pytest.raises(SystemExit):
+        main(["--breakdown"])  # only with --host
+    # The test process runs the interpreter (conftest): --host must refuse, not mis-measure.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert main(["--host", "--tiny"]) == 2
+        assert "unset TRITON_INTERPRET" in capsys.readouterr().out
+
+
+def test_end_to_end_timer_on_the_reference_backend(monkeypatch):
+    """The GPU part's code path (not run on a GPU yet), on the CPU with fnn's reference."""
+    import fnn
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fnn.backend("cpu") == "reference"
+    tiny = Settings.for_budget(None, tiny=True)
+    with one_thread():  # as in the CPU measurement: no OpenMP stalls on a busy machine
+        doc = gpu_end_to_end(list(CASES.values()), tiny, device=torch.device("cpu"), log=lambda *a: None)
+    assert doc["device"] == "cpu"
+    assert [r["name"] for r in doc["cases"]] == list(CASES)
+    for r in doc["cases"]:
+        assert r["fnn_us"]["median"] > 0 and r["eager_us"]["median"] > 0
+        assert r["eager_over_fnn"] == pytest.approx(r["eager_us"]["median"] / r["fnn_us"]["median"])
+        has_goal = r["name"] in ("fnn_2_32_1_fwbw_network", "trainer_step_seed000")
+        assert (r["goal"] is not None) == has_goal, r["name"]
