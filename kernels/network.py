@@ -225,7 +225,7 @@ def network_bwd_kernel(
     y_ptr,  # gradient mode: Y (M, n_L), the saved output; train mode: the target
     dy_ptr,  # gradient mode: dY (M, n_L), any strides; train mode: unused
     h_ptr,  # H: gradient mode (L-1, M, P) from the forward; train mode (G, L-1, BLOCK_M, P) scratch
-    dsc_ptr,  # CHUNK_K > 0: scratch (G, BLOCK_M, P) for this program's delta D_l; else unused
+    dsc_ptr,  # scratch (G, BLOCK_M, P) for this program's delta D_l
     dx_ptr,  # dX (M, n_0), written when NEED_DX
     gw_ptr,  # float workspace (G, L, P, P): this program's dW sums
     gb_ptr,  # float workspace (G, L, P): this program's db sums
@@ -255,9 +255,9 @@ def network_bwd_kernel(
     MOMENTUM: tl.constexpr,  # momentum buffer in use (train mode)
     FINISH: tl.constexpr,  # one program (G == 1): write the final result in this launch
     GW_COLS: tl.constexpr,  # columns of dW_l accumulated per step (a power of two <= P)
-    CHUNK_K: tl.constexpr,  # 0: the products of D read it from registers; else D goes through
-    # the dsc scratch and they reduce CHUNK_K at a time (FMA dots keep every operand of their
-    # whole reduction in registers, so float32 "ieee" needs short reductions)
+    CHUNK_K: tl.constexpr,  # reduction step of the products that read D back from its scratch
+    STREAM_FWD: tl.constexpr,  # train mode: the forward products read X and H CHUNK_K columns
+    # at a time from memory, rather than h from registers (FMA dots: float32 "ieee", float64)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -294,7 +294,7 @@ def network_bwd_kernel(
         # Stage 1: the output delta D_{L-1} (train mode: forward and loss gradient first).
         if TRAIN:
             tl.debug_barrier()  # the previous block's readers of the H scratch are done
-            if CHUNK_K > 0:
+            if STREAM_FWD:
                 h = tl.zeros((BLOCK_M, P), dtype=dtype)  # the products read X and H from memory
             else:
                 h = tl.load(
@@ -304,7 +304,7 @@ def network_bwd_kernel(
                 )
             h_l = h_base
             for li in range(L):
-                if CHUNK_K > 0:
+                if STREAM_FWD:
                     # h_l @ W_l^T, CHUNK_K columns of h_l at a time, read back from X or H.
                     n_in = tl.load(meta_ptr + li)
                     n_out = tl.load(meta_ptr + li + 1)
@@ -336,7 +336,7 @@ def network_bwd_kernel(
                 h = acc.to(dtype)
                 if li < L - 1:
                     tl.store(h_l + h_rows[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
-                    if CHUNK_K > 0:
+                    if STREAM_FWD:
                         tl.debug_barrier()  # the next layer reads these rows back in other threads
                 h_l += stride_hl
             yh = h.to(ACC_DTYPE)
@@ -364,39 +364,30 @@ def network_bwd_kernel(
             n_in = tl.load(meta_ptr + li)
             n_out = tl.load(meta_ptr + li + 1)
             woff = tl.load(meta_ptr + 2 * L + 1 + li)
-            d_op = d.to(dtype)
-            if CHUNK_K > 0:
-                tl.debug_barrier()  # the previous layer's readers of the scratch are done
-                tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d_op)
-                tl.debug_barrier()
-            # dW_l += D^T h_in, GW_COLS columns at a time: the (P, GW_COLS) accumulator and the
-            # h_in columns it needs are all that is live beside D.
+            # D goes through this program's scratch, and its products read it back CHUNK_K rows
+            # or columns at a time: short reductions for FMA dots (which hold all of theirs in
+            # registers), and no dot operand derived in registers from D (triton 3.9 then moved
+            # relu's mask into the dot operand's layout through shared memory, which fails).
+            tl.debug_barrier()  # the previous layer's readers of the scratch are done
+            tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d.to(dtype))
+            tl.debug_barrier()
+            # dW_l += D^T h_in, GW_COLS columns at a time.
             for c0 in range(0, P, GW_COLS):
                 offs_c = c0 + tl.arange(0, GW_COLS)
                 gw = tl.zeros((P, GW_COLS), dtype=ACC_DTYPE)
-                if CHUNK_K > 0:
-                    for k0 in range(0, BLOCK_M, CHUNK_K):
-                        offs_k = k0 + tl.arange(0, CHUNK_K)
-                        mask_k = ((blk0 + offs_k) < row_end)[:, None] & (offs_c < n_in)[None, :]
-                        if li == 0:
-                            h_c = tl.load(
-                                x_ptr + (blk0 + offs_k)[:, None] * stride_xm + offs_c[None, :] * stride_xk,
-                                mask=mask_k,
-                                other=0,
-                            )
-                        else:
-                            h_c = tl.load(h_l + (h0 + offs_k)[:, None] * P + offs_c[None, :], mask=mask_k, other=0)
-                        dt_k = tl.load(dsc + offs_p[:, None] + offs_k[None, :] * P)  # D^T, (P, CHUNK_K)
-                        gw = mma(dt_k, h_c, gw, INPUT_PRECISION, UPCAST)
-                else:
-                    mask_c = mask_m[:, None] & (offs_c < n_in)[None, :]
+                for k0 in range(0, BLOCK_M, CHUNK_K):
+                    offs_k = k0 + tl.arange(0, CHUNK_K)
+                    mask_k = ((blk0 + offs_k) < row_end)[:, None] & (offs_c < n_in)[None, :]
                     if li == 0:
                         h_c = tl.load(
-                            x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xk, mask=mask_c, other=0
+                            x_ptr + (blk0 + offs_k)[:, None] * stride_xm + offs_c[None, :] * stride_xk,
+                            mask=mask_k,
+                            other=0,
                         )
                     else:
-                        h_c = tl.load(h_l + h_rows[:, None] * P + offs_c[None, :], mask=mask_c, other=0)
-                    gw = mma(tl.trans(d_op), h_c, gw, INPUT_PRECISION, UPCAST)
+                        h_c = tl.load(h_l + (h0 + offs_k)[:, None] * P + offs_c[None, :], mask=mask_k, other=0)
+                    dt_k = tl.load(dsc + offs_p[:, None] + offs_k[None, :] * P)  # D^T, (P, CHUNK_K)
+                    gw = mma(dt_k, h_c, gw, INPUT_PRECISION, UPCAST)
                 gw_ptrs = gw_l + offs_p[:, None] * P + offs_c[None, :]
                 if it > 0:
                     gw += tl.load(gw_ptrs)
@@ -410,19 +401,15 @@ def network_bwd_kernel(
             if li > 0 or NEED_DX:
                 # D_l W_l: the previous layer's delta before its activation's derivative, or dX.
                 dh = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
-                if CHUNK_K > 0:
-                    for k0 in range(0, P, CHUNK_K):
-                        offs_k = k0 + tl.arange(0, CHUNK_K)
-                        d_k = tl.load(dsc + offs_r[:, None] * P + offs_k[None, :])  # (BLOCK_M, CHUNK_K)
-                        w_k = tl.load(  # W_l rows k0.., (CHUNK_K, P_in)
-                            params_ptr + woff + offs_k[:, None] * n_in + offs_p[None, :],
-                            mask=(offs_k < n_out)[:, None] & (offs_p < n_in)[None, :],
-                            other=0,
-                        )
-                        dh = mma(d_k, w_k, dh, INPUT_PRECISION, UPCAST)
-                else:
-                    w = _weight_tile(params_ptr, woff, n_out, n_in, offs_p, False)  # (P_out, P_in)
-                    dh = mma(d_op, w, dh, INPUT_PRECISION, UPCAST)
+                for k0 in range(0, P, CHUNK_K):
+                    offs_k = k0 + tl.arange(0, CHUNK_K)
+                    d_k = tl.load(dsc + offs_r[:, None] * P + offs_k[None, :])  # (BLOCK_M, CHUNK_K)
+                    w_k = tl.load(  # W_l rows k0.., (CHUNK_K, P_in)
+                        params_ptr + woff + offs_k[:, None] * n_in + offs_p[None, :],
+                        mask=(offs_k < n_out)[:, None] & (offs_p < n_in)[None, :],
+                        other=0,
+                    )
+                    dh = mma(d_k, w_k, dh, INPUT_PRECISION, UPCAST)
                 if li > 0:
                     # D_{l-1} = (D_l W_l) * act'_{l-1}(h_in), h_in being act_{l-1}'s output.
                     h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
@@ -580,13 +567,14 @@ def network_meta(sizes: Sequence[int], activations: Sequence[str], biased: Seque
 @dataclass(frozen=True)
 class NetConfig:
     """Launch shape of a whole-network kernel: rows per block, warps, and for the backward
-    the columns of each dW_l step (GW_COLS) and the reduction step of D's products through
-    the scratch (CHUNK_K, 0 for none)."""
+    the columns of each dW_l step (GW_COLS), the reduction step of D's products through its
+    scratch (CHUNK_K), and whether the train step's forward streams h from memory."""
 
     block_m: int
     num_warps: int
     gw_cols: int = 0
-    chunk_k: int = 0
+    chunk_k: int = 16
+    stream_fwd: bool = True
 
 
 # (kind, dtype, P) -> NetConfig; kind "fwd" is network_fwd_kernel, "bwd" network_bwd_kernel
@@ -618,15 +606,15 @@ def network_config(kind: str, m: int, p: int, dtype: torch.dtype) -> NetConfig:
     key = (kind, _F16 if dtype == torch.bfloat16 else dtype, p)
     cfg = _NET_CONFIGS.get(key)
     if cfg is None:
-        cfg = NetConfig(32, 4, 16, 16)
+        cfg = NetConfig(32, 4, 16, 16, True)
     if INTERPRETED:
         # fewer, larger programs: the interpreter's cost is per program
         cfg = replace(cfg, block_m=128)
     cap = max(16, triton.next_power_of_2(max(m, 1)))
     if cfg.block_m > cap:
         cfg = replace(cfg, block_m=cap)
-    if cfg.chunk_k > cfg.block_m:
-        cfg = replace(cfg, chunk_k=cfg.block_m)
+    if cfg.chunk_k > min(cfg.block_m, p):
+        cfg = replace(cfg, chunk_k=min(cfg.block_m, p))
     return cfg
 
 
@@ -762,7 +750,7 @@ def network_backward(
     cfg = network_config("bwd", m, p, x.dtype)
     g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
+    dsc = empty((g, cfg.block_m, p), x)
     grads = empty(params.shape, x)
     flags = _dtype_flags(x.dtype)
     dxa = dx if need_dx else x
@@ -783,6 +771,7 @@ def network_backward(
         FINISH=g == 1,
         GW_COLS=cfg.gw_cols,
         CHUNK_K=cfg.chunk_k,
+        STREAM_FWD=cfg.stream_fwd,
         num_warps=cfg.num_warps,
         num_stages=1,
         **flags,
@@ -850,7 +839,7 @@ def network_train_step(
     g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
     h = empty((g, max(n_layers - 1, 1), cfg.block_m, p), x)
-    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
+    dsc = empty((g, cfg.block_m, p), x)
     out = empty((), x)
     lossp = empty((g,), x, dtype=acc) if g > 1 else out
     bufa = buf if momentum else params
@@ -871,6 +860,7 @@ def network_train_step(
         FINISH=g == 1,
         GW_COLS=cfg.gw_cols,
         CHUNK_K=cfg.chunk_k,
+        STREAM_FWD=cfg.stream_fwd,
         num_warps=cfg.num_warps,
         num_stages=1,
         **flags,
