@@ -370,6 +370,11 @@ def network_bwd_kernel(
             # relu's mask into the dot operand's layout through shared memory, which fails).
             tl.debug_barrier()  # the previous layer's readers of the scratch are done
             tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d.to(dtype))
+            if HAS_BIAS:  # db_l += column sums of D; D itself is not needed in registers again
+                gb = tl.sum(d, axis=0)
+                if it > 0:
+                    gb += tl.load(gb_l + offs_p)
+                tl.store(gb_l + offs_p, gb)
             tl.debug_barrier()
             # dW_l += D^T h_in, GW_COLS columns at a time.
             for c0 in range(0, P, GW_COLS):
@@ -392,11 +397,6 @@ def network_bwd_kernel(
                 if it > 0:
                     gw += tl.load(gw_ptrs)
                 tl.store(gw_ptrs, gw)
-            if HAS_BIAS:
-                gb = tl.sum(d, axis=0)
-                if it > 0:
-                    gb += tl.load(gb_l + offs_p)
-                tl.store(gb_l + offs_p, gb)
             mask_in = mask_m[:, None] & (offs_p < n_in)[None, :]
             if li > 0 or NEED_DX:
                 # D_l W_l: the previous layer's delta before its activation's derivative, or dX.
