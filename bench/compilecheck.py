@@ -291,10 +291,8 @@ def _describe_error(error: BaseException, stderr: str) -> tuple[str, str]:
         one += f": {type(innermost).__name__}"
     if message and not message.startswith("at "):
         one += f": {message}"
-    if diag:
-        one += " | " + " | ".join(
-            d.split(": ", 1)[-1] if "error:" in d or "note:" in d else d for d in diag[-2:]
-        )
+    if diag:  # MLIR's last note names the failing pass; its reproducer hint is noise
+        one += " | " + diag[-1].split(": ", 1)[-1].split(": reproducer generated")[0]
     details = "".join(traceback.format_exception_only(type(error), error)).strip()
     if diag:
         details += "\n" + "\n".join(diag)

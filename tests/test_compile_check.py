@@ -273,6 +273,10 @@ def test_all_pairs_covers_every_pair():
         seen = {(r[x], r[y]) for r in rows}
         assert seen == set(itertools.product(dims[x], dims[y])), (x, y)
     assert len(rows) < 3 * 4 * 2 * 5 / 4  # far below the full product
+    full = coverage.all_pairs(dims, full=("a", "d"))
+    assert [(r["a"], r["d"]) for r in full[:15]] == list(itertools.product(dims["a"], dims["d"]))
+    for x, y in itertools.combinations(dims, 2):
+        assert {(r[x], r[y]) for r in full} == set(itertools.product(dims[x], dims[y])), (x, y)
 
 
 def test_coverage_lists_every_case_seed_and_activation():
@@ -289,9 +293,15 @@ def test_coverage_lists_every_case_seed_and_activation():
     for act in ACTIVATIONS:  # read from kernels.checks: a new activation is covered by itself
         assert any(f" {act} " in lbl for lbl in grid), act
     network = [lbl for lbl in labels if lbl.startswith("grid:network")]
-    for tag in ("fp32", "tf32", "fp16", "bf16", "fp64"):
+    for cls in coverage.DTYPE_CLASSES:  # every dtype class at every padded width
         for p in coverage.NETWORKS:
-            assert any(f"network {tag} P={p} " in lbl for lbl in network), (tag, p)
+            assert any(f"network {tag} P={p} " in lbl for tag in cls for lbl in network), (cls, p)
+    for tag in ("fp32", "tf32", "fp16", "bf16", "fp64"):
+        assert any(f"network {tag} " in lbl for lbl in network), tag
+        assert any(f"linear_act {tag} " in lbl for lbl in grid), tag
+    for cls in coverage.DTYPE_CLASSES:
+        for m, k, n in coverage.ODD_SHAPES:
+            assert any(f"linear_act {tag} " in lbl and f" {m}x{k}x{n} " in lbl for tag in cls for lbl in grid)
     for loss in coverage.LOSSES:
         for momentum in ("0", "0.9"):
             assert any(f"trainer {loss} momentum={momentum}" in lbl for lbl in network), (loss, momentum)
