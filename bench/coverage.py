@@ -56,6 +56,8 @@ NETWORKS: dict[int, list[int]] = {
     64: [33, 64, 50, 16],
     128: [128, 100, 128, 1],
 }
+# Width classes of the network grid: the small widths (cheap kernels, few registers) take turns.
+WIDTH_CLASSES: tuple[tuple[int, ...], ...] = ((16, 32), (64,), (128,))
 LOSSES = ("bce", "mse", "sse")
 NETWORK_ROWS_MANY = 1024  # more rows than one program takes: the backward's second launch
 
@@ -91,13 +93,14 @@ def all_pairs(dims: dict[str, Sequence[Any]], full: Sequence[str] = ()) -> list[
 
 
 def _expand_classes(rows: list[dict[str, Any]], key: str = "dtype") -> list[dict[str, Any]]:
-    """Rows whose `key` is a dtype class, with each class's members taken in turn: the DTYPES
-    entry in its place."""
+    """Rows whose `key` is a class (a tuple), each class's members taken in turn; a dtype
+    class member becomes its DTYPES entry."""
     by_tag = {d[0]: d for d in DTYPES}
-    seen: dict[tuple[str, ...], int] = {}
+    seen: dict[tuple[Any, ...], int] = {}
     for r in rows:
         cls = r[key]
-        r[key] = by_tag[cls[seen.get(cls, 0) % len(cls)]]
+        member = cls[seen.get(cls, 0) % len(cls)]
+        r[key] = by_tag.get(member, member) if key == "dtype" else member
         seen[cls] = seen.get(cls, 0) + 1
     return rows
 
@@ -309,10 +312,11 @@ def _network_rows(p: int, dtype: torch.dtype, batch: str) -> int:
 
 
 def network_grid_calls() -> list[Call]:
-    """FNN(fusion="network") and fnn.Trainer on the network path, for every dtype x padded
-    width: each row runs an inference forward (no_grad), a forward+backward, and one Trainer
-    step, its flags (bias, input gradient, loss, momentum, batch of one program or several)
-    chosen so that every pair of values of any two dimensions occurs in some row."""
+    """FNN(fusion="network") and fnn.Trainer on the network path, for every dtype class x
+    width class (64, 128, and 16 or 32 in turn): each row runs an inference forward
+    (no_grad), a forward+backward, and one Trainer step, its flags (bias, input gradient,
+    loss, momentum, batch of one program or several) chosen so that every pair of values of
+    any two dimensions occurs in some row."""
     import fnn
 
     def run(p: int, dtype: torch.dtype, bias: bool, dx: bool, loss: str, momentum: float, batch: str) -> None:
@@ -327,18 +331,21 @@ def network_grid_calls() -> list[Call]:
         )
 
     rows = _expand_classes(
-        all_pairs(
-            {
-                "dtype": DTYPE_CLASSES,
-                "P": list(NETWORKS),
-                "loss": LOSSES,
-                "bias": (True, False),
-                "dx": (True, False),
-                "momentum": (0.0, 0.9),
-                "batch": ("one", "many"),
-            },
-            full=("dtype", "P"),
-        )
+        _expand_classes(
+            all_pairs(
+                {
+                    "dtype": DTYPE_CLASSES,
+                    "P": WIDTH_CLASSES,
+                    "loss": LOSSES,
+                    "bias": (True, False),
+                    "dx": (True, False),
+                    "momentum": (0.0, 0.9),
+                    "batch": ("one", "many"),
+                },
+                full=("dtype", "P"),
+            )
+        ),
+        "P",
     )
     out = []
     for r in rows:

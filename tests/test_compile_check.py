@@ -293,9 +293,14 @@ def test_coverage_lists_every_case_seed_and_activation():
     for act in ACTIVATIONS:  # read from kernels.checks: a new activation is covered by itself
         assert any(f" {act} " in lbl for lbl in grid), act
     network = [lbl for lbl in labels if lbl.startswith("grid:network")]
-    for cls in coverage.DTYPE_CLASSES:  # every dtype class at every padded width
-        for p in coverage.NETWORKS:
-            assert any(f"network {tag} P={p} " in lbl for tag in cls for lbl in network), (cls, p)
+    for cls in coverage.DTYPE_CLASSES:  # every dtype class at every width class
+        for widths in coverage.WIDTH_CLASSES:
+            assert any(f"network {t} P={p} " in lbl for t in cls for p in widths for lbl in network), (
+                cls,
+                widths,
+            )
+    for p in coverage.NETWORKS:
+        assert any(f" P={p} " in lbl for lbl in network), p
     for tag in ("fp32", "tf32", "fp16", "bf16", "fp64"):
         assert any(f"network {tag} " in lbl for lbl in network), tag
         assert any(f"linear_act {tag} " in lbl for lbl in grid), tag
