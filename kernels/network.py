@@ -595,6 +595,13 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
     ("fwd", _F64, 32): NetConfig(32, 4),
     ("fwd", _F64, 64): NetConfig(32, 4),
     ("fwd", _F64, 128): NetConfig(32, 8),
+    ("bwd", _F32, 16): NetConfig(32, 4, 16, 32, True),
+    ("bwd", _F32, 32): NetConfig(16, 4, 32, 16, True),
+    ("bwd", _F32, 64): NetConfig(32, 4, 64, 32, True),
+    ("bwd", _F32, 128): NetConfig(32, 8, 64, 32, True),
+    ("bwd", _F16, 16): NetConfig(128, 8, 16, 32, False),
+    ("bwd", _F16, 32): NetConfig(64, 8, 32, 64, False),
+    ("bwd", _F16, 64): NetConfig(64, 8, 32, 64, False),
 }
 # A batch of at most this many rows takes one program in the backward: one launch, no
 # reduction kernel. Provisional until measured.
