@@ -11,7 +11,9 @@
   float64) x activation (every name in kernels.checks.ACTIVATIONS) x bias x odd shapes for
   fnn.linear_act, forward and backward (every gradient); FNN at padded widths 16..128 under
   both fusions; the Trainer on the network path with every loss, with and without momentum,
-  with batches that fit one program and batches that take the second (reduce) launch.
+  with batches that fit one program and batches that take the second (reduce) launch, for
+  two activation sets (the network kernels are compiled per set of activation codes):
+  sigmoid alone, and the heavy and Z-saving codes.
   The grid is an all-pairs design (`all_pairs`): every pair of values of any two of its
   dimensions occurs in some call (dtype x shape and dtype x width in full; float16 and
   bfloat16 share one dtype class, see DTYPE_CLASSES), not the full product, which would
@@ -60,6 +62,10 @@ NETWORKS: dict[int, list[int]] = {
 WIDTH_CLASSES: tuple[tuple[int, ...], ...] = ((16, 32), (64,), (128,))
 LOSSES = ("bce", "mse", "sse")
 NETWORK_ROWS_MANY = 1024  # more rows than one program takes: the backward's second launch
+# Activation sets of the network grid (the network kernels are compiled per set of activation
+# codes): sigmoid alone, and the heavy and Z-saving codes (gelu, ELU_FROM_Z, silu,
+# SOFTPLUS_FROM_Z), a different one per layer.
+NETWORK_ACTS = ("sigmoid", "heavy")
 
 
 def all_pairs(dims: dict[str, Sequence[Any]], full: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -292,11 +298,18 @@ def linear_grid_calls() -> list[Call]:
     return out
 
 
-def _network(p: int, dtype: torch.dtype, bias: bool, fusion: str, acts: Sequence[str] | None = None) -> Any:
+def _network(
+    p: int, dtype: torch.dtype, bias: bool, fusion: str, acts: Sequence[str] | str | None = None
+) -> Any:
     import fnn
 
     sizes = NETWORKS[p]
-    activation = list(acts) if acts is not None else "sigmoid"
+    if acts == "heavy":
+        heavy = [fnn.Activation("gelu"), fnn.Activation("elu", alpha=-1.0), fnn.Activation("silu"),
+                 fnn.Activation("softplus", threshold=1.0)]  # fmt: skip
+        activation = [heavy[i % len(heavy)] for i in range(len(sizes) - 1)]
+    else:
+        activation = list(acts) if acts is not None else "sigmoid"
     return fnn.FNN(sizes, activation=activation, bias=bias, fusion=fusion, dtype=dtype)
 
 
@@ -306,9 +319,9 @@ def _network_rows(p: int, dtype: torch.dtype, batch: str) -> int:
     are multiples of 16, so that the forward of either is the same specialization."""
     if batch == "many":
         return NETWORK_ROWS_MANY
-    from kernels.network import network_block_m
+    from kernels.network import SINGLE_PROGRAM_ROWS
 
-    return network_block_m(1 << 20, p, dtype)[0]
+    return SINGLE_PROGRAM_ROWS
 
 
 def network_grid_calls() -> list[Call]:
@@ -319,9 +332,11 @@ def network_grid_calls() -> list[Call]:
     any two dimensions occurs in some row."""
     import fnn
 
-    def run(p: int, dtype: torch.dtype, bias: bool, dx: bool, loss: str, momentum: float, batch: str) -> None:
+    def run(
+        p: int, dtype: torch.dtype, bias: bool, dx: bool, loss: str, momentum: float, batch: str, acts: str
+    ) -> None:
         rows, (n_in, n_out) = _network_rows(p, dtype, batch), (NETWORKS[p][0], NETWORKS[p][-1])
-        model = _network(p, dtype, bias, "network")
+        model = _network(p, dtype, bias, "network", None if acts == "sigmoid" else acts)
         with torch.no_grad():
             model(_empty(rows, n_in, dtype=dtype))
         _backward(model(_empty(rows, n_in, dtype=dtype, grad=dx)))
@@ -341,6 +356,7 @@ def network_grid_calls() -> list[Call]:
                     "dx": (True, False),
                     "momentum": (0.0, 0.9),
                     "batch": ("one", "many"),
+                    "acts": NETWORK_ACTS,
                 },
                 full=("dtype", "P"),
             )
@@ -353,9 +369,9 @@ def network_grid_calls() -> list[Call]:
         label = (
             f"grid:network {tag} P={r['P']} {'bias' if r['bias'] else 'nobias'} "
             f"{'dx' if r['dx'] else 'nodx'} {r['batch']}-program, trainer {r['loss']} "
-            f"momentum={r['momentum']:g}"
+            f"momentum={r['momentum']:g} {r['acts']}"
         )
-        args = (r["P"], dtype, r["bias"], r["dx"], r["loss"], r["momentum"], r["batch"])
+        args = (r["P"], dtype, r["bias"], r["dx"], r["loss"], r["momentum"], r["batch"], r["acts"])
         out.append(Call(label, lambda a=args: run(*a), precision))
     return out
 

@@ -8,17 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.checks import NETWORK_ACTIVATIONS, Activation, as_activation, check_activation
+from kernels.checks import Activation, check_activation
 
 from .functional import backend, fnn_forward, linear_act
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
-
-
-def layer_only_activations(activations: Sequence[str | Activation]) -> list[str]:
-    """The activations among `activations` that the whole-network kernels do not serve yet
-    (every one but identity, sigmoid, relu and tanh): such an FNN runs per layer."""
-    names = [as_activation(a).name for a in activations]
-    return sorted({n for n in names if n not in NETWORK_ACTIVATIONS})
 
 
 def _check_size(value: object, name: str) -> int:
@@ -112,9 +105,9 @@ class FNN(nn.Module):
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
     ValueError); "auto" picks per call (fnn.network.resolve_fusion: a provisional,
-    unmeasured heuristic). Under torch.autocast the "network" path falls back to "layer". The
-    network kernels serve identity, sigmoid, relu and tanh only, for now: with any other
-    activation "auto" runs per layer and "network" raises ValueError.
+    unmeasured heuristic). Under torch.autocast the "network" path falls back to "layer".
+    Both paths serve every activation and parameter value, and save the same kind of tensor
+    per layer (its output, or its Z where the activation saves Z: see fnn.Activation).
 
     The parameters are contiguous views of one flat buffer that the FNN owns, every weight
     then every bias (`flatten_parameters`, as nn.RNN's flat weights): the network kernels read
@@ -159,13 +152,6 @@ class FNN(nn.Module):
             for i, o, a in zip(sizes[:-1], sizes[1:], activations, strict=True)
         )
         self.fusion = check_fusion(fusion, sizes)
-        layer_only = layer_only_activations(self.activations)
-        if self.fusion == "network" and layer_only:
-            raise ValueError(
-                f'fusion="network" does not serve activation(s) {", ".join(layer_only)} yet '
-                f"(the whole-network kernels know identity, sigmoid, relu and tanh); "
-                f'use fusion="layer" or "auto"'
-            )
         self._flat: torch.Tensor | None = None
         self.flatten_parameters()
 
@@ -211,13 +197,6 @@ class FNN(nn.Module):
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
         mode = resolve_fusion(self.fusion, self.sizes, x.device)
-        if mode == "network" and layer_only_activations(self.activations):
-            if self.fusion == "network":  # activations changed since construction
-                raise ValueError(
-                    f'fusion="network" does not serve activation(s) '
-                    f'{", ".join(layer_only_activations(self.activations))} yet; use fusion="layer" or "auto"'
-                )
-            mode = "layer"
         if (
             mode == "network"
             and backend(x.device) != "reference"

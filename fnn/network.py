@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from kernels.checks import NETWORK_ACTIVATIONS, as_activation, check_linear_args
+from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
 from .functional import backend
@@ -165,15 +165,21 @@ def concat_parameters(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
 class NetworkFunction(torch.autograd.Function):
     """A whole network as one autograd node and one kernel per direction (fnn.network_ops).
 
-    Forward: h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), in one launch; when a gradient is
-    needed, saves X, the output, the hidden outputs h_1..h_{L-1}, the flat parameters and the
-    parameters (so that an in-place change of one before the backward raises, as for a layer).
+    Forward: h_0 = X, Z_l = h_l W_l^T + b_l, h_{l+1} = act_l(Z_l), in one launch; when a
+    gradient is needed, saves X, the flat parameters and the parameters (so that an in-place
+    change of one before the backward raises, as for a layer), and per layer one tensor S_l
+    (fnn.Activation.saves): for each hidden layer its output h_{l+1}, or Z_l where its
+    activation saves Z (gelu, gelu_tanh, silu, ...), in H (zero-padded to P columns); for the
+    output layer Y, or Z_L where it saves Z, or nothing for identity.
     Backward, one launch when the batch fits one program (else two, the second summing the
-    per-program partial gradients in a fixed order), with D_{L-1} = dY * act'(Y):
+    per-program partial gradients in a fixed order), with D_{L-1} = dY * act'(Z_{L-1}) read
+    off S_L:
         dW_l = D_l^T h_l,   db_l = sum over rows of D_l,
-        D_{l-1} = (D_l W_l) * act_{l-1}'(h_l),   dX = D_0 W_0.
+        D_{l-1} = (D_l W_l) * act_{l-1}'(Z_{l-1}) read off S_{l-1},   dX = D_0 W_0,
+    where h_l is recomputed on load as act_{l-1}(Z_{l-1}) for a layer that keeps Z.
     Call as `NetworkFunction.apply(x, activations, flat, w_1, b_1, ..., w_L, b_L)` (a bias
-    may be None). `flat` is the parameters' flat buffer when they are its views
+    may be None; an activation is a name or an fnn.Activation). `flat` is the parameters'
+    flat buffer when they are its views
     (`flat_buffer`), read as it is; None concatenates them for the call (`concat_parameters`).
     The gradients are contiguous views of one flat buffer in the same layout.
     """
@@ -189,9 +195,11 @@ class NetworkFunction(torch.autograd.Function):
         biased = tuple(b is not None for b in biases)
         x2d = x.reshape(-1, x.shape[-1])
         need = any(ctx.needs_input_grad)
-        y, h = network_ops.network_forward(x2d, flat, sizes, activations, biased, need)
+        y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need)
         if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
-            ctx.save_for_backward(x2d, y, h, flat, *params)
+            last = as_activation(activations[-1]).saves
+            s_out = z if last == "z" else (y if last == "y" else None)
+            ctx.save_for_backward(x2d, s_out, h, flat, *params)
         ctx.activations = activations
         ctx.sizes = sizes
         ctx.biased = biased
@@ -201,10 +209,12 @@ class NetworkFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, y, h, flat = ctx.saved_tensors[:4]
+        x2d, s_out, h, flat = ctx.saved_tensors[:4]
         needs = ctx.needs_input_grad
+        dy2d = dy.reshape(-1, ctx.sizes[-1])
+        s_out = dy2d if s_out is None else s_out  # identity: nothing saved, nothing read
         dx, dws, dbs = network_ops.network_backward(
-            dy.reshape(-1, y.shape[-1]), y, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0]
+            dy2d, s_out, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0]
         )
         grads: list[torch.Tensor | None] = []
         for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
@@ -217,7 +227,7 @@ def check_network_args(
     x: object,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
 ) -> None:
     """Every layer checked as fnn.functional.fnn_forward checks it, plus the width limit."""
     if not (len(weights) == len(biases) == len(activations)) or not weights:
@@ -229,8 +239,6 @@ def check_network_args(
         who = f"layer {i} of the network"
         xi = x if i == 0 else x.new_empty((0, weights[i - 1].shape[0]))
         check_linear_args(xi, w, b, a, who=who)
-        if as_activation(a).name not in NETWORK_ACTIVATIONS:  # temporary: the kernels know these
-            raise ValueError(f"{who}: the whole-network kernels do not serve activation {a!r} yet")
     sizes = [weights[0].shape[1], *(w.shape[0] for w in weights)]
     check_fusion("network", sizes)
 
@@ -239,7 +247,7 @@ def network_forward(
     x: torch.Tensor,
     weights: Sequence[torch.Tensor],
     biases: Sequence[torch.Tensor | None],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
 ) -> torch.Tensor:
     """`fnn.fnn_forward` through the whole-network kernel (widths <= 128), one autograd node
     (NetworkFunction), the parameters concatenated into one flat buffer for the call (one

@@ -1,8 +1,9 @@
 """The whole-network kernels as PyTorch operators: `torch.ops.fnn.network_*`, with torch.library.
 
-    torch.ops.fnn.network_forward(x, params, sizes, activations, biased, store_hidden) -> (y, h)
-    torch.ops.fnn.network_backward(dy, y, h, x, params, sizes, activations, biased, need_dx)
-        -> (dx, grads)
+    torch.ops.fnn.network_forward(x, params, sizes, activations, biased, store_hidden,
+                                  act_params=[]) -> (y, h, z)
+    torch.ops.fnn.network_backward(dy, y, h, x, params, sizes, activations, biased, need_dx,
+                                   act_params=[]) -> (dx, grads)
 
 `params` is the network's parameters in one flat buffer (kernels.network's layout): every
 layer's weight W_l (n_{l+1}, n_l) row-major, then the bias of each layer that has one, i.e.
@@ -10,19 +11,30 @@ layer's weight W_l (n_{l+1}, n_l) row-major, then the bias of each layer that ha
 (`flat_layout` gives each block's offset). `sizes` = (n_0, ..., n_L); `biased[l]` says
 whether layer l has a bias. An FNN keeps its parameters as views of such a buffer
 (fnn.network), which the caller then passes as it is: nothing is copied per call.
+Activations travel as their names and `act_params`, the parameter values of every layer's
+activation concatenated in layer order (kernels.checks.PARAMETERS: a slope, an alpha, beta
+and threshold; none for the others), or empty when every one has torch's defaults.
 
-Outputs: `y` (M, n_L); `h` the hidden outputs h_1..h_{L-1} for the backward, zero-padded to
-P columns (P: the widest layer rounded up to a power of two >= 16), (L-1, M, P) when
-`store_hidden` else (0, 0, P); `dx` (M, n_0), or (0,) when not `need_dx`; `grads`, every
-parameter's gradient in the layout of `params`: contiguous blocks, which autograd keeps as the
+What the forward keeps for the backward, per layer l (Activation.saves): Z_l, the
+pre-activation, where the activation's derivative needs it (gelu, gelu_tanh, silu, and
+leaky_relu, elu, softplus at the parameter values that save Z), else the output h_l. Outputs:
+`y` (M, n_L); `h`, the hidden layers' h_l or Z_l for the backward, zero-padded to P columns
+(P: the widest layer rounded up to a power of two >= 16), (L-1, M, P) when `store_hidden`
+else (0, 0, P); `z`, the output layer's Z_L (M, n_L) when `store_hidden` and its activation
+saves Z, else (0, n_L). The backward takes as `y` what it needs of the output layer: Y where
+the activation's derivative is read off it, Z_L (the forward's `z`) where it saves Z, and
+anything of shape (M, n_L) for identity (never read; dY will do). Where a layer keeps Z_l,
+the backward recomputes h_l = act_l(Z_l) on load for the next layer's weight gradient.
+Further outputs: `dx` (M, n_0), or (0,) when not `need_dx`; `grads`, every parameter's
+gradient in the layout of `params`: contiguous blocks, which autograd keeps as the
 parameters' `.grad` without a copy (`network_backward` below returns them as views).
 
 The ops change none of their inputs; their fake implementations give every output's shape,
 so a compiled graph holds each as one opaque node (no graph break). The kernels also read an
-int32 `meta` (widths, activation codes, the offsets of every weight and bias in `params`):
-the ops build it once per (sizes, activations, biased, device) and cache it, so no tensor is
-made per call. Activations with parameters (a slope, an alpha) would be one more argument (a
-float tensor or list beside `activations`) and one more cached tensor beside `meta`.
+int32 `meta` (widths, activation codes, the offsets of every weight and bias in `params`)
+and `act_params` as an (L, 2) float tensor (each layer's Activation.args, float64 for a
+float64 network, else float32): the ops build each once per (sizes, activations, biased,
+device) and (activations, dtype, device) and cache them, so no tensor is made per call.
 
 Backend per call, as for the layer ops: compiled Triton on CUDA, Triton's interpreter on the
 CPU under TRITON_INTERPRET=1, else `fnn.reference`'s layers (same outputs, same padding).
@@ -34,12 +46,20 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.checks import ACTIVATIONS, check_activation
+from kernels.checks import PARAMETERS, Activation, as_activation
 
 from . import reference
 from .functional import backend
 
-__all__ = ["flat_layout", "meta", "network_backward", "network_forward", "padded_width", "param_count"]
+__all__ = [
+    "activation_params",
+    "flat_layout",
+    "meta",
+    "network_backward",
+    "network_forward",
+    "padded_width",
+    "param_count",
+]
 
 
 def padded_width(sizes: Sequence[int]) -> int:
@@ -95,10 +115,16 @@ def unflatten(
 
 
 _META: dict[tuple, torch.Tensor] = {}
+_ACT_PARAMS: dict[tuple, torch.Tensor] = {}
+_SPECS: dict[tuple, tuple[list[str], list[float]]] = {}
+_DECODED: dict[tuple, tuple[Activation, ...]] = {}
 
 
 def meta(
-    sizes: Sequence[int], activations: Sequence[str], biased: Sequence[bool], device: torch.device
+    sizes: Sequence[int],
+    activations: Sequence[str | Activation],
+    biased: Sequence[bool],
+    device: torch.device,
 ) -> torch.Tensor:
     """The kernels' int32 `meta` (kernels.network.network_meta) on `device`, made once per
     (sizes, activations, biased, device) and cached."""
@@ -108,22 +134,89 @@ def meta(
         blocks = iter(flat_layout(sizes, biased))
         woff = [next(blocks)[0] for _ in range(len(sizes) - 1)]
         boff = [next(blocks)[0] if b else -1 for b in biased]
-        codes = [ACTIVATIONS[a] for a in activations]
+        codes = [as_activation(a).code for a in activations]
         t = _META[key] = torch.tensor([*sizes, *codes, *woff, *boff], dtype=torch.int32, device=device)
     return t
 
 
-def _check(x, params, sizes, activations, biased, who: str) -> None:
-    """One activation and one bias flag per layer, known names, a 2-D x of width n_0, and a
-    flat `params` of the size `sizes` implies in x's dtype and on its device (the reference
-    backend has no launcher to check them; the launchers check them again)."""
+def act_set(activations: Sequence[str | Activation]) -> int:
+    """The kernels' `acts` (kernels.network.act_set): the bitmask of the activations' codes,
+    for which the network kernels are compiled; cached per activations."""
+    key = tuple(activations)
+    bits = _ACT_SET.get(key)
+    if bits is None:
+        bits = 0
+        for a in activations:
+            bits |= 1 << as_activation(a).code
+        _ACT_SET[key] = bits
+    return bits
+
+
+_ACT_SET: dict[tuple, int] = {}
+
+
+def activation_params(
+    activations: Sequence[str | Activation], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The kernels' `act_params` (kernels.network.network_act_params): (L, 2), each layer's
+    Activation.args, in the accumulator dtype of a `dtype` network (float64 for float64, else
+    float32), on `device`; made once per (activations, dtype, device) and cached."""
+    key = (tuple(activations), dtype, device)
+    t = _ACT_PARAMS.get(key)
+    if t is None:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        args = [list(as_activation(a).args) for a in activations]
+        t = _ACT_PARAMS[key] = torch.tensor(args, dtype=acc, device=device).reshape(len(args), 2)
+    return t
+
+
+def spec(activations: Sequence[str | Activation]) -> tuple[list[str], list[float]]:
+    """(names, act_params) of the ops' schema for a list of activations (names or
+    fnn.Activation): act_params empty when every activation has torch's defaults. Cached."""
+    key = tuple(activations)
+    out = _SPECS.get(key)
+    if out is None:
+        acts = [as_activation(a) for a in activations]
+        names = [a.name for a in acts]
+        values = [] if all(a.is_default for a in acts) else [v for a in acts for v in a.values]
+        out = (names, values)
+        if not torch.compiler.is_compiling():  # no side effect in a traced graph
+            _SPECS[key] = out
+    return out
+
+
+def decode(activations: Sequence[str], act_params: Sequence[float], who: str) -> tuple[Activation, ...]:
+    """The fnn.Activation of every layer from the ops' (activations, act_params); raises
+    ValueError for unknown names or a wrong number of parameter values. Cached."""
+    key = (tuple(activations), tuple(act_params))
+    out = _DECODED.get(key)
+    if out is None:
+        for a in activations:
+            as_activation(a)  # a clear error for a bad name
+        counts = [len(PARAMETERS.get(a, ())) for a in activations]
+        if act_params and len(act_params) != sum(counts):
+            raise ValueError(
+                f"{who}: act_params must hold the {sum(counts)} parameter value(s) of "
+                f"{list(activations)} in order (or be empty for the defaults), got {len(act_params)}"
+            )
+        values, acts = iter(act_params), []
+        for a, n in zip(activations, counts, strict=True):
+            acts.append(Activation.from_values(a, [next(values) for _ in range(n)] if act_params else []))
+        out = _DECODED[key] = tuple(acts)
+    return out
+
+
+def _check(x, params, sizes, activations, act_params, biased, who: str) -> tuple[Activation, ...]:
+    """One activation and one bias flag per layer, known names and their parameter values, a
+    2-D x of width n_0, and a flat `params` of the size `sizes` implies in x's dtype and on
+    its device (the reference backend has no launcher to check them; the launchers check them
+    again). Returns the activations."""
     n_layers = len(sizes) - 1
     if n_layers < 1 or len(activations) != n_layers:
         raise ValueError(f"{who}: need sizes (n_0..n_L) and one activation per layer")
     if len(biased) != n_layers:
         raise ValueError(f"{who}: {len(biased)} bias flags for {n_layers} layers")
-    for a in activations:
-        check_activation(a)
+    acts = decode(activations, act_params, who)
     if x.dim() != 2 or x.shape[1] != sizes[0]:
         raise ValueError(f"{who}: x must be 2-D (M, {sizes[0]}), got shape {tuple(x.shape)}")
     n = param_count(sizes, biased)
@@ -132,33 +225,44 @@ def _check(x, params, sizes, activations, biased, who: str) -> None:
             f"{who}: params must be flat ({n},) {x.dtype} on {x.device}, got {tuple(params.shape)} "
             f"{params.dtype} on {params.device}"
         )
+    return acts
 
 
 # --- fnn.reference's version (CPU without the interpreter) ----------------------------------
 
 
-def _reference_forward(x, params, sizes, activations, biased, store_hidden):
+def _keeps_z(acts: Sequence[Activation], store_hidden: bool) -> bool:
+    """Whether the forward returns Z_L: a backward follows and the output layer saves Z."""
+    return store_hidden and acts[-1].saves == "z"
+
+
+def _reference_forward(x, params, sizes, acts, biased, store_hidden):
     p, n_layers, m = padded_width(sizes), len(sizes) - 1, x.shape[0]
     h = x.new_zeros((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p))
     weights, biases = unflatten(params, sizes, biased)
-    out = x
-    for li, a in enumerate(activations):
-        out = reference.linear_act_forward(out, weights[li], biases[li], a)
+    out, z = x, None
+    for li, a in enumerate(acts):
+        out, z = reference.linear_act_forward_z(out, weights[li], biases[li], a)
         if store_hidden and li < n_layers - 1:
-            h[li, :, : sizes[li + 1]] = out
-    return out, h
+            h[li, :, : sizes[li + 1]] = z if a.saves == "z" else out
+    return out, h, (z if _keeps_z(acts, store_hidden) else x.new_empty((0, sizes[-1])))
 
 
-def _reference_backward(dy, y, h, x, params, sizes, activations, biased, need_dx):
+def _reference_backward(dy, y, h, x, params, sizes, acts, biased, need_dx):
     n_layers = len(sizes) - 1
-    outs = [x, *(h[li, :, : sizes[li + 1]] for li in range(n_layers - 1)), y]
+    saved = [*(h[li, :, : sizes[li + 1]] for li in range(n_layers - 1)), y]  # S_1..S_L
+    # Each layer's input: X, or the previous layer's output (recomputed where it kept Z).
+    ins = [x] + [
+        reference.apply_activation(s, a) if a.saves == "z" else s
+        for s, a in zip(saved[:-1], acts[:-1], strict=True)
+    ]
     weights, _ = unflatten(params, sizes, biased)
     grads = torch.empty_like(params)
     dws, dbs = unflatten(grads, sizes, biased)
     g = dy
     for li in reversed(range(n_layers)):
-        d = reference.delta(g, outs[li + 1], activations[li])
-        torch.mm(d.t(), outs[li], out=dws[li])
+        d = reference.delta(g, saved[li], acts[li])
+        torch.mm(d.t(), ins[li], out=dws[li])
         if dbs[li] is not None:
             torch.sum(d, 0, out=dbs[li])
         g = d @ weights[li]
@@ -171,8 +275,8 @@ def _reference_backward(dy, y, h, x, params, sizes, activations, biased, need_dx
 @torch.library.custom_op(
     "fnn::network_forward",
     mutates_args=(),
-    schema="(Tensor x, Tensor params, int[] sizes, str[] activations, bool[] biased, bool store_hidden)"
-    " -> (Tensor, Tensor)",
+    schema="(Tensor x, Tensor params, int[] sizes, str[] activations, bool[] biased, bool store_hidden,"
+    " float[] act_params=[]) -> (Tensor, Tensor, Tensor)",
 )
 def _network_forward_op(
     x: torch.Tensor,
@@ -181,23 +285,31 @@ def _network_forward_op(
     activations: list[str],
     biased: list[bool],
     store_hidden: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    act_params: Sequence[float] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sizes, biased = tuple(sizes), tuple(biased)
-    _check(x, params, sizes, activations, biased, "fnn::network_forward")
+    acts = _check(x, params, sizes, activations, act_params, biased, "fnn::network_forward")
     if backend(x.device) == "reference":
         with torch.autocast(x.device.type, enabled=False):
-            return _reference_forward(x, params, sizes, activations, biased, store_hidden)
+            return _reference_forward(x, params, sizes, acts, biased, store_hidden)
     from kernels import network as K
+    from kernels.memory import empty
 
-    mt = meta(sizes, activations, biased, x.device)
-    return K.network_forward(x, params, mt, sizes, biased, store_hidden)
+    mt = meta(sizes, acts, biased, x.device)
+    ap = activation_params(acts, x.dtype, x.device)
+    z = empty((x.shape[0] if _keeps_z(acts, store_hidden) else 0, sizes[-1]), x)
+    keep = z if z.shape[0] else None
+    y, h = K.network_forward(x, params, mt, sizes, biased, store_hidden, ap, keep, act_set(acts))
+    return y, h, z
 
 
 @_network_forward_op.register_fake
-def _network_forward_fake(x, params, sizes, activations, biased, store_hidden):
+def _network_forward_fake(x, params, sizes, activations, biased, store_hidden, act_params=()):
+    acts = decode(activations, act_params, "fnn::network_forward")
     p, n_layers, m = padded_width(sizes), len(sizes) - 1, x.shape[0]
     h = x.new_empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p))
-    return x.new_empty((m, sizes[-1])), h
+    z = x.new_empty((m if _keeps_z(acts, store_hidden) else 0, sizes[-1]))
+    return x.new_empty((m, sizes[-1])), h, z
 
 
 # --- backward --------------------------------------------------------------------------------
@@ -207,7 +319,7 @@ def _network_forward_fake(x, params, sizes, activations, biased, store_hidden):
     "fnn::network_backward",
     mutates_args=(),
     schema="(Tensor dy, Tensor y, Tensor h, Tensor x, Tensor params, int[] sizes, str[] activations,"
-    " bool[] biased, bool need_dx) -> (Tensor, Tensor)",
+    " bool[] biased, bool need_dx, float[] act_params=[]) -> (Tensor, Tensor)",
 )
 def _network_backward_op(
     dy: torch.Tensor,
@@ -219,23 +331,26 @@ def _network_backward_op(
     activations: list[str],
     biased: list[bool],
     need_dx: bool,
+    act_params: Sequence[float] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     sizes, biased = tuple(sizes), tuple(biased)
-    _check(x, params, sizes, activations, biased, "fnn::network_backward")
+    acts = _check(x, params, sizes, activations, act_params, biased, "fnn::network_backward")
     if backend(x.device) == "reference":
         with torch.autocast(x.device.type, enabled=False):
-            dx, grads = _reference_backward(dy, y, h, x, params, sizes, activations, biased, need_dx)
+            dx, grads = _reference_backward(dy, y, h, x, params, sizes, acts, biased, need_dx)
     else:
         from kernels import network as K
 
-        mt = meta(sizes, activations, biased, x.device)
-        dx, grads = K.network_backward(dy, y, h, x, params, mt, sizes, biased, need_dx)
+        mt = meta(sizes, acts, biased, x.device)
+        ap = activation_params(acts, x.dtype, x.device)
+        bits = act_set(acts)
+        dx, grads = K.network_backward(dy, y, h, x, params, mt, sizes, biased, need_dx, ap, acts=bits)
     # An op returns tensors, never None: an empty dx stands for "not computed".
     return (dx if dx is not None else x.new_empty((0,))), grads
 
 
 @_network_backward_op.register_fake
-def _network_backward_fake(dy, y, h, x, params, sizes, activations, biased, need_dx):
+def _network_backward_fake(dy, y, h, x, params, sizes, activations, biased, need_dx, act_params=()):
     dx = x.new_empty((x.shape[0], sizes[0]) if need_dx else (0,))
     return dx, x.new_empty((param_count(sizes, biased),))
 
@@ -247,14 +362,16 @@ def network_forward(
     x: torch.Tensor,
     params: torch.Tensor,
     sizes: Sequence[int],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
     biased: Sequence[bool],
     store_hidden: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, H) of the whole network for a 2-D x, in one launch: `torch.ops.fnn.network_forward`."""
-    return torch.ops.fnn.network_forward(
-        x, params, list(sizes), list(activations), list(biased), store_hidden
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Y, H, Z_L) of the whole network for a 2-D x, in one launch (activations: names or
+    fnn.Activation): `torch.ops.fnn.network_forward`. H holds each hidden layer's output, or
+    its Z where its activation saves Z; Z_L is empty unless the output layer saves Z and
+    `store_hidden` (see the module docstring)."""
+    names, values = spec(activations)
+    return torch.ops.fnn.network_forward(x, params, list(sizes), names, list(biased), store_hidden, values)
 
 
 def network_backward(
@@ -264,15 +381,16 @@ def network_backward(
     x: torch.Tensor,
     params: torch.Tensor,
     sizes: Sequence[int],
-    activations: Sequence[str],
+    activations: Sequence[str | Activation],
     biased: Sequence[bool],
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
-    """(dX or None, [dW_l], [db_l or None]) from dY and the forward's Y, H, X and flat
-    parameters: `torch.ops.fnn.network_backward`. The gradients are contiguous views of one
-    flat buffer."""
+    """(dX or None, [dW_l], [db_l or None]) from dY and what the forward kept: `y` the output
+    layer's Y, or its Z_L where it saves Z (dY for identity), H, X and the flat parameters:
+    `torch.ops.fnn.network_backward`. The gradients are contiguous views of one flat buffer."""
+    names, values = spec(activations)
     dx, flat = torch.ops.fnn.network_backward(
-        dy, y, h, x, params, list(sizes), list(activations), list(biased), need_dx
+        dy, y, h, x, params, list(sizes), names, list(biased), need_dx, values
     )
     dws, dbs = unflatten(flat, sizes, biased)
     return (dx if need_dx else None), dws, dbs

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import network_ops
 from .functional import backend
-from .modules import FNN, layer_only_activations
+from .modules import FNN
 from .network import fits_network, flat_buffer, resolve_fusion
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -95,7 +95,6 @@ class Trainer:
         return (
             model is not None
             and fits_network(model.sizes)
-            and not layer_only_activations(model.activations)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
             and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
@@ -195,6 +194,8 @@ class Trainer:
                 self.loss,
                 self._hyper[1],
                 buf,
+                network_ops.activation_params(model.activations, x.dtype, x.device),
+                acts=network_ops.act_set(model.activations),
             )
 
 

@@ -30,8 +30,6 @@ ACTIVATIONS: dict[str, int] = {
 ELU_FROM_Z = 10  # elu with alpha < 0
 SOFTPLUS_FROM_Z = 11  # softplus with threshold < SOFTPLUS_Y_THRESHOLD
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Activations the whole-network kernels (kernels/network.py) serve; the others run per layer.
-NETWORK_ACTIVATIONS = ("identity", "sigmoid", "relu", "tanh")
 
 # Parameters of each activation, in the order the kernels take them, with torch's defaults.
 PARAMETERS: dict[str, tuple[tuple[str, float], ...]] = {

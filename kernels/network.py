@@ -5,20 +5,36 @@ Parameters live in one flat buffer `params` in the network's dtype: every layer'
 concatenation of the parameters flattened, so the parameters of an FNN can be views of it
 (fnn.network) and nothing is copied per call. `meta` is int32,
     [n_0..n_L | act_0..act_{L-1} | woff_0..woff_{L-1} | boff_0..boff_{L-1}]
-(`network_meta`): the widths, the activation codes (kernels.checks.ACTIVATIONS), and where
-each weight and bias starts in `params` (boff -1: no bias). The number of layers, the widths
-and the activations are runtime values: one compile per (P, dtype, flags), where P is the
-widest layer rounded up to a power of two >= 16 (tl.dot needs 16), at most 128.
+(`network_meta`): the widths, the activation codes (kernels.checks.Activation.code), and
+where each weight and bias starts in `params` (boff -1: no bias). `act_params` is (L, 2) in
+the accumulator dtype (float64 for float64, else float32): each layer's activation
+parameters (Activation.args: a slope, an alpha, softplus's beta and threshold). The number
+of layers, the widths, the activation codes and their parameters are runtime values: one
+compile per (P, dtype, flags), where P is the widest layer rounded up to a power of two >= 16
+(tl.dot needs 16), at most 128.
 
 Each layer works on (rows, P) tiles: W_l is loaded as a (P, P) tile masked to its real
-corner, and padded units are set to exactly zero after their activation (act(0) may be
-0.5), so padding never changes a result. Stores are masked to the real rows and widths.
+corner, and padded units are set to exactly zero before and after their activation (act(0)
+may be 0.5), so padding never changes a result. Stores are masked to the real rows and widths.
 
-Forward   h_0 = X, h_{l+1} = act_l(h_l W_l^T + b_l), Y = h_L; hidden h_1..h_{L-1} are
-          stored (to H, P columns, zero padding) only when a backward will follow.
-Backward  D_{L-1} = dY * act'(Y); for l = L-1 .. 0: dW_l += D_l^T h_l, db_l += sum_rows D_l,
-          D_{l-1} = (D_l W_l) * act_{l-1}'(h_l); dX = D_0 W_0.
-Train     forward, loss and its gradient, backward and the SGD update in the same launch.
+Forward   Z_l = h_l W_l^T + b_l, h_{l+1} = act_l(Z_l), h_0 = X, Y = h_L. When a backward
+          will follow, H (P columns, zero padding) keeps for each hidden layer what its
+          derivative needs (Activation.saves): its output h_{l+1}, or its Z_l where the
+          activation saves Z (gelu, gelu_tanh, silu, leaky_relu with a negative slope, elu
+          with alpha < 0, softplus with threshold < 17: `saves_z_rt`); and Z_L, the output
+          layer's Z, goes to its own (M, n_L) output where that layer saves Z.
+Backward  D_{L-1} = dY * act'(Z_{L-1}), read off Y or Z_L; for l = L-1 .. 0:
+          dW_l += D_l^T h_l, db_l += sum_rows D_l, D_{l-1} = (D_l W_l) * act_{l-1}'(Z_{l-1})
+          read off what H holds; dX = D_0 W_0. Where H holds Z_{l-1}, h_l = act_{l-1}(Z_{l-1})
+          is recomputed for dW_l, a few rows at a time, into a per-program scratch.
+Train     forward, loss and its gradient, backward and the SGD update in the same launch;
+          its per-program H scratch holds the same as H (and Z_L in a last slot), plus the
+          outputs of the layers that keep Z (nothing recomputed there).
+
+Activation codes are dispatched at run time by chains of ifs (activation_rt, delta_rt; see
+there for why chains). gelu, gelu_tanh and silu (`heavy_rt`) are too heavy in registers for a
+whole (rows, P) tile: they run through a per-program scratch, ACT_ROWS rows at a time
+(`_act_tile`, `_delta_tile`); the others act on the tile in registers.
 
 Gradients are summed in float32 (float64 for float64) per program in a workspace
 (G, L, P, P). With one program (G == 1) the same launch finishes: it writes the gradients
@@ -36,8 +52,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import relu, relu_grad, sigmoid, sigmoid_grad, tanh, tanh_grad
-from .checks import ACTIVATIONS
+from .activations import (
+    device_fn,
+    elu,
+    elu_grad,
+    elu_grad_z,
+    gelu,
+    gelu_grad,
+    gelu_tanh,
+    gelu_tanh_grad,
+    leaky_relu,
+    leaky_relu_grad,
+    relu,
+    relu_grad,
+    sigmoid,
+    sigmoid_grad,
+    silu,
+    silu_grad,
+    softplus,
+    softplus_grad,
+    softplus_grad_z,
+    tanh,
+    tanh_grad,
+)
+from .checks import Activation, as_activation
 from .linear_act import INTERPRETED, _dtype_flags, mma
 from .memory import empty
 
@@ -46,38 +84,216 @@ MAX_WIDTH = 128
 # Gradient workspace budget: caps the number of programs of the backward (G, L, P, P).
 WORKSPACE_BYTES = 64 << 20
 MAX_PROGRAMS = 1024
+# Activation-code bitmasks (bit c: Activation.code c). A kernel is compiled for the set of codes
+# its network uses (ACTS, `act_set`): the branches of the others are left out, which keeps
+# register pressure to what the network needs. The codes themselves are read at run time.
+ALL_ACTS = (1 << 12) - 1
+HEAVY_BITS = (1 << 7) | (1 << 8) | (1 << 9)  # gelu, gelu_tanh, silu (heavy_rt)
+Z_BITS = (1 << 4) | (0b11111 << 7)  # the codes whose layers may keep Z (saves_z_rt)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def activation_rt(z, code):
-    """act(z) for an activation code known only at run time (kernels.checks.ACTIVATIONS)."""
+@device_fn
+def activation_rt(z, code, a, b, ACTS: tl.constexpr):
+    """act(z) for an activation code known only at run time (Activation.code), with its
+    parameters a, b (Activation.args, in z's dtype), the code one of the set ACTS (a bitmask
+    of codes, `act_set`: only their branches are compiled). Every code: for small tiles (the
+    scratch's chunks); full tiles take `activation_light` and `_act_tile`."""
     # A chain of ifs, each taking the value the previous one left (only one fires): an
     # if/elif chain, or ifs that each read z, around a dot's operand crash triton 3.6's
     # TritonGPUPrefetch pass (mma v2: fp16/bf16 on sm_80, float64 everywhere).
-    if code == 1:
-        z = sigmoid(z)
-    if code == 2:
-        z = relu(z)
-    if code == 3:
-        z = tanh(z)
+    z = activation_light(z, code, a, b, ACTS)
+    if ACTS & (1 << 7):
+        if code == 7:
+            z = gelu(z)
+    if ACTS & (1 << 8):
+        if code == 8:
+            z = gelu_tanh(z)
+    if ACTS & (1 << 9):
+        if code == 9:
+            z = silu(z)
     return z
 
 
-@triton.jit
-def delta_rt(g, y, code):
-    """g * act'(z) from y = act(z), the activation code known only at run time."""
+@device_fn
+def activation_light(z, code, a, b, ACTS: tl.constexpr):
+    """act(z) for every code of ACTS but the heavy ones (`heavy_rt`: gelu, gelu_tanh, silu),
+    which leave z as it is: the branches cheap enough in registers for a whole (rows, P) tile."""
     # A chain of ifs, as in activation_rt (triton 3.6's prefetch pass).
-    if code == 1:
-        g = sigmoid_grad(g, y)
-    if code == 2:
-        g = relu_grad(g, y)
-    if code == 3:
-        g = tanh_grad(g, y)
+    if ACTS & (1 << 1):
+        if code == 1:
+            z = sigmoid(z)
+    if ACTS & (1 << 2):
+        if code == 2:
+            z = relu(z)
+    if ACTS & (1 << 3):
+        if code == 3:
+            z = tanh(z)
+    if ACTS & (1 << 4):
+        if code == 4:
+            z = leaky_relu(z, a)
+    if ACTS & ((1 << 5) | (1 << 10)):
+        if (code == 5) | (code == 10):
+            z = elu(z, a)
+    if ACTS & ((1 << 6) | (1 << 11)):
+        if (code == 6) | (code == 11):
+            z = softplus(z, a, b)
+    return z
+
+
+@device_fn
+def delta_rt(g, s, code, a, b, ACTS: tl.constexpr):
+    """g * act'(z) read off s, what the forward saved (Y, or Z where `saves_z_rt`), the
+    activation code (one of ACTS) and its parameters known only at run time. Every code: for
+    small tiles; full tiles take `delta_light` and `_delta_tile`."""
+    g = delta_light(g, s, code, a, b, ACTS)
+    if ACTS & (1 << 7):
+        if code == 7:
+            g = gelu_grad(g, s)
+    if ACTS & (1 << 8):
+        if code == 8:
+            g = gelu_tanh_grad(g, s)
+    if ACTS & (1 << 9):
+        if code == 9:
+            g = silu_grad(g, s)
     return g
+
+
+@device_fn
+def delta_light(g, s, code, a, b, ACTS: tl.constexpr):
+    """delta_rt for every code of ACTS but the heavy ones (`heavy_rt`), which leave g as it is."""
+    # A chain of ifs, as in activation_rt (triton 3.6's prefetch pass).
+    if ACTS & (1 << 1):
+        if code == 1:
+            g = sigmoid_grad(g, s)
+    if ACTS & (1 << 2):
+        if code == 2:
+            g = relu_grad(g, s)
+    if ACTS & (1 << 3):
+        if code == 3:
+            g = tanh_grad(g, s)
+    if ACTS & (1 << 4):
+        if code == 4:
+            g = leaky_relu_grad(g, s, a)
+    if ACTS & (1 << 5):
+        if code == 5:
+            g = elu_grad(g, s, a)
+    if ACTS & (1 << 6):
+        if code == 6:
+            g = softplus_grad(g, s, a, b)
+    if ACTS & (1 << 10):
+        if code == 10:
+            g = elu_grad_z(g, s, a)
+    if ACTS & (1 << 11):
+        if code == 11:
+            g = softplus_grad_z(g, s, a, b)
+    return g
+
+
+@device_fn
+def in_set_rt(code, ACTS: tl.constexpr):
+    """Whether the run-time code is one of ACTS (a code outside the set the kernel was
+    compiled for has no branch: its layer gives NaN, never a silently wrong value)."""
+    return ((ACTS >> code) & 1) != 0
+
+
+@device_fn
+def heavy_rt(code):
+    """Whether the code's activation and derivative are too heavy in registers for a whole
+    tile (gelu's erfc and erfcx, silu's compensated quotients; codes 7..9): evaluated a few
+    rows at a time through a scratch instead (`_act_tile`, `_delta_tile`)."""
+    return (code >= 7) & (code <= 9)
+
+
+@device_fn
+def saves_z_rt(code, a):
+    """Whether a layer of this code and first parameter keeps Z rather than its output
+    (kernels.checks.Activation.saves == "z"): gelu, gelu_tanh, silu, ELU_FROM_Z,
+    SOFTPLUS_FROM_Z (codes 7..11) and leaky_relu with a negative slope."""
+    return (code >= 7) | ((code == 4) & (a < 0))
+
+
+@triton.jit
+def _layer_act(act_ptr, meta_ptr, li, L):
+    """(code, a, b, saves Z) of layer li: its Activation.code, its parameters, and whether
+    the backward reads its Z (saves_z_rt)."""
+    code = tl.load(meta_ptr + L + 1 + li)
+    a = tl.load(act_ptr + 2 * li)
+    b = tl.load(act_ptr + 2 * li + 1)
+    return code, a, b, saves_z_rt(code, a)
+
+
+@triton.jit
+def _act_tile(z, code, a, b, asc, BLOCK_M: tl.constexpr, P: tl.constexpr, ACT_ROWS: tl.constexpr, ACTS: tl.constexpr):
+    """act(z) for a (BLOCK_M, P) tile. Light codes act in registers; a heavy one (heavy_rt)
+    goes through this program's scratch `asc` (BLOCK_M, P), ACT_ROWS rows at a time, so that
+    few elements per thread are live in its branch. No branch around the tile: the scratch's
+    stores and loads are masked off, its loop empty, for a light code. Without a heavy code
+    in ACTS there is no scratch (asc unused). A code outside ACTS gives NaN."""
+    if (ACTS & ((1 << 7) | (1 << 8) | (1 << 9))) == 0:  # no heavy code (HEAVY_BITS)
+        return tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, P)
+    n = tl.where(heavy_rt(code), BLOCK_M, 0)  # rows that go through the scratch
+    tile = asc + offs_r[:, None] * P + offs_p[None, :]
+    tl.debug_barrier()  # the scratch's previous readers are done
+    tl.store(tile, z, mask=(offs_r < n)[:, None])
+    h = tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
+    tl.debug_barrier()
+    for r0 in range(0, n, ACT_ROWS):
+        ptrs = asc + (r0 + tl.arange(0, ACT_ROWS))[:, None] * P + offs_p[None, :]
+        tl.store(ptrs, activation_rt(tl.load(ptrs), code, a, b, ACTS))  # each thread its own elements
+    tl.debug_barrier()
+    return tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), h)
+
+
+@triton.jit
+def _delta_tile(
+    g,
+    s,
+    code,
+    a,
+    b,
+    asc,
+    s_ptr,
+    stride_sm,
+    stride_sp,
+    n_rows,
+    n_cols,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    P: tl.constexpr,
+    ACT_ROWS: tl.constexpr,
+    ACTS: tl.constexpr,
+):
+    """g * act'(z) for a (BLOCK_M, P) tile, read off s (the same tile: S's rows at s_ptr,
+    stride_sm apart, n_rows x n_cols of them real). Light codes in registers; a heavy one
+    through the scratch `asc`, ACT_ROWS rows at a time, S's rows read again from s_ptr (none
+    without a heavy code in ACTS). A code outside ACTS gives NaN."""
+    if (ACTS & ((1 << 7) | (1 << 8) | (1 << 9))) == 0:  # no heavy code (HEAVY_BITS)
+        return tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, P)
+    n = tl.where(heavy_rt(code), BLOCK_M, 0)
+    tile = asc + offs_r[:, None] * P + offs_p[None, :]
+    tl.debug_barrier()  # the scratch's previous readers are done
+    tl.store(tile, g, mask=(offs_r < n)[:, None])
+    d = tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
+    tl.debug_barrier()
+    for r0 in range(0, n, ACT_ROWS):
+        offs = r0 + tl.arange(0, ACT_ROWS)
+        ptrs = asc + offs[:, None] * P + offs_p[None, :]
+        sc = tl.load(
+            s_ptr + offs[:, None] * stride_sm + offs_p[None, :] * stride_sp,
+            mask=(offs < n_rows)[:, None] & (offs_p < n_cols)[None, :],
+            other=0,
+        )
+        tl.store(ptrs, delta_rt(tl.load(ptrs), sc.to(ACC_DTYPE), code, a, b, ACTS))
+    tl.debug_barrier()
+    return tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), d)
 
 
 @triton.jit
@@ -94,16 +310,31 @@ def _weight_tile(params_ptr, woff, n_out, n_in, offs_p, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _layer_epilogue(
-    acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr
-):
-    """act_l(acc + b_l), its padded columns (>= n_out) set to exactly zero."""
+def _rows_if(offs_m, end, cond):
+    """The (rows, 1) mask offs_m < end where the scalar `cond` holds, all false elsewhere (the
+    scalar folded into the comparison: no branch, and no scalar-and-tensor `&`, which Triton's
+    interpreter turns into an int32 mask)."""
+    return (offs_m < tl.where(cond, end, 0))[:, None]
+
+
+@triton.jit
+def _layer_z(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Z_l = acc + b_l, its padded columns (>= n_out) set to exactly zero (a product of an
+    infinite input with a padded zero weight would leave NaN there)."""
     if HAS_BIAS:
         boff = tl.load(meta_ptr + 3 * L + 1 + li)
         b = tl.load(params_ptr + boff + offs_p, mask=offs_p < tl.where(boff >= 0, n_out, 0), other=0)
         acc += b.to(ACC_DTYPE)[None, :]
-    acc = activation_rt(acc, tl.load(meta_ptr + L + 1 + li))
     return tl.where((offs_p < n_out)[None, :], acc, 0)
+
+
+@triton.jit
+def _layer_out(
+    z, code, a, b, n_out, asc, BLOCK_M: tl.constexpr, P: tl.constexpr, ACT_ROWS: tl.constexpr, ACTS: tl.constexpr
+):
+    """act_l(Z_l) (`_act_tile`), its padded columns set to exactly zero (act(0) may be 0.5)."""
+    h = _act_tile(z, code, a, b, asc, BLOCK_M, P, ACT_ROWS, ACTS)
+    return tl.where((tl.arange(0, P) < n_out)[None, :], h, 0)
 
 
 @triton.jit
@@ -120,12 +351,12 @@ def _layer_forward(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """(act_l(h @ W_l^T + b_l) in ACC_DTYPE with padded columns exactly zero, n_{l+1})."""
+    """(Z_l = h @ W_l^T + b_l in ACC_DTYPE with padded columns exactly zero, n_{l+1})."""
     n_in = tl.load(meta_ptr + li)
     n_out = tl.load(meta_ptr + li + 1)
     wt = _weight_tile(params_ptr, tl.load(meta_ptr + 2 * L + 1 + li), n_out, n_in, offs_p, True)
     acc = mma(h, wt, tl.zeros((h.shape[0], P), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
-    acc = _layer_epilogue(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
+    acc = _layer_z(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
     return acc, n_out
 
 
@@ -171,8 +402,11 @@ def network_fwd_kernel(
     x_ptr,  # X (M, n_0), any strides
     params_ptr,  # flat parameters: weights W_0..W_{L-1}, then biases (offsets in meta)
     meta_ptr,  # int32 [n_0..n_L | act codes | weight offsets | bias offsets]
+    act_ptr,  # (L, 2) activation parameters per layer (Activation.args), accumulator dtype
     y_ptr,  # Y (M, n_L), written
-    h_ptr,  # H (L-1, M, P) hidden outputs, written when STORE_H
+    h_ptr,  # H (L-1, M, P): what the backward reads of each hidden layer, written when STORE_H
+    z_ptr,  # Z_L (M, n_L) with y's strides: the output layer's Z, written when STORE_Z
+    asc_ptr,  # a heavy code in ACTS: (programs, BLOCK_M, P) accumulator-dtype scratch of _act_tile
     M,  # rows
     L,  # layers
     stride_xm,
@@ -183,14 +417,20 @@ def network_fwd_kernel(
     P: tl.constexpr,  # padded width
     BLOCK_M: tl.constexpr,  # rows per program
     HAS_BIAS: tl.constexpr,  # some layer has a bias
-    STORE_H: tl.constexpr,  # keep the hidden outputs for the backward
+    STORE_H: tl.constexpr,  # keep the hidden layers' h_l or Z_l for the backward
+    STORE_Z: tl.constexpr,  # keep the output layer's Z (its activation saves Z)
+    ACT_ROWS: tl.constexpr,  # rows per step of a heavy activation through the scratch
+    ACTS: tl.constexpr,  # bitmask of the activation codes the layers use (act_set)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    asc = asc_ptr + pid * BLOCK_M * P
     offs_p = tl.arange(0, P)
     mask_m = offs_m < M
+    dtype = x_ptr.dtype.element_ty
     n_out = tl.load(meta_ptr)
     h = tl.load(
         x_ptr + offs_m[:, None] * stride_xm + offs_p[None, :] * stride_xk,
@@ -198,23 +438,31 @@ def network_fwd_kernel(
         other=0,
     )
 
-    # Layers: h stays on chip; only hidden outputs (if asked) and Y go to memory.
+    # Layers: h stays on chip; only what the backward reads (if asked) and Y go to memory.
     h_l = h_ptr
+    z_last = h  # STORE_Z: the last layer's Z, stored with Y (a store in the loop would keep its
+    # loop-invariant addresses live throughout)
     for li in range(L):
-        acc, n_out = _layer_forward(
+        code, a, b, sz = _layer_act(act_ptr, meta_ptr, li, L)
+        z, n_out = _layer_forward(
             h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
         )
-        h = acc.to(x_ptr.dtype.element_ty)
+        # Masked stores, no branches (triton 3.6's prefetch pass): a layer that saves Z keeps
+        # Z_l, the others their output h_l; all P columns, the padding written as zeros.
+        h_ptrs = h_l + offs_m[:, None] * P + offs_p[None, :]
         if STORE_H:
-            if li < L - 1:  # all P columns: the padding is written as zeros
-                tl.store(h_l + offs_m[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
+            tl.store(h_ptrs, z.to(dtype), mask=_rows_if(offs_m, M, sz & (li < L - 1)))
+        if STORE_Z:
+            z_last = z.to(dtype)
+        h = _layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS).to(dtype)
+        if STORE_H:
+            tl.store(h_ptrs, h, mask=_rows_if(offs_m, M, ~sz & (li < L - 1)))
         h_l += stride_hl
 
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_p[None, :] * stride_yn,
-        h,
-        mask=mask_m[:, None] & (offs_p < n_out)[None, :],
-    )
+    offs_y = offs_m[:, None] * stride_ym + offs_p[None, :] * stride_yn
+    tl.store(y_ptr + offs_y, h, mask=mask_m[:, None] & (offs_p < n_out)[None, :])
+    if STORE_Z:
+        tl.store(z_ptr + offs_y, z_last, mask=mask_m[:, None] & (offs_p < n_out)[None, :])
 
 
 @triton.jit
@@ -222,10 +470,16 @@ def network_bwd_kernel(
     x_ptr,  # X (M, n_0), any strides
     params_ptr,  # flat parameters; a one-program train step updates them in place
     meta_ptr,  # int32 [n_0..n_L | act codes | weight offsets | bias offsets]
-    y_ptr,  # gradient mode: Y (M, n_L), the saved output; train mode: the target
+    act_ptr,  # (L, 2) activation parameters per layer (Activation.args), accumulator dtype
+    y_ptr,  # gradient mode: S_L (M, n_L), the output layer's Y, or its Z where it saves Z;
+    # train mode: the target
     dy_ptr,  # gradient mode: dY (M, n_L), any strides; train mode: unused
-    h_ptr,  # H: gradient mode (L-1, M, P) from the forward; train mode (G, L-1, BLOCK_M, P) scratch
+    h_ptr,  # H, each layer's h_l or Z_l: gradient mode (L-1, M, P) from the forward; train mode
+    # (G, L, BLOCK_M, P) scratch, Z_L of a Z-saving output layer in its last slot
     dsc_ptr,  # scratch (G, BLOCK_M, P) for this program's delta D_l
+    asc_ptr,  # scratch (G, BLOCK_M, P), accumulator dtype: heavy activations and deltas (_act_tile)
+    hsc_ptr,  # scratch (G, HS, BLOCK_M, P): the outputs of layers that keep Z, for the products
+    # that read them (train mode: HS = L, one per layer; gradient mode: HS = 1, recomputed)
     dx_ptr,  # dX (M, n_0), written when NEED_DX
     gw_ptr,  # float workspace (G, L, P, P): this program's dW sums
     gb_ptr,  # float workspace (G, L, P): this program's db sums
@@ -258,6 +512,8 @@ def network_bwd_kernel(
     CHUNK_K: tl.constexpr,  # reduction step of the products that read D back from its scratch
     STREAM_FWD: tl.constexpr,  # train mode: the forward products read X and H CHUNK_K columns
     # at a time from memory, rather than h from registers (FMA dots: float32 "ieee", float64)
+    ACT_ROWS: tl.constexpr,  # rows per step of a heavy activation through the scratch
+    ACTS: tl.constexpr,  # bitmask of the activation codes the layers use (act_set)
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -273,9 +529,12 @@ def network_bwd_kernel(
     gw_g = gw_ptr + pid * L * P * P
     gb_g = gb_ptr + pid * L * P
     dsc = dsc_ptr + pid * BLOCK_M * P
+    asc = asc_ptr + pid * BLOCK_M * P
+    hsc = hsc_ptr + pid * (L if TRAIN else 1) * BLOCK_M * P
     dtype = x_ptr.dtype.element_ty
     loss = tl.sum(tl.zeros((1,), dtype=ACC_DTYPE), axis=0)
     numel = (n_L.to(tl.int64) * M).to(ACC_DTYPE)
+    code_o, a_o, b_o, sz_o = _layer_act(act_ptr, meta_ptr, L - 1, L)  # the output layer's
 
     for it in range(n_blocks):
         blk0 = row_start + it * BLOCK_M  # first row of this block
@@ -304,40 +563,49 @@ def network_bwd_kernel(
                 )
             h_l = h_base
             for li in range(L):
+                code, a, b, sz = _layer_act(act_ptr, meta_ptr, li, L)
                 if STREAM_FWD:
-                    # h_l @ W_l^T, CHUNK_K columns of h_l at a time, read back from X or H.
+                    # h_l @ W_l^T, CHUNK_K columns of h_l at a time, read back from X, H, or
+                    # (where the previous layer keeps Z in H) the copy of its output in hsc.
                     n_in = tl.load(meta_ptr + li)
                     n_out = tl.load(meta_ptr + li + 1)
                     woff = tl.load(meta_ptr + 2 * L + 1 + li)
+                    _, _, _, psz = _layer_act(act_ptr, meta_ptr, tl.maximum(li - 1, 0), L)
+                    src = tl.where(psz, hsc + (li - 1) * BLOCK_M * P, h_l - stride_hl)
                     acc = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
                     for k0 in range(0, P, CHUNK_K):
                         offs_k = k0 + tl.arange(0, CHUNK_K)
                         if li == 0:
-                            a = tl.load(
+                            hk = tl.load(
                                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                                 mask=mask_m[:, None] & (offs_k < n_in)[None, :],
                                 other=0,
                             )
                         else:
-                            a = tl.load(
-                                h_l - stride_hl + h_rows[:, None] * P + offs_k[None, :], mask=mask_m[:, None], other=0
-                            )
+                            hk = tl.load(src + h_rows[:, None] * P + offs_k[None, :], mask=mask_m[:, None], other=0)
                         wt = tl.load(  # W_l^T rows k0.., (CHUNK_K, P_out)
                             params_ptr + woff + offs_p[None, :] * n_in + offs_k[:, None],
                             mask=(offs_p < n_out)[None, :] & (offs_k < n_in)[:, None],
                             other=0,
                         )
-                        acc = mma(a, wt, acc, INPUT_PRECISION, UPCAST)
-                    acc = _layer_epilogue(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
+                        acc = mma(hk, wt, acc, INPUT_PRECISION, UPCAST)
+                    z = _layer_z(acc, params_ptr, meta_ptr, li, L, n_out, offs_p, HAS_BIAS, ACC_DTYPE)
                 else:
-                    acc, n_out = _layer_forward(
+                    z, n_out = _layer_forward(
                         h, params_ptr, meta_ptr, li, L, offs_p, P, HAS_BIAS, ACC_DTYPE, INPUT_PRECISION, UPCAST
                     )
-                h = acc.to(dtype)
-                if li < L - 1:
-                    tl.store(h_l + h_rows[:, None] * P + offs_p[None, :], h, mask=mask_m[:, None])
-                    if STREAM_FWD:
-                        tl.debug_barrier()  # the next layer reads these rows back in other threads
+                # As in network_fwd_kernel: Z_l where the layer saves Z (the output layer's too,
+                # in the last slot), else h_l for the hidden layers; masked stores, no branches.
+                # A hidden layer that keeps Z also leaves its output in hsc, for the products of
+                # the next layer and of dW (this scratch is the program's own: nothing saved).
+                h_ptrs = h_l + h_rows[:, None] * P + offs_p[None, :]
+                tl.store(h_ptrs, z.to(dtype), mask=_rows_if(offs_m, row_end, sz))
+                h = _layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS).to(dtype)
+                tl.store(h_ptrs, h, mask=_rows_if(offs_m, row_end, ~sz & (li < L - 1)))
+                hs_ptrs = hsc + li * BLOCK_M * P + offs_r[:, None] * P + offs_p[None, :]
+                tl.store(hs_ptrs, h, mask=_rows_if(offs_m, row_end, sz & (li < L - 1)))
+                if STREAM_FWD:
+                    tl.debug_barrier()  # the next layer reads these rows back in other threads
                 h_l += stride_hl
             yh = h.to(ACC_DTYPE)
             t = tl.load(
@@ -346,6 +614,14 @@ def network_bwd_kernel(
             part, g = _loss_grad(yh, t, mask_out, numel, LOSS)
             loss += part
             tl.debug_barrier()  # H written above is read back below, maybe by other threads
+            # The output layer's derivative from Z_L where it saves Z, else from Y.
+            s_ptr, stride_sm, stride_sp = h_l - stride_hl, P, 1
+            z_o = tl.load(
+                s_ptr + h_rows[:, None] * P + offs_p[None, :],
+                mask=_rows_if(offs_m, row_end, sz_o) & (offs_p < n_L)[None, :],
+                other=0,
+            )
+            yh = tl.where(sz_o, z_o.to(ACC_DTYPE), yh)
         else:
             g = tl.load(
                 dy_ptr + offs_m[:, None] * stride_dym + offs_p[None, :] * stride_dyn, mask=mask_out, other=0
@@ -353,7 +629,11 @@ def network_bwd_kernel(
             yh = tl.load(
                 y_ptr + offs_m[:, None] * stride_ym + offs_p[None, :] * stride_yn, mask=mask_out, other=0
             ).to(ACC_DTYPE)
-        d = delta_rt(g, yh, tl.load(meta_ptr + 2 * L))
+            s_ptr, stride_sm, stride_sp = y_ptr + blk0 * stride_ym, stride_ym, stride_yn
+        d = _delta_tile(
+            g, yh, code_o, a_o, b_o, asc, s_ptr, stride_sm, stride_sp, row_end - blk0, n_L,
+            ACC_DTYPE, BLOCK_M, P, ACT_ROWS, ACTS,
+        )  # fmt: skip
 
         # Stage 2: layers top-down; this program's dW_l, db_l sums kept in its workspace slice.
         gw_l = gw_g + (L - 1) * P * P
@@ -364,6 +644,27 @@ def network_bwd_kernel(
             n_in = tl.load(meta_ptr + li)
             n_out = tl.load(meta_ptr + li + 1)
             woff = tl.load(meta_ptr + 2 * L + 1 + li)
+            # The previous layer's activation. Where H holds its Z, dW_l reads its output h_l
+            # from hsc: left there by the train-mode forward, or recomputed here from Z, a few
+            # rows at a time (no activation on the products' operand tiles, whose layouts
+            # hold many copies of each element per thread).
+            pcode, pa, pb, psz = _layer_act(act_ptr, meta_ptr, tl.maximum(li - 1, 0), L)
+            psz = psz & (li > 0)
+            if TRAIN:
+                src = tl.where(psz, hsc + (li - 1) * BLOCK_M * P, h_l)
+            else:
+                if ACTS & ((1 << 4) | (0b11111 << 7)):  # a code that may keep Z (Z_BITS)
+                    for r0 in range(0, tl.where(psz, BLOCK_M, 0), ACT_ROWS):
+                        offs = r0 + tl.arange(0, ACT_ROWS)
+                        zc = tl.load(
+                            h_l + (h0 + offs)[:, None] * P + offs_p[None, :],
+                            mask=(h0 + offs < row_end)[:, None],
+                            other=0,
+                        )
+                        zc = activation_rt(zc.to(ACC_DTYPE), pcode, pa, pb, ACTS)
+                        tl.store(hsc + offs[:, None] * P + offs_p[None, :], zc.to(dtype))
+                    tl.debug_barrier()  # the products read hsc in other threads
+                src = tl.where(psz, hsc, h_l + h0 * P)
             # D goes through this program's scratch, and its products read it back CHUNK_K rows
             # or columns at a time: short reductions for FMA dots (which hold all of theirs in
             # registers), and no dot operand derived in registers from D (triton 3.9 then moved
@@ -390,7 +691,7 @@ def network_bwd_kernel(
                             other=0,
                         )
                     else:
-                        h_c = tl.load(h_l + (h0 + offs_k)[:, None] * P + offs_c[None, :], mask=mask_k, other=0)
+                        h_c = tl.load(src + offs_k[:, None] * P + offs_c[None, :], mask=mask_k, other=0)
                     dt_k = tl.load(dsc + offs_p[:, None] + offs_k[None, :] * P)  # D^T, (P, CHUNK_K)
                     gw = mma(dt_k, h_c, gw, INPUT_PRECISION, UPCAST)
                 gw_ptrs = gw_l + offs_p[:, None] * P + offs_c[None, :]
@@ -411,9 +712,13 @@ def network_bwd_kernel(
                     )
                     dh = mma(d_k, w_k, dh, INPUT_PRECISION, UPCAST)
                 if li > 0:
-                    # D_{l-1} = (D_l W_l) * act'_{l-1}(h_in), h_in being act_{l-1}'s output.
-                    h_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
-                    d = delta_rt(dh, h_in.to(ACC_DTYPE), tl.load(meta_ptr + L + li))
+                    # D_{l-1} = (D_l W_l) * act'_{l-1}(Z_{l-1}), read off what H holds: the
+                    # previous layer's output, or its Z.
+                    s_in = tl.load(h_l + h_rows[:, None] * P + offs_p[None, :], mask=mask_in, other=0)
+                    d = _delta_tile(
+                        dh, s_in.to(ACC_DTYPE), pcode, pa, pb, asc, h_l + h0 * P, P, 1, row_end - blk0, n_in,
+                        ACC_DTYPE, BLOCK_M, P, ACT_ROWS, ACTS,
+                    )  # fmt: skip
                 else:
                     tl.store(
                         dx_ptr + offs_m[:, None] * stride_dxm + offs_p[None, :] * stride_dxk,
@@ -547,9 +852,12 @@ def param_count(sizes: Sequence[int], biased: Sequence[bool]) -> int:
     return n + sum(o for o, b in zip(sizes[1:], biased, strict=True) if b)
 
 
-def network_meta(sizes: Sequence[int], activations: Sequence[str], biased: Sequence[bool]) -> list[int]:
-    """The kernels' `meta` as a list: widths, activation codes, weight and bias offsets in the
-    flat parameter buffer (-1 where a layer has no bias). Put it in an int32 tensor."""
+def network_meta(
+    sizes: Sequence[int], activations: Sequence[str | Activation], biased: Sequence[bool]
+) -> list[int]:
+    """The kernels' `meta` as a list: widths, activation codes (Activation.code), weight and
+    bias offsets in the flat parameter buffer (-1 where a layer has no bias). Put it in an
+    int32 tensor."""
     n_layers = len(sizes) - 1
     if len(activations) != n_layers or len(biased) != n_layers:
         raise ValueError(f"need one activation and one bias flag per layer of {list(sizes)}")
@@ -561,7 +869,14 @@ def network_meta(sizes: Sequence[int], activations: Sequence[str], biased: Seque
     for o, b in zip(sizes[1:], biased, strict=True):
         boff.append(off if b else -1)
         off += o if b else 0
-    return [*sizes, *(ACTIVATIONS[a] for a in activations), *woff, *boff]
+    return [*sizes, *(as_activation(a).code for a in activations), *woff, *boff]
+
+
+def network_act_params(activations: Sequence[str | Activation]) -> list[list[float]]:
+    """The kernels' `act_params` as a list: each layer's two activation parameters
+    (Activation.args). Put it in an (L, 2) tensor of the accumulator dtype (float64 for
+    float64 networks, else float32)."""
+    return [list(as_activation(a).args) for a in activations]
 
 
 @dataclass(frozen=True)
@@ -643,9 +958,15 @@ def network_programs(
 
 
 def _check_net(
-    params: torch.Tensor, meta: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool], like, who: str
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    act_params: torch.Tensor,
+    sizes: Sequence[int],
+    biased: Sequence[bool],
+    like,
+    who: str,
 ) -> int:
-    """Validate the flat parameters and `meta` against `sizes`/`biased`; return P."""
+    """Validate the flat parameters, `meta` and `act_params` against `sizes`/`biased`; return P."""
     n_layers = len(sizes) - 1
     if n_layers < 1:
         raise ValueError(f"{who}: sizes must list at least two widths, got {list(sizes)}")
@@ -659,6 +980,7 @@ def _check_net(
     for name, t, shape, dtype in (
         ("params", params, (param_count(sizes, biased),), like.dtype),
         ("meta", meta, (4 * n_layers + 1,), torch.int32),
+        ("act_params", act_params, (n_layers, 2), torch.float64 if like.dtype == torch.float64 else torch.float32),
     ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -690,20 +1012,37 @@ def network_forward(
     sizes: Sequence[int],
     biased: Sequence[bool],
     store_hidden: bool,
+    act_params: torch.Tensor,
+    z_out: torch.Tensor | None = None,
+    acts: int = ALL_ACTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Y (M, n_L) of the whole network for a 2-D x (M, n_0), in one launch; also H
-    (L-1, M, P), the hidden outputs with zero padding, written only when `store_hidden`."""
+    (L-1, M, P), written only when `store_hidden`: per hidden layer what the backward reads,
+    its Z_l where its activation saves Z (Activation.saves, as `saves_z_rt` decides it from
+    meta's code and act_params), else its output h_l; P columns, zero padding.
+    `act_params`: (L, 2), each layer's Activation.args in the accumulator dtype.
+    `z_out`: an (M, n_L) contiguous tensor that receives Z_L, the output layer's Z (what the
+    backward reads where the output activation saves Z); None: not kept. `acts`: the set of
+    activation codes in meta (`act_set`), for which the kernel is compiled; a layer whose code
+    is outside it gives NaN. A heavy one (gelu, gelu_tanh, silu) runs through a scratch of
+    (M, P) floats."""
     who = "network_forward"
     _check_x(x, sizes, who)
-    p = _check_net(params, meta, sizes, biased, x, who)
+    p = _check_net(params, meta, act_params, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
+    if z_out is not None:
+        _check_rows("z_out", z_out, (m, sizes[-1]), x, who)
+        if not z_out.is_contiguous():
+            raise ValueError(f"{who}: z_out must be contiguous")
     y = empty((m, sizes[-1]), x)
     h = empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p), x)
     if m == 0:
         return y, h
     cfg = network_config("fwd", m, p, x.dtype)
-    network_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        x, params, meta, y, h if h.numel() else y,
+    grid = triton.cdiv(m, cfg.block_m)
+    asc = _act_scratch(grid, cfg.block_m, p, x) if acts & HEAVY_BITS else y
+    network_fwd_kernel[(grid,)](
+        x, params, meta, act_params, y, h if h.numel() else y, y if z_out is None else z_out, asc,
         m, n_layers,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         m * p,
@@ -711,11 +1050,34 @@ def network_forward(
         BLOCK_M=cfg.block_m,
         HAS_BIAS=any(biased),
         STORE_H=store_hidden and n_layers > 1,
+        STORE_Z=z_out is not None,
+        ACT_ROWS=act_rows(cfg, p),
+        ACTS=acts,
         num_warps=cfg.num_warps,
         num_stages=1,
+        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
         **_dtype_flags(x.dtype),
     )
     return y, h
+
+
+def act_rows(cfg: NetConfig, p: int) -> int:
+    """Rows per step of a heavy activation through the scratch: at most two elements per
+    thread of the (rows, P) chunk."""
+    return max(1, min(cfg.block_m, 64 * cfg.num_warps // p))
+
+
+def act_set(activations: Sequence[str | Activation]) -> int:
+    """The launchers' `acts`: the bitmask of the activations' codes (Activation.code)."""
+    bits = 0
+    for a in activations:
+        bits |= 1 << as_activation(a).code
+    return bits
+
+
+def _act_scratch(g: int, block_m: int, p: int, like: torch.Tensor) -> torch.Tensor:
+    """The accumulator-dtype scratch (G, BLOCK_M, P) of the heavy activations (_act_tile)."""
+    return empty((g, block_m, p), like, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
 
 
 def _workspace(g: int, n_layers: int, p: int, like: torch.Tensor, has_bias: bool):
@@ -735,14 +1097,18 @@ def network_backward(
     sizes: Sequence[int],
     biased: Sequence[bool],
     need_dx: bool,
+    act_params: torch.Tensor,
     programs: int | None = None,
+    acts: int = ALL_ACTS,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(dX or None, the gradients in the layout of `params`) from dY, the saved output Y, the
-    hidden outputs H and the input X. One launch when the batch fits one program (G == 1),
-    else two (the partial sums reduced in a fixed order). `programs` forces G (tests)."""
+    """(dX or None, the gradients in the layout of `params`) from dY, the output layer's saved
+    tensor `y` (its output Y, or Z_L where its activation saves Z: network_forward's z_out),
+    H and the input X (`act_params` as for network_forward). One launch when the batch fits
+    one program (G == 1), else two (the partial sums reduced in a fixed order). `programs`
+    forces G (tests). `acts`: as for network_forward."""
     who = "network_backward"
     _check_x(x, sizes, who)
-    p = _check_net(params, meta, sizes, biased, x, who)
+    p = _check_net(params, meta, act_params, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
     _check_rows("dy", dy, (m, sizes[-1]), x, who)
     _check_rows("y", y, (m, sizes[-1]), x, who)
@@ -758,11 +1124,13 @@ def network_backward(
     g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
     dsc = empty((g, cfg.block_m, p), x)
+    asc = _act_scratch(g, cfg.block_m, p, x) if acts & HEAVY_BITS else gw
+    hsc = empty((g, 1, cfg.block_m, p), x) if acts & Z_BITS else x
     grads = empty(params.shape, x)
     flags = _dtype_flags(x.dtype)
     dxa = dx if need_dx else x
     network_bwd_kernel[(g,)](
-        x, params, meta, y, dy, h if h.numel() else y, dsc, dxa, gw, gb,
+        x, params, meta, act_params, y, dy, h if h.numel() else y, dsc, asc, hsc, dxa, gw, gb,
         grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
         m, n_layers, rows,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), dy.stride(1),
@@ -779,8 +1147,11 @@ def network_backward(
         GW_COLS=cfg.gw_cols,
         CHUNK_K=cfg.chunk_k,
         STREAM_FWD=cfg.stream_fwd,
+        ACT_ROWS=act_rows(cfg, p),
+        ACTS=acts,
         num_warps=cfg.num_warps,
         num_stages=1,
+        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
         **flags,
     )
     if g > 1:
@@ -816,12 +1187,16 @@ def network_train_step(
     loss: str,
     hyper: torch.Tensor,
     buf: torch.Tensor | None,
+    act_params: torch.Tensor,
     programs: int | None = None,
+    acts: int = ALL_ACTS,
 ) -> torch.Tensor:
     """One SGD step of the whole network on (x, target): forward, loss, backward, update of
     `params` in place (and of the momentum buffer `buf`, in the layout of `params`, when given).
 
-    `hyper` is [lr, momentum] in the accumulator dtype (float64 for float64, else float32).
+    `hyper` is [lr, momentum] in the accumulator dtype (float64 for float64, else float32);
+    `act_params` and `acts` as for network_forward. The kernel's H scratch holds, per layer, what
+    network_forward's H and z_out would (Z_l where the activation saves Z, else h_l).
     Returns the loss (a 0-dim tensor in x's dtype), computed before the update. One launch
     when the batch fits one program, two otherwise (the second sums the per-program
     gradients in a fixed order and updates)."""
@@ -829,7 +1204,7 @@ def network_train_step(
     if loss not in LOSSES:
         raise ValueError(f"{who}: unknown loss {loss!r}; known: {sorted(LOSSES)}")
     _check_x(x, sizes, who)
-    p = _check_net(params, meta, sizes, biased, x, who)
+    p = _check_net(params, meta, act_params, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
     _check_rows("target", target, (m, sizes[-1]), x, who)
     if m == 0:
@@ -845,14 +1220,16 @@ def network_train_step(
     cfg = network_config("bwd", m, p, x.dtype)
     g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
     gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    h = empty((g, max(n_layers - 1, 1), cfg.block_m, p), x)
+    h = empty((g, n_layers, cfg.block_m, p), x)  # the last slot: Z_L of a Z-saving output
     dsc = empty((g, cfg.block_m, p), x)
+    asc = _act_scratch(g, cfg.block_m, p, x) if acts & HEAVY_BITS else gw
+    hsc = empty((g, n_layers, cfg.block_m, p), x) if acts & Z_BITS else x
     out = empty((), x)
     lossp = empty((g,), x, dtype=acc) if g > 1 else out
     bufa = buf if momentum else params
     flags = _dtype_flags(x.dtype)
     network_bwd_kernel[(g,)](
-        x, params, meta, target, target, h, dsc, x, gw, gb,
+        x, params, meta, act_params, target, target, h, dsc, asc, hsc, x, gw, gb,
         params, bufa, lossp, hyper,  # grad_ptr unused in train mode
         m, n_layers, rows,
         x.stride(0), x.stride(1), target.stride(0), target.stride(1), 0, 0, 0, 0,
@@ -868,8 +1245,11 @@ def network_train_step(
         GW_COLS=cfg.gw_cols,
         CHUNK_K=cfg.chunk_k,
         STREAM_FWD=cfg.stream_fwd,
+        ACT_ROWS=act_rows(cfg, p),
+        ACTS=acts,
         num_warps=cfg.num_warps,
         num_stages=1,
+        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
         **flags,
     )
     if g > 1:

@@ -4,7 +4,8 @@ the float32 accuracy of every activation and its derivative through the real ker
 
 Correctness follows tests/test_linear_act.py: output and every gradient against float64
 autograd (fnn.reference), every dtype, odd shapes, NaN and inf as PyTorch gives them,
-gradcheck in float64. The network path (FNN fusion="layer") is in tests/test_fnn.py.
+gradcheck in float64. FNN fusion="layer" is in tests/test_fnn.py; the whole-network path
+with these activations in tests/test_network_activations.py.
 """
 
 from __future__ import annotations
@@ -633,35 +634,8 @@ def test_fuse_keeps_what_it_cannot_express():
 
 
 # ---------------------------------------------------------------------------------------------
-# The whole-network path does not serve the new activations yet
+# The Trainer's autograd path (the network path: tests/test_network_activations.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def test_network_fusion_refuses_new_activations(device, monkeypatch):
-    with pytest.raises(ValueError, match="gelu.*fusion=\"layer\""):
-        fnn.FNN([3, 4, 2], activation=["gelu", "relu"], fusion="network")
-    with pytest.raises(ValueError, match="leaky_relu, silu"):
-        fnn.FNN([3, 4, 4, 2], activation=["silu", Activation("leaky_relu", negative_slope=0.1), "tanh"],
-                fusion="network")  # fmt: skip
-    x = torch.randn(5, 3, device=device)
-    ws, bs = [torch.randn(4, 3, device=device)], [None]
-    with pytest.raises(ValueError, match="'elu'"):
-        fnn.network.network_forward(x, ws, bs, ["elu"])
-    # "auto" runs such a network per layer, even where it would pick the network kernel.
-    model = fnn.FNN([3, 4, 2], activation=["gelu", "sigmoid"], device=device)
-    monkeypatch.setattr(fnn.modules, "resolve_fusion", lambda *a: "network")
-    monkeypatch.setattr(fnn.trainer, "resolve_fusion", lambda *a: "network")
-
-    def no_network(*a, **k):
-        raise AssertionError("the network kernel ran")
-
-    monkeypatch.setattr(fnn.modules, "fnn_network_forward", no_network)
-    y = model(x)
-    expected = reference.fnn_forward(x, [la.weight for la in model.layers], [la.bias for la in model.layers],
-                                     model.activations)  # fmt: skip
-    assert_close(y, expected.double(), 1e-5, 1e-5, "auto with gelu")
-    assert not fnn.Trainer(model, loss="mse").fused(x.device)
-    assert fnn.Trainer(fnn.FNN([3, 4, 2], device=device), loss="mse").fused(x.device)
 
 
 def test_trainer_trains_a_gelu_network_with_autograd(device):

@@ -235,6 +235,31 @@ def test_compiled_network_fnn_matches_eager(device, network_fusion):
     _check(_run(compiled, params, x, dy), eager, f"{fusion}, assigned parameters")
 
 
+def test_compiled_network_new_activations_match_eager(device, network_fusion):
+    """The network path with parameters and Z-saving layers (an output layer that saves Z:
+    the forward op's third output feeds the backward op), compiled by inductor without a
+    graph break, gives eager's output and gradients."""
+    fusion = network_fusion
+    torch.manual_seed(4)
+    A = fnn.Activation
+    acts = ["gelu", A("leaky_relu", negative_slope=-0.2), A("softplus", threshold=2.0)]
+    model = fnn.FNN([5, 16, 8, 3], activation=acts, device=device, dtype=torch.float64, fusion=fusion)
+    params = list(model.parameters())
+    x, dy = _random((7, 5), device, 5), _random((7, 3), device, 6)
+    explained = torch._dynamo.explain(model)(x.clone().requires_grad_(True))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = _run(model, params, x, dy)
+    rec = _RecordingBackend()
+    for backend in ("inductor", rec.backend) if fusion == "network" else (rec.backend,):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        _check(_run(compiled, params, x, dy), eager, f"compiled FNN({fusion}), new activations")
+    fw, bw = _targets(rec.fw), _targets(rec.bw)
+    assert "fnn.network_forward.default" in fw and "fnn.network_backward.default" in bw, (fw, bw)
+    ref = _run(lambda x: reference.fnn_forward(x, *_unpack(model)), params, x, dy)
+    _check(eager, ref, "eager network vs reference")
+
+
 def test_compiled_new_activations_match_eager(mode_device):
     """Activations with parameters (carried by the ops as float[]) and Z-saving ones (the
     linear_act_forward_z op, and the weight gradient recomputing a layer's output from Z)
@@ -343,25 +368,35 @@ def test_opcheck(device):
 
 def _network_op_samples(device):
     """(op, args) of the network ops: one layer and three, bias on every layer, on some and on
-    none, hidden outputs stored or not, dx wanted or not, M = 0."""
+    none, hidden outputs stored or not, dx wanted or not, M = 0; activations with parameters
+    (float[] act_params) and Z-saving ones, hidden and output (the forward's third output Z_L
+    is then the backward's `y`), an identity output (dY as `y`)."""
     g = torch.Generator().manual_seed(6)
 
     def r(*shape):
         return torch.randn(shape, generator=g, dtype=torch.float64).to(device)
 
     out = []
-    cases = [([4, 3], [True], 6), ([5, 17, 8, 2], [True, False, True], 5), ([3, 9, 2], [False, False], 0)]
-    for sizes, biased, m in cases:
-        acts = ["tanh", "relu", "sigmoid"][: len(sizes) - 1]
+    cases = [
+        ([4, 3], [True], 6, ["tanh"], []),
+        ([5, 17, 8, 2], [True, False, True], 5, ["tanh", "relu", "sigmoid"], []),
+        ([3, 9, 2], [False, False], 0, ["tanh", "relu"], []),
+        ([4, 3], [True], 6, ["gelu"], []),
+        ([5, 17, 8, 2], [True, False, True], 5, ["silu", "elu", "softplus"], [-0.5, 2.0, 1.0]),
+        ([3, 9, 7, 2], [False, True, False], 4, ["leaky_relu", "gelu_tanh", "identity"], [-0.2]),
+    ]
+    for sizes, biased, m, acts, params in cases:
         weights = [r(o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         biases = [r(o) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
         flat = fnn.network.concat_parameters(weights, biases)
         x, dy = r(m, sizes[0]), r(m, sizes[-1])
         for store in (False, True):
-            out.append((torch.ops.fnn.network_forward.default, (x, flat, sizes, acts, biased, store)))
-        y, h = torch.ops.fnn.network_forward(x, flat, sizes, acts, biased, True)
+            out.append((torch.ops.fnn.network_forward.default, (x, flat, sizes, acts, biased, store, params)))
+        y, h, z = torch.ops.fnn.network_forward(x, flat, sizes, acts, biased, True, params)
+        saves = fnn.network_ops.decode(acts, params, "test")[-1].saves  # what the backward reads
+        s_out = {"z": z, "y": y, "none": dy}[saves]
         for need_dx in (True, False):
-            args = (dy, y, h, x, flat, sizes, acts, biased, need_dx)
+            args = (dy, s_out, h, x, flat, sizes, acts, biased, need_dx, params)
             out.append((torch.ops.fnn.network_backward.default, args))
     return out
 

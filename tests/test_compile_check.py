@@ -301,6 +301,8 @@ def test_coverage_lists_every_case_seed_and_activation():
             )
     for p in coverage.NETWORKS:
         assert any(f" P={p} " in lbl for lbl in network), p
+    for acts in coverage.NETWORK_ACTS:  # each activation set of the network kernels
+        assert any(lbl.endswith(f" {acts}") for lbl in network), acts
     for tag in ("fp32", "tf32", "fp16", "bf16", "fp64"):
         assert any(f"network {tag} " in lbl for lbl in network), tag
         assert any(f"linear_act {tag} " in lbl for lbl in grid), tag

@@ -167,11 +167,12 @@ def test_backward_programs_agree_and_are_deterministic(device, programs):
     net = _model(sizes, acts, True, torch.float32, device, "network")
     flat = net._flat
     meta = network_ops.meta(sizes, acts, biased, device)
+    ap = network_ops.activation_params(acts, torch.float32, device)
     torch.manual_seed(3)
     x = torch.randn(1000, 5, device=device)
     dy = torch.randn(1000, 2, device=device)
-    y, h = kernels.network.network_forward(x, flat, meta, sizes, biased, True)
-    runs = [network_backward(dy, y, h, x, flat, meta, sizes, biased, True, programs) for _ in range(2)]
+    y, h = kernels.network.network_forward(x, flat, meta, sizes, biased, True, ap)
+    runs = [network_backward(dy, y, h, x, flat, meta, sizes, biased, True, ap, programs) for _ in range(2)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), "two identical backwards differ"
     _, g_ref = _reference(net, x, dy)
