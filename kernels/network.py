@@ -32,9 +32,11 @@ Train     forward, loss and its gradient, backward and the SGD update in the sam
           outputs of the layers that keep Z (nothing recomputed there).
 
 Activation codes are dispatched at run time by chains of ifs (activation_rt, delta_rt; see
-there for why chains). gelu, gelu_tanh and silu (`heavy_rt`) are too heavy in registers for a
-whole (rows, P) tile: they run through a per-program scratch, ACT_ROWS rows at a time
-(`_act_tile`, `_delta_tile`); the others act on the tile in registers.
+there for why chains), compiled only for the set of codes the network uses (ACTS, a bitmask:
+`act_set`). elu, softplus, gelu, gelu_tanh and silu (`heavy_rt`) are too heavy in registers
+for a whole (rows, P) tile: they run through a per-program scratch, ACT_ROWS rows at a time
+(`_act_tile`, `_delta_tile`); identity, sigmoid, relu, tanh and leaky_relu act on the tile in
+registers.
 
 Gradients are summed in float32 (float64 for float64) per program in a workspace
 (G, L, P, P). With one program (G == 1) the same launch finishes: it writes the gradients
@@ -88,7 +90,8 @@ MAX_PROGRAMS = 1024
 # its network uses (ACTS, `act_set`): the branches of the others are left out, which keeps
 # register pressure to what the network needs. The codes themselves are read at run time.
 ALL_ACTS = (1 << 12) - 1
-HEAVY_BITS = (1 << 7) | (1 << 8) | (1 << 9)  # gelu, gelu_tanh, silu (heavy_rt)
+HEAVY_BITS = (1 << 12) - (1 << 5)  # codes 5..11 (heavy_rt): elu, softplus, gelu, gelu_tanh, silu and
+# ELU_FROM_Z, SOFTPLUS_FROM_Z
 Z_BITS = (1 << 4) | (0b11111 << 7)  # the codes whose layers may keep Z (saves_z_rt)
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +109,12 @@ def activation_rt(z, code, a, b, ACTS: tl.constexpr):
     # if/elif chain, or ifs that each read z, around a dot's operand crash triton 3.6's
     # TritonGPUPrefetch pass (mma v2: fp16/bf16 on sm_80, float64 everywhere).
     z = activation_light(z, code, a, b, ACTS)
+    if ACTS & ((1 << 5) | (1 << 10)):
+        if (code == 5) | (code == 10):
+            z = elu(z, a)
+    if ACTS & ((1 << 6) | (1 << 11)):
+        if (code == 6) | (code == 11):
+            z = softplus(z, a, b)
     if ACTS & (1 << 7):
         if code == 7:
             z = gelu(z)
@@ -120,8 +129,9 @@ def activation_rt(z, code, a, b, ACTS: tl.constexpr):
 
 @device_fn
 def activation_light(z, code, a, b, ACTS: tl.constexpr):
-    """act(z) for every code of ACTS but the heavy ones (`heavy_rt`: gelu, gelu_tanh, silu),
-    which leave z as it is: the branches cheap enough in registers for a whole (rows, P) tile."""
+    """act(z) for the light codes of ACTS (identity, sigmoid, relu, tanh, leaky_relu: cheap
+    enough in registers for a whole (rows, P) tile); the heavy ones (`heavy_rt`) leave z as
+    it is."""
     # A chain of ifs, as in activation_rt (triton 3.6's prefetch pass).
     if ACTS & (1 << 1):
         if code == 1:
@@ -135,12 +145,6 @@ def activation_light(z, code, a, b, ACTS: tl.constexpr):
     if ACTS & (1 << 4):
         if code == 4:
             z = leaky_relu(z, a)
-    if ACTS & ((1 << 5) | (1 << 10)):
-        if (code == 5) | (code == 10):
-            z = elu(z, a)
-    if ACTS & ((1 << 6) | (1 << 11)):
-        if (code == 6) | (code == 11):
-            z = softplus(z, a, b)
     return z
 
 
@@ -150,6 +154,18 @@ def delta_rt(g, s, code, a, b, ACTS: tl.constexpr):
     activation code (one of ACTS) and its parameters known only at run time. Every code: for
     small tiles; full tiles take `delta_light` and `_delta_tile`."""
     g = delta_light(g, s, code, a, b, ACTS)
+    if ACTS & (1 << 5):
+        if code == 5:
+            g = elu_grad(g, s, a)
+    if ACTS & (1 << 6):
+        if code == 6:
+            g = softplus_grad(g, s, a, b)
+    if ACTS & (1 << 10):
+        if code == 10:
+            g = elu_grad_z(g, s, a)
+    if ACTS & (1 << 11):
+        if code == 11:
+            g = softplus_grad_z(g, s, a, b)
     if ACTS & (1 << 7):
         if code == 7:
             g = gelu_grad(g, s)
@@ -178,18 +194,6 @@ def delta_light(g, s, code, a, b, ACTS: tl.constexpr):
     if ACTS & (1 << 4):
         if code == 4:
             g = leaky_relu_grad(g, s, a)
-    if ACTS & (1 << 5):
-        if code == 5:
-            g = elu_grad(g, s, a)
-    if ACTS & (1 << 6):
-        if code == 6:
-            g = softplus_grad(g, s, a, b)
-    if ACTS & (1 << 10):
-        if code == 10:
-            g = elu_grad_z(g, s, a)
-    if ACTS & (1 << 11):
-        if code == 11:
-            g = softplus_grad_z(g, s, a, b)
     return g
 
 
@@ -203,9 +207,10 @@ def in_set_rt(code, ACTS: tl.constexpr):
 @device_fn
 def heavy_rt(code):
     """Whether the code's activation and derivative are too heavy in registers for a whole
-    tile (gelu's erfc and erfcx, silu's compensated quotients; codes 7..9): evaluated a few
-    rows at a time through a scratch instead (`_act_tile`, `_delta_tile`)."""
-    return (code >= 7) & (code <= 9)
+    tile: elu and softplus (exp, expm1, log1p), gelu (erfc, erfcx), gelu_tanh, silu
+    (compensated quotients), and the Z-reading elu and softplus (codes 5..11). They are
+    evaluated a few rows at a time through a scratch instead (`_act_tile`, `_delta_tile`)."""
+    return code >= 5
 
 
 @device_fn
@@ -233,7 +238,7 @@ def _act_tile(z, code, a, b, asc, BLOCK_M: tl.constexpr, P: tl.constexpr, ACT_RO
     few elements per thread are live in its branch. No branch around the tile: the scratch's
     stores and loads are masked off, its loop empty, for a light code. Without a heavy code
     in ACTS there is no scratch (asc unused). A code outside ACTS gives NaN."""
-    if (ACTS & ((1 << 7) | (1 << 8) | (1 << 9))) == 0:  # no heavy code (HEAVY_BITS)
+    if (ACTS & ((1 << 12) - (1 << 5))) == 0:  # no heavy code (HEAVY_BITS)
         return tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
     offs_r = tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P)
@@ -273,7 +278,7 @@ def _delta_tile(
     stride_sm apart, n_rows x n_cols of them real). Light codes in registers; a heavy one
     through the scratch `asc`, ACT_ROWS rows at a time, S's rows read again from s_ptr (none
     without a heavy code in ACTS). A code outside ACTS gives NaN."""
-    if (ACTS & ((1 << 7) | (1 << 8) | (1 << 9))) == 0:  # no heavy code (HEAVY_BITS)
+    if (ACTS & ((1 << 12) - (1 << 5))) == 0:  # no heavy code (HEAVY_BITS)
         return tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
     offs_r = tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P)
