@@ -578,7 +578,7 @@ def network_bwd_kernel(
                     _, _, _, psz = _layer_act(act_ptr, meta_ptr, tl.maximum(li - 1, 0), L)
                     src = tl.where(psz, hsc + (li - 1) * BLOCK_M * P, h_l - stride_hl)
                     acc = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
-                    for k0 in range(0, P, CHUNK_K):
+                    for k0 in range(0, n_in, CHUNK_K):
                         offs_k = k0 + tl.arange(0, CHUNK_K)
                         if li == 0:
                             hk = tl.load(
@@ -674,6 +674,9 @@ def network_bwd_kernel(
             # or columns at a time: short reductions for FMA dots (which hold all of theirs in
             # registers), and no dot operand derived in registers from D (triton 3.9 then moved
             # relu's mask into the dot operand's layout through shared memory, which fails).
+            # The chunk loops run to the layer's real width (n_in, n_out) and the block's real
+            # rows, not to P: padding is skipped, and a run-time trip count is not unrolled
+            # (unrolled, float64 at P = 128 spilled).
             tl.debug_barrier()  # the previous layer's readers of the scratch are done
             tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d.to(dtype))
             if HAS_BIAS:  # db_l += column sums of D; D itself is not needed in registers again
@@ -683,10 +686,10 @@ def network_bwd_kernel(
                 tl.store(gb_l + offs_p, gb)
             tl.debug_barrier()
             # dW_l += D^T h_in, GW_COLS columns at a time.
-            for c0 in range(0, P, GW_COLS):
+            for c0 in range(0, n_in, GW_COLS):
                 offs_c = c0 + tl.arange(0, GW_COLS)
                 gw = tl.zeros((P, GW_COLS), dtype=ACC_DTYPE)
-                for k0 in range(0, BLOCK_M, CHUNK_K):
+                for k0 in range(0, tl.minimum(row_end - blk0, BLOCK_M), CHUNK_K):
                     offs_k = k0 + tl.arange(0, CHUNK_K)
                     mask_k = ((blk0 + offs_k) < row_end)[:, None] & (offs_c < n_in)[None, :]
                     if li == 0:
@@ -707,7 +710,7 @@ def network_bwd_kernel(
             if li > 0 or NEED_DX:
                 # D_l W_l: the previous layer's delta before its activation's derivative, or dX.
                 dh = tl.zeros((BLOCK_M, P), dtype=ACC_DTYPE)
-                for k0 in range(0, P, CHUNK_K):
+                for k0 in range(0, n_out, CHUNK_K):
                     offs_k = k0 + tl.arange(0, CHUNK_K)
                     d_k = tl.load(dsc + offs_r[:, None] * P + offs_k[None, :])  # (BLOCK_M, CHUNK_K)
                     w_k = tl.load(  # W_l rows k0.., (CHUNK_K, P_in)
@@ -752,7 +755,7 @@ def network_bwd_kernel(
             n_in = tl.load(meta_ptr + li)
             n_out = tl.load(meta_ptr + li + 1)
             woff = tl.load(meta_ptr + 2 * L + 1 + li)
-            for r0 in range(0, P, GW_COLS):  # GW_COLS rows of the (P, P) tile at a time
+            for r0 in range(0, n_out, GW_COLS):  # GW_COLS rows of the (P, P) tile at a time
                 offs_q = r0 + tl.arange(0, GW_COLS)
                 g = tl.load(gw_ptr + li * P * P + offs_q[:, None] * P + offs_p[None, :])
                 dst = woff + offs_q[:, None] * n_in + offs_p[None, :]
@@ -917,11 +920,16 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
     ("fwd", _F64, 128): NetConfig(32, 8),
     ("bwd", _F32, 16): NetConfig(32, 4, 16, 32, True),
     ("bwd", _F32, 32): NetConfig(16, 4, 32, 16, True),
-    ("bwd", _F32, 64): NetConfig(32, 4, 64, 32, True),
-    ("bwd", _F32, 128): NetConfig(32, 8, 64, 32, True),
+    ("bwd", _F32, 64): NetConfig(32, 8, 32, 16, True),
+    ("bwd", _F32, 128): NetConfig(32, 8, 64, 16, True),
     ("bwd", _F16, 16): NetConfig(128, 8, 16, 32, False),
     ("bwd", _F16, 32): NetConfig(64, 8, 32, 64, False),
     ("bwd", _F16, 64): NetConfig(64, 8, 32, 64, False),
+    ("bwd", _F16, 128): NetConfig(32, 8, 32, 16, True),
+    ("bwd", _F64, 16): NetConfig(16, 8, 16, 16, True),
+    ("bwd", _F64, 32): NetConfig(16, 8, 32, 16, True),
+    ("bwd", _F64, 64): NetConfig(16, 8, 32, 16, True),
+    ("bwd", _F64, 128): NetConfig(16, 8, 32, 16, True),
 }
 # A batch of at most this many rows takes one program in the backward: one launch, no
 # reduction kernel. Provisional until measured.
