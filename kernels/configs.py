@@ -28,19 +28,29 @@ def _fit(size: int, cap: int) -> int:
 
 
 def _caps(dtype: torch.dtype) -> tuple[int, int, int]:
-    """Largest (rows, cols, reduction) tile for a dtype: wider types keep tiles smaller."""
+    """Largest (rows, cols, reduction) tile for a dtype: wider types keep tiles smaller.
+    float32 and float64 reduce 16 at a time: FMA dots ("highest", float64) hold both operands
+    of their whole reduction step in registers. 16-bit tiles stop at 64 columns: the
+    activation epilogue on a 128 x 128 tile (64 elements per thread at 8 warps) spilled."""
     if dtype == torch.float64:
         return 32, 32, 16
     if dtype == torch.float32:
-        return 64, 64, 32
-    return 128, 128, 64
+        return 64, 64, 16
+    return 128, 64, 64
+
+
+# Output-tile elements from which a kernel takes 8 warps rather than 4 (fewer accumulator
+# elements, and fewer operand elements for FMA and mma.sync, per thread): the smallest tiles
+# that spilled at 4 warps in `python -m bench.compile`.
+_EIGHT_WARPS = {torch.float64: 32 * 16, torch.float32: 64 * 32}
+_EIGHT_WARPS_16BIT = 128 * 32
 
 
 def matmul_config(rows: int, cols: int, red: int, dtype: torch.dtype) -> TileConfig:
     """Tile for an output of (rows, cols) reduced over `red`, as every kernel here computes."""
     cap_r, cap_c, cap_k = _caps(dtype)
     block_m, block_n, block_k = _fit(rows, cap_r), _fit(cols, cap_c), _fit(red, cap_k)
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_m * block_n >= _EIGHT_WARPS.get(dtype, _EIGHT_WARPS_16BIT) else 4
     return TileConfig(block_m, block_n, block_k, num_warps=num_warps)
 
 

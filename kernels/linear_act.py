@@ -252,6 +252,31 @@ def linear_act_bwd_weight_kernel(
             tl.store(db_ptrs, cast(acc_b, db_ptr.dtype.element_ty, UPCAST), mask=mask_n)
 
 
+@triton.jit
+def linear_act_delta_kernel(
+    dy_ptr,  # dY (M, N), any strides
+    s_ptr,  # S (M, N), what the forward saved for ACTIVATION (Y, or Z)
+    d_ptr,  # D (M, N), contiguous, accumulator dtype: written
+    M, N,
+    stride_dym, stride_dyn,
+    stride_sm, stride_sn,
+    act_a: tl.float64, act_b: tl.float64,  # the activation's parameters
+    ACTIVATION: tl.constexpr,  # Activation.code: D = dY * act'(Z), read off S
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """D = dY * act'(Z) alone, for the heavy activations (HEAVY_DELTA): a few elements per
+    thread, where the GEMM kernels would form it on a whole operand tile beside the
+    accumulator and spill."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0)
+    v = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0)
+    d = apply_delta(g.to(ACC_DTYPE), v.to(ACC_DTYPE), ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE))
+    tl.store(d_ptr + offs_m[:, None] * N + offs_n[None, :], d, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +302,29 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
         "INPUT_PRECISION": _input_precision(dtype),
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
     }
+
+
+# Activation codes whose derivative the backward GEMMs do not form on load: elu, softplus,
+# gelu, gelu_tanh, silu and the Z-reading elu and softplus (exp, log1p, erfc, erfcx on a whole
+# operand tile spilled hundreds of bytes). linear_act_delta_kernel forms D first, in the
+# accumulator dtype (the products then see exactly the D they would have formed), and the
+# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N).
+HEAVY_DELTA = frozenset(range(5, 12))
+_IDENTITY = as_activation("identity")
+
+
+def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Tensor:
+    """D = dy * act'(Z) read off s, (M, N) contiguous in the accumulator dtype."""
+    m, n = dy.shape
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    d = empty((m, n), dy, dtype=acc)
+    if m and n:
+        bm, bn = 16, 64
+        linear_act_delta_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            dy, s, d, m, n, dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), *act.args,
+            ACTIVATION=act.code, ACC_DTYPE=_acc_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        )
+    return d
 
 
 def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
@@ -379,6 +427,9 @@ def linear_act_backward_input(
     dx = empty((M, K), weight)
     if M == 0:
         return dx
+    if act.code in HEAVY_DELTA:
+        dy = y = _delta_first(dy, y, act)
+        act = _IDENTITY
     xp = x if prev.code != 0 else dx  # never read when prev is identity
     cfg = matmul_config(M, K, N, weight.dtype)
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
@@ -428,6 +479,9 @@ def linear_act_backward_weight(
     if M == 0:
         dw = torch.zeros((N, K), dtype=x.dtype, device=x.device)
         return dw, (torch.zeros((N,), dtype=x.dtype, device=x.device) if need_bias else None)
+    if act.code in HEAVY_DELTA:
+        dy = y = _delta_first(dy, y, act)
+        act = _IDENTITY
     cfg = matmul_config(N, K, M, x.dtype)  # rows N, cols K, reduced over M
     if split is None:
         split = weight_grad_split(M, N, K, cfg)

@@ -925,7 +925,7 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
     ("bwd", _F16, 16): NetConfig(128, 8, 16, 32, False),
     ("bwd", _F16, 32): NetConfig(64, 8, 32, 64, False),
     ("bwd", _F16, 64): NetConfig(64, 8, 32, 64, False),
-    ("bwd", _F16, 128): NetConfig(32, 8, 32, 16, True),
+    ("bwd", _F16, 128): NetConfig(16, 8, 32, 32, True),
     ("bwd", _F64, 16): NetConfig(16, 8, 16, 16, True),
     ("bwd", _F64, 32): NetConfig(16, 8, 32, 16, True),
     ("bwd", _F64, 64): NetConfig(16, 8, 32, 16, True),
