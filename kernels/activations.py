@@ -132,7 +132,13 @@ else:
     @device_fn
     def div(a, b):
         if b.dtype == tl.float32:
-            return tl.math.div_rn(a, b)  # `/` is div.full.f32 (2 ulps) in float32
+            # `/` is div.full.f32 (2 ulps); one correction with the exact residual (an fma) brings
+            # it within 1 ulp. div_rn (IEEE) would call a slow-path subroutine, and its calls
+            # spill registers around them. Where the first quotient is not finite (b = 0,
+            # overflow) the correction gives NaN: the first quotient stands.
+            q = a / b
+            q2 = q + tl.fma(-q, b, a) / b
+            return tl.where(q2 == q2, q2, q)
         else:
             return a / b
 

@@ -310,6 +310,11 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
 # accumulator dtype (the products then see exactly the D they would have formed), and the
 # GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N).
 HEAVY_DELTA = frozenset(range(5, 12))
+# Register limit handed to ptxas for the GEMM kernels: every register it wants. Left to
+# itself (triton passes --regAllocOptLevel=2), ptxas held some kernels at 64-80 registers and
+# spilled 8-24 B there; with the limit they use 150-215 and spill nothing. The occupancy this
+# costs on large problems is for a GPU session to measure.
+MAXNREG = 255
 _IDENTITY = as_activation("identity")
 
 
@@ -372,7 +377,7 @@ def _forward(
         HAS_BIAS=bias is not None,
         STORE_Z=store_z,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
         **_dtype_flags(x.dtype),
     )
     return y, z
@@ -445,7 +450,7 @@ def linear_act_backward_input(
         ACTIVATION=act.code,
         PREV_ACTIVATION=prev.code,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_K=cfg.block_n, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
         **_dtype_flags(weight.dtype),
     )
     return dx
@@ -512,7 +517,7 @@ def linear_act_backward_weight(
         X_ACTIVATION=xact.code,
         HAS_BIAS=need_bias,
         BLOCK_M=cfg.block_k, BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_n, GROUP_N=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
         **_dtype_flags(x.dtype),
     )
     if split == 1:
