@@ -29,17 +29,21 @@ finishes: two launches.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as triton_driver
 
 from .activations import relu, relu_grad, sigmoid, sigmoid_grad, tanh, tanh_grad
 from .checks import ACTIVATIONS
-from .linear_act import INTERPRETED, _dtype_flags, mma
-from .memory import empty
+from .configs import cdiv, next_power_of_2
+from .launch import launcher
+from .linear_act import INTERPRETED, _acc_dtype, _input_precision, mma
+from .memory import empty, new
 
 LOSSES: dict[str, int] = {"bce": 0, "mse": 1, "sse": 2}
 MAX_WIDTH = 128
@@ -613,6 +617,7 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
 SINGLE_PROGRAM_ROWS = 512
 
 
+@functools.lru_cache(maxsize=4096)
 def network_config(kind: str, m: int, p: int, dtype: torch.dtype) -> NetConfig:
     """The NetConfig of `kind` for M rows, padded width P and `dtype` (see _NET_CONFIGS)."""
     key = (kind, _F16 if dtype == torch.bfloat16 else dtype, p)
@@ -622,7 +627,7 @@ def network_config(kind: str, m: int, p: int, dtype: torch.dtype) -> NetConfig:
     if INTERPRETED:
         # fewer, larger programs: the interpreter's cost is per program
         cfg = replace(cfg, block_m=128)
-    cap = max(16, triton.next_power_of_2(max(m, 1)))
+    cap = max(16, next_power_of_2(max(m, 1)))
     if cfg.block_m > cap:
         cfg = replace(cfg, block_m=cap)
     if cfg.chunk_k > cfg.block_m:
@@ -636,15 +641,15 @@ def network_programs(
     """(G, rows per program) of the backward: one program for a batch of at most
     SINGLE_PROGRAM_ROWS rows, else one per row block, capped so that the float gradient
     workspace (G, L, P, P) stays under WORKSPACE_BYTES."""
-    blocks = triton.cdiv(max(m, 1), block_m)
+    blocks = cdiv(max(m, 1), block_m)
     if programs is None:
         acc_bytes = 8 if dtype == torch.float64 else 4
         cap = max(1, min(MAX_PROGRAMS, WORKSPACE_BYTES // (n_layers * p * (p + 1) * acc_bytes)))
         programs = 1 if m <= SINGLE_PROGRAM_ROWS else min(blocks, cap)
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
-    rows = triton.cdiv(blocks, min(programs, blocks)) * block_m
-    return triton.cdiv(max(m, 1), rows), rows
+    rows = cdiv(blocks, min(programs, blocks)) * block_m
+    return cdiv(max(m, 1), rows), rows
 
 
 def _check_net(
@@ -688,6 +693,256 @@ def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
         raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
 
 
+# Each kernel launched through the launch cache (kernels.launch), with a caller key built from
+# what decides its specialization: the plan's key (sizes, rows, dtype, flags), the strides and
+# the matmul precision.
+_fwd = launcher(network_fwd_kernel)
+_bwd = launcher(network_bwd_kernel)
+_red = launcher(network_reduce_kernel)
+
+# (kind, rows, sizes, dtype, ...) -> the launch plan (P, config, programs, flags), plain Python
+# made once per key (a workload cycling through more keys starts it again empty).
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(key: tuple, make) -> tuple:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _fwd_plan(m: int, sizes: tuple[int, ...], dtype: torch.dtype) -> tuple:
+    """(P, grid, block_m, num_warps, ACC_DTYPE, UPCAST) of the forward kernel."""
+    p = padded_width(sizes)
+    cfg = network_config("fwd", m, p, dtype)
+    return p, (cdiv(m, cfg.block_m),), cfg.block_m, cfg.num_warps, _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16
+
+
+def _bwd_plan(m: int, sizes: tuple[int, ...], dtype: torch.dtype, programs: int | None) -> tuple:
+    """(P, G, rows per program, NetConfig, ACC_DTYPE, UPCAST, accumulator torch dtype) of the
+    backward kernel."""
+    p = padded_width(sizes)
+    cfg = network_config("bwd", m, p, dtype)
+    g, rows = network_programs(m, cfg.block_m, len(sizes) - 1, p, dtype, programs)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return p, g, rows, cfg, _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16, acc
+
+
+# Scratch buffers of the backward and the train step (the float gradient workspace, the H and
+# D scratch, the per-program losses), kept between calls per (name, shape, dtype, device,
+# stream): calls on one stream run in order, so one call's scratch is free again when the
+# next one's kernel starts; another stream gets its own. Small ones only (a single program's
+# is a few kilobytes); larger ones are allocated per call, where that costs little.
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+SCRATCH_MAX_BYTES = 1 << 20
+_SCRATCH_MAX_ENTRIES = 256
+
+
+def _stream() -> object:
+    """The stream the next launch goes to (the launch cache's: Triton's current device and
+    stream); None in the interpreter, which runs each launch to completion."""
+    if INTERPRETED:
+        return None
+    d = triton_driver.active
+    return d.get_current_stream(d.get_current_device())
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, stream: object) -> torch.Tensor:
+    """A scratch tensor: the cached one for (name, shape, dtype, device, stream), or a new one."""
+    key = (name, shape, dtype, device, stream)
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = new(shape, dtype, device)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * t.element_size() <= SCRATCH_MAX_BYTES:
+            if len(_SCRATCH) >= _SCRATCH_MAX_ENTRIES:
+                _SCRATCH.clear()
+            _SCRATCH[key] = t
+    return t
+
+
+# --- unchecked entries: the arguments are known good (fnn checks them at its public entry) --
+
+
+def forward_unchecked(
+    x: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    store_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """network_forward for arguments known good (x 2-D of width sizes[0], params flat and
+    contiguous in x's dtype and device, meta matching sizes); H is None where nothing is
+    stored (no backward, or a one-layer network)."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    has_bias = True in biased
+    pkey = ("fwd", m, sizes, dtype)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _fwd_plan(m, sizes, dtype))
+    p, grid, block_m, warps, acc, upcast = plan
+    n_out = sizes[-1]
+    y = new((m, n_out), dtype, device)
+    store = store_hidden and n_layers > 1
+    h = new((n_layers - 1, m, p), dtype, device) if store else None
+    if m == 0:
+        return y, h
+    prec = _input_precision(dtype)
+    sxm, sxk = x.stride()
+    _fwd.keyed(
+        (pkey, has_bias, store, sxm, sxk, prec),
+        grid,
+        x, params, meta, y, h if store else y,  # h unused unless STORE_H
+        m, n_layers,
+        sxm, sxk, n_out, 1,  # x; y: a fresh (m, n_L) tensor
+        m * p,  # stride_hl
+        p, block_m, has_bias, store,  # P, BLOCK_M, HAS_BIAS, STORE_H
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=warps, num_stages=1,
+    )
+    return y, h
+
+
+def backward_unchecked(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    need_dx: bool,
+    programs: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """network_backward for arguments known good (`h` may be None for a one-layer network)."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    dx = new((m, sizes[0]), dtype, device) if need_dx else None
+    if m == 0:
+        return dx, torch.zeros_like(params)
+    has_bias = True in biased
+    pkey = ("bwd", m, sizes, dtype, programs)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
+    p, g, rows, cfg, acc, upcast, acc_t = plan
+    stream = _stream()
+    gw = _scratch("gw", (g, n_layers, p, p), acc_t, device, stream)
+    gb = _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream)
+    dsc = _scratch("dsc", (g, cfg.block_m, p), dtype, device, stream) if cfg.chunk_k else x
+    grads = new(params.shape, dtype, device)
+    prec = _input_precision(dtype)
+    dxa = dx if need_dx else x
+    sxm, sxk = x.stride()
+    sym, syn = y.stride()
+    sdm, sdn = dy.stride()
+    sdxm, sdxk = dxa.stride()
+    store = n_layers > 1
+    _bwd.keyed(
+        (pkey, has_bias, need_dx, sxm, sxk, sym, syn, sdm, sdn, sdxm, sdxk, prec),
+        (g,),
+        x, params, meta, y, dy, h if store else y, dsc, dxa, gw, gb,
+        grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
+        m, n_layers, rows,
+        sxm, sxk, sym, syn, sdm, sdn, sdxm, sdxk,
+        m * p, 0,  # stride_hl, stride_hg
+        p, cfg.block_m, has_bias, need_dx,  # P, BLOCK_M, HAS_BIAS, NEED_DX
+        False, 0, False, g == 1,  # TRAIN, LOSS, MOMENTUM, FINISH
+        cfg.gw_cols, cfg.chunk_k,  # GW_COLS, CHUNK_K
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    if g > 1:
+        _reduce(gw, gb, gw, meta, params, grads, grads, gw, gw, g, n_layers, m, p, has_bias, False, 0, False, acc)
+    return dx, grads
+
+
+def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m, p, has_bias, train, loss_code,
+            momentum, acc_dtype) -> None:
+    block = min(p * p, 1024)
+    grid = (n_layers, cdiv(p * p, block) + 1)
+    _red.keyed(
+        (g, n_layers, m, p, has_bias, train, loss_code, momentum, acc_dtype, gw.dtype, params.dtype),
+        grid,
+        gw, gb, lossp, meta, params, grads, buf, loss, hyper,
+        g, n_layers, m,
+        p, block, has_bias, train, loss_code, momentum, acc_dtype,  # P, BLOCK, HAS_BIAS, TRAIN, LOSS, MOMENTUM, ACC_DTYPE
+    )
+
+
+def train_step_unchecked(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    loss: str,
+    hyper: torch.Tensor,
+    buf: torch.Tensor | None,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """network_train_step for arguments known good."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    has_bias = True in biased
+    pkey = ("bwd", m, sizes, dtype, programs)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
+    p, g, rows, cfg, acc, upcast, acc_t = plan
+    stream = _stream()
+    gw = _scratch("gw", (g, n_layers, p, p), acc_t, device, stream)
+    gb = _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream)
+    hl = max(n_layers - 1, 1)
+    h = _scratch("h", (g, hl, cfg.block_m, p), dtype, device, stream)
+    dsc = _scratch("dsc", (g, cfg.block_m, p), dtype, device, stream) if cfg.chunk_k else x
+    out = new((), dtype, device)
+    lossp = _scratch("lossp", (g,), acc_t, device, stream) if g > 1 else out
+    momentum = buf is not None
+    bufa = buf if momentum else params
+    loss_code = LOSSES[loss]
+    prec = _input_precision(dtype)
+    sxm, sxk = x.stride()
+    stm, stn = target.stride()
+    _bwd.keyed(
+        (pkey, has_bias, loss_code, momentum, sxm, sxk, stm, stn, prec),
+        (g,),
+        x, params, meta, target, target, h, dsc, x, gw, gb,
+        params, bufa, lossp, hyper,  # grad_ptr unused in train mode
+        m, n_layers, rows,
+        sxm, sxk, stm, stn, 0, 0, 0, 0,
+        cfg.block_m * p, hl * cfg.block_m * p,  # stride_hl, stride_hg of the H scratch
+        p, cfg.block_m, has_bias, False,  # P, BLOCK_M, HAS_BIAS, NEED_DX
+        True, loss_code, momentum, g == 1,  # TRAIN, LOSS, MOMENTUM, FINISH
+        cfg.gw_cols, cfg.chunk_k,  # GW_COLS, CHUNK_K
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=cfg.num_warps, num_stages=1,
+    )
+    if g > 1:
+        _reduce(gw, gb, lossp, meta, params, params, bufa, out, hyper, g, n_layers, m, p, has_bias, True,
+                loss_code, momentum, acc)
+    return out
+
+
+# --- the launchers: check the arguments, then the unchecked entries above --------------------
+
+
 def network_forward(
     x: torch.Tensor,
     params: torch.Tensor,
@@ -701,33 +956,10 @@ def network_forward(
     who = "network_forward"
     _check_x(x, sizes, who)
     p = _check_net(params, meta, sizes, biased, x, who)
-    m, n_layers = x.shape[0], len(sizes) - 1
-    y = empty((m, sizes[-1]), x)
-    h = empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p), x)
-    if m == 0:
-        return y, h
-    cfg = network_config("fwd", m, p, x.dtype)
-    network_fwd_kernel[(triton.cdiv(m, cfg.block_m),)](
-        x, params, meta, y, h if h.numel() else y,
-        m, n_layers,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        m * p,
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=any(biased),
-        STORE_H=store_hidden and n_layers > 1,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        **_dtype_flags(x.dtype),
-    )
+    y, h = forward_unchecked(x, params, meta, tuple(sizes), tuple(biased), store_hidden)
+    if h is None:
+        h = empty((0, x.shape[0], p) if store_hidden else (0, 0, p), x)
     return y, h
-
-
-def _workspace(g: int, n_layers: int, p: int, like: torch.Tensor, has_bias: bool):
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    gw = empty((g, n_layers, p, p), like, dtype=acc)
-    gb = empty((g, n_layers, p) if has_bias else (1,), like, dtype=acc)
-    return gw, gb
 
 
 def network_backward(
@@ -755,59 +987,9 @@ def network_backward(
         raise ValueError(
             f"{who}: h must be contiguous with shape {(n_layers - 1, m, p)}, got {tuple(h.shape)}"
         )
-    dx = empty((m, sizes[0]), x) if need_dx else None
-    if m == 0:
-        return dx, torch.zeros_like(params)
-    has_bias = any(biased)
-    cfg = network_config("bwd", m, p, x.dtype)
-    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
-    gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
-    grads = empty(params.shape, x)
-    flags = _dtype_flags(x.dtype)
-    dxa = dx if need_dx else x
-    network_bwd_kernel[(g,)](
-        x, params, meta, y, dy, h if h.numel() else y, dsc, dxa, gw, gb,
-        grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
-        m, n_layers, rows,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), dy.stride(1),
-        dxa.stride(0), dxa.stride(1),
-        m * p, 0,
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=has_bias,
-        NEED_DX=need_dx,
-        TRAIN=False,
-        LOSS=0,
-        MOMENTUM=False,
-        FINISH=g == 1,
-        GW_COLS=cfg.gw_cols,
-        CHUNK_K=cfg.chunk_k,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        **flags,
-    )
-    if g > 1:
-        _reduce(gw, gb, gw, meta, params, grads, grads, gw, gw, g, n_layers, m, p, has_bias, False, 0, False,
-                flags["ACC_DTYPE"])
-    return dx, grads
-
-
-def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m, p, has_bias, train, loss_code,
-            momentum, acc_dtype) -> None:
-    block = min(p * p, 1024)
-    grid = (n_layers, triton.cdiv(p * p, block) + 1)
-    network_reduce_kernel[grid](
-        gw, gb, lossp, meta, params, grads, buf, loss, hyper,
-        g, n_layers, m,
-        P=p,
-        BLOCK=block,
-        HAS_BIAS=has_bias,
-        TRAIN=train,
-        LOSS=loss_code,
-        MOMENTUM=momentum,
-        ACC_DTYPE=acc_dtype,
-    )
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    return backward_unchecked(dy, y, h, x, params, meta, tuple(sizes), tuple(biased), need_dx, programs)
 
 
 def network_train_step(
@@ -833,8 +1015,8 @@ def network_train_step(
     if loss not in LOSSES:
         raise ValueError(f"{who}: unknown loss {loss!r}; known: {sorted(LOSSES)}")
     _check_x(x, sizes, who)
-    p = _check_net(params, meta, sizes, biased, x, who)
-    m, n_layers = x.shape[0], len(sizes) - 1
+    _check_net(params, meta, sizes, biased, x, who)
+    m = x.shape[0]
     _check_rows("target", target, (m, sizes[-1]), x, who)
     if m == 0:
         raise ValueError(f"{who}: empty batch")
@@ -845,37 +1027,6 @@ def network_train_step(
     if momentum and (buf.shape != params.shape or buf.dtype != params.dtype or buf.device != x.device
                      or not buf.is_contiguous()):
         raise ValueError(f"{who}: buf must be contiguous like params {tuple(params.shape)} {params.dtype}")
-    has_bias = any(biased)
-    cfg = network_config("bwd", m, p, x.dtype)
-    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
-    gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    h = empty((g, max(n_layers - 1, 1), cfg.block_m, p), x)
-    dsc = empty((g, cfg.block_m, p), x) if cfg.chunk_k else x
-    out = empty((), x)
-    lossp = empty((g,), x, dtype=acc) if g > 1 else out
-    bufa = buf if momentum else params
-    flags = _dtype_flags(x.dtype)
-    network_bwd_kernel[(g,)](
-        x, params, meta, target, target, h, dsc, x, gw, gb,
-        params, bufa, lossp, hyper,  # grad_ptr unused in train mode
-        m, n_layers, rows,
-        x.stride(0), x.stride(1), target.stride(0), target.stride(1), 0, 0, 0, 0,
-        h.stride(1), h.stride(0),
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=has_bias,
-        NEED_DX=False,
-        TRAIN=True,
-        LOSS=LOSSES[loss],
-        MOMENTUM=momentum,
-        FINISH=g == 1,
-        GW_COLS=cfg.gw_cols,
-        CHUNK_K=cfg.chunk_k,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        **flags,
-    )
-    if g > 1:
-        _reduce(gw, gb, lossp, meta, params, params, bufa, out, hyper, g, n_layers, m, p, has_bias, True,
-                LOSSES[loss], momentum, flags["ACC_DTYPE"])
-    return out
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    return train_step_unchecked(x, target, params, meta, tuple(sizes), tuple(biased), loss, hyper, buf, programs)
