@@ -37,7 +37,7 @@ import torch
 from kernels.checks import ACTIVATIONS, check_activation
 
 from . import reference
-from .functional import backend
+from .dispatch import backend, use_registered_ops
 
 __all__ = ["flat_layout", "meta", "network_backward", "network_forward", "padded_width", "param_count"]
 
@@ -250,8 +250,15 @@ def network_forward(
     activations: Sequence[str],
     biased: Sequence[bool],
     store_hidden: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, H) of the whole network for a 2-D x, in one launch: `torch.ops.fnn.network_forward`."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Y, H) of the whole network for a 2-D x, in one launch: `torch.ops.fnn.network_forward`
+    under torch.compile or a dispatch mode (fnn.dispatch), else the launcher directly, for
+    arguments the caller has checked (then H is None where nothing is stored)."""
+    if not use_registered_ops() and backend(x.device) != "reference":
+        from kernels import network as K
+
+        mt = meta(sizes, activations, biased, x.device)
+        return K.forward_unchecked(x, params, mt, tuple(sizes), tuple(biased), store_hidden)
     return torch.ops.fnn.network_forward(
         x, params, list(sizes), list(activations), list(biased), store_hidden
     )
@@ -260,7 +267,7 @@ def network_forward(
 def network_backward(
     dy: torch.Tensor,
     y: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     x: torch.Tensor,
     params: torch.Tensor,
     sizes: Sequence[int],
@@ -269,10 +276,40 @@ def network_backward(
     need_dx: bool,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
     """(dX or None, [dW_l], [db_l or None]) from dY and the forward's Y, H, X and flat
-    parameters: `torch.ops.fnn.network_backward`. The gradients are contiguous views of one
-    flat buffer."""
-    dx, flat = torch.ops.fnn.network_backward(
-        dy, y, h, x, params, list(sizes), list(activations), list(biased), need_dx
-    )
-    dws, dbs = unflatten(flat, sizes, biased)
+    parameters: `torch.ops.fnn.network_backward` (or the launcher directly, as
+    network_forward). The gradients are contiguous views of one flat buffer."""
+    if not use_registered_ops() and backend(x.device) != "reference":
+        from kernels import network as K
+
+        mt = meta(sizes, activations, biased, x.device)
+        dx, flat = K.backward_unchecked(dy, y, h, x, params, mt, tuple(sizes), tuple(biased), need_dx)
+    else:
+        if h is None:  # nothing stored (one layer): the op takes an empty H
+            h = x.new_empty((0, 0, padded_width(sizes)))
+        dx, flat = torch.ops.fnn.network_backward(
+            dy, y, h, x, params, list(sizes), list(activations), list(biased), need_dx
+        )
+    dws, dbs = grad_views(flat, sizes, biased)
     return (dx if need_dx else None), dws, dbs
+
+
+def grad_views(
+    flat: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool]
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """`unflatten` for a contiguous flat buffer, one view op per block (`as_strided`); the
+    same `unflatten` while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return unflatten(flat, sizes, biased)
+    off, base = 0, flat.storage_offset()
+    weights = []
+    for i, o in zip(sizes[:-1], sizes[1:], strict=True):
+        weights.append(flat.as_strided((o, i), (i, 1), base + off))
+        off += o * i
+    biases: list[torch.Tensor | None] = []
+    for o, b in zip(sizes[1:], biased, strict=True):
+        if b:
+            biases.append(flat.as_strided((o,), (1,), base + off))
+            off += o
+        else:
+            biases.append(None)
+    return weights, biases
