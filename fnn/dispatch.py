@@ -22,8 +22,6 @@ from typing import Any
 
 import torch
 
-from kernels.checks import Activation
-
 __all__ = ["FORCE_BACKEND", "backend", "layer_ops", "use_registered_ops"]
 
 # Set by bench.fakecuda.compile_only: every device is served by the compiled kernels (which
@@ -87,14 +85,9 @@ def _kernels() -> SimpleNamespace:
     if _KERNELS is None:
         from kernels import linear_act as k
 
-        def linear_act_forward_z(
-            x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            return k.forward_unchecked(x, weight, bias, activation, True)
-
         _KERNELS = SimpleNamespace(
-            linear_act_forward=k.forward_y_unchecked,
-            linear_act_forward_z=linear_act_forward_z,
+            linear_act_forward=k.forward_unchecked,
+            linear_act_forward_z=k.forward_z_unchecked,
             linear_act_backward_input=k.backward_input_unchecked,
             linear_act_backward_weight=k.backward_weight_unchecked,
         )

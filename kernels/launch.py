@@ -25,6 +25,23 @@ would pass it. The key is complete, as Triton's own is (it may be finer, never c
 The stream is read on every call (it is not part of the kernel), so CUDA-graph capture on a
 side stream works; the fast path allocates no tensor and never synchronises.
 
+Building that complete key costs about as much as the rest of the call for a kernel with 30
+arguments, so a launcher that knows what decides its kernel's specialization can name it:
+
+    fwd.keyed(key, (grid_x,), x, w, y, M, N, 64, num_warps=4)   # constexprs may be positional
+
+`key` (any hashable) must determine every argument's dtype, every int's specialization and
+every constexpr, num_warps and num_stages: the launchers here pass their sizes, strides,
+dtype, flags and matmul precision. The cache itself checks the pointers' 16-byte alignment
+(a misaligned one takes the full-key path), the hooks and options below, the driver and the
+current device. A key's first call looks the full key up (or takes Triton's path) and maps
+the key to that entry; later calls go straight to it. FNN_VERIFY_LAUNCH_KEYS=1 (or
+`verify_keys(True)`) also computes the full key on every such hit and raises if a caller key
+ever maps to a specialization its arguments do not have (the tests run with it).
+
+The globals a kernel read when it was compiled are checked as Triton checks them, on every
+launch, but by identity once a full comparison has passed (a rebound global is compared again).
+
 The normal path serves every call, uncached, when anything the key does not cover is in
 play: Triton's interpreter (TRITON_INTERPRET=1), launch enter/exit hooks, pre-run hooks,
 TRITON_DEBUG or a kernel's debug flag, an instrumentation mode, a pipeline-inspection hook,
@@ -130,13 +147,13 @@ def launch(_grid, {params}, num_warps=None, num_stages=None, **_options):
     return _hit[3]
 
 
-def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, **_options):
+def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None):
     _d = _driver.active
     _hit = None
     try:
         if (
             _grid.__class__ is tuple and _state.driver is _d and ({align}) & 15 == 0 and not (
-                _options or _rt.debug or _fn.debug or _comp.instrumentation_mode or _fn.pre_run_hooks
+                _rt.debug or _fn.debug or _comp.instrumentation_mode or _fn.pre_run_hooks
                 or _rt.launch_enter_hook.calls or _rt.launch_exit_hook.calls
                 or _rt.add_stages_inspection_hook is not None
             )
@@ -147,7 +164,7 @@ def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, **_options):
                 _key = full_key(_d, {args}, num_warps, num_stages)
                 _hit = _cache.get(_key)
                 if _hit is None:
-                    _kernel = _slow(_key, _grid, ({args}), num_warps, num_stages, _options)
+                    _kernel = _slow(_key, _grid, ({args}), num_warps, num_stages, {{}})
                     _hit = _cache.get(_key)
                     if _hit is not None:
                         _state.remember(_dev, _ukey, _hit)
@@ -161,7 +178,7 @@ def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, **_options):
     except (AttributeError, TypeError, UnsupportedArgument):
         _hit = None
     if _hit is None:
-        return launch(_grid, {args}, num_warps=num_warps, num_stages=num_stages, **_options)
+        return launch(_grid, {args}, num_warps=num_warps, num_stages=num_stages)
     _g = _fn.used_global_vals
     if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
         _seen = _state.seen_globals
@@ -247,6 +264,9 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
     other options take the normal path every time). `tensor_params` names the parameters
     that take tensors (default: those ending in `_ptr`, the house naming); it only decides
     which key expression is tried first, never correctness.
+
+    `launch.keyed(key, grid, *args, num_warps=None, num_stages=None)` launches the same way
+    with the caller's key (see the module docstring); it takes no other option.
 
     The returned function carries `.state` (a CachedLauncher: the cache, counters, clear()).
     Under Triton's interpreter (or for anything that is not a JITFunction: an autotuner,

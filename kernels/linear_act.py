@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import memory
 from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
 from .configs import cdiv, matmul_config, weight_grad_split
@@ -331,28 +332,17 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Te
 # --- unchecked entries: the arguments are known good (fnn checks them once, at its public entry)
 
 
-def forward_unchecked(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: Activation,
-    store_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(Y, Z or None) for a 2-D x whose arguments passed check_linear_args."""
+def _fwd_plan(ukey: tuple) -> tuple:
+    M, N, K, dtype = ukey[0], ukey[1], ukey[2], ukey[11]
+    return _plan(ukey, lambda: _mm_plan(M, N, K, dtype, M, N))
+
+
+def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: int, K: int) -> None:
+    """Launch the forward kernel for Y (and Z when given), M > 0."""
     if activation.__class__ is not Activation:
         activation = as_activation(activation)
-    M, K = x.shape
-    N = weight.shape[0]
-    dtype, device = x.dtype, x.device
-    y = new((M, N), dtype, device)
-    z = new((M, N), dtype, device) if store_z else None
-    if M == 0:
-        return y, z
+    dtype = x.dtype
     prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
-    plan = _PLANS.get(("fwd", M, N, K, dtype))
-    if plan is None:
-        plan = _plan(("fwd", M, N, K, dtype), lambda: _mm_plan(M, N, K, dtype, M, N))
-    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
     code, act_a, act_b = activation.kernel_args
     sxm, sxk = x.stride()
     swn, swk = weight.stride()
@@ -360,8 +350,15 @@ def forward_unchecked(
         b, sb, has_bias = x, 0, False  # b unused without HAS_BIAS
     else:
         b, sb, has_bias = bias, bias.stride(0), True
+    store_z = z is not None
+    # The caller key: everything that decides the specialization and the plan.
+    ukey = (M, N, K, sxm, sxk, swn, swk, sb, code, has_bias, store_z, dtype, prec)
+    plan = _PLANS.get(ukey)
+    if plan is None:
+        plan = _fwd_plan(ukey)
+    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
     _fwd.keyed(
-        (M, N, K, sxm, sxk, swn, swk, sb, code, has_bias, store_z, dtype, prec),
+        ukey,
         grid,
         x, weight, b, y, z if store_z else y,  # z unused unless STORE_Z
         M, N, K,
@@ -373,14 +370,33 @@ def forward_unchecked(
         bm, bn, bk, gm,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
         num_warps=warps, num_stages=stages,
     )
-    return y, z
 
 
-def forward_y_unchecked(
+def forward_unchecked(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation
 ) -> torch.Tensor:
-    """Y alone (forward_unchecked without Z)."""
-    return forward_unchecked(x, weight, bias, activation, False)[0]
+    """Y = act(x @ weight^T + bias) for a 2-D x whose arguments passed check_linear_args."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if memory.POISON:
+        y.fill_(float("nan"))
+    if M:
+        _launch_forward(x, weight, bias, activation, y, None, M, N, K)
+    return y
+
+
+def forward_z_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z) for a 2-D x whose arguments passed check_linear_args."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = new((M, N), x.dtype, x.device)
+    z = new((M, N), x.dtype, x.device)
+    if M:
+        _launch_forward(x, weight, bias, activation, y, z, M, N, K)
+    return y, z
 
 
 def backward_input_unchecked(
@@ -518,7 +534,10 @@ def _forward(
     check_linear_args(x, weight, bias, activation, who=who)
     if x.dim() != 2:
         raise ValueError(f"{who}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    return forward_unchecked(x, weight, bias, as_activation(activation), store_z)
+    act = as_activation(activation)
+    if store_z:
+        return forward_z_unchecked(x, weight, bias, act)
+    return forward_unchecked(x, weight, bias, act), None
 
 
 def linear_act_forward(

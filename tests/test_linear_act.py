@@ -375,9 +375,9 @@ def test_weight_grad_split(act, need_bias, dtype, device, monkeypatch):
     y = ops.linear_act_forward(x, w, None, act)
 
     allocated = []
-    real_empty = ops.empty
+    real_new = ops.new
     monkeypatch.setattr(
-        ops, "empty", lambda shape, *a, **k: allocated.append(tuple(shape)) or real_empty(shape, *a, **k)
+        ops, "new", lambda shape, *a, **k: allocated.append(tuple(shape)) or real_new(shape, *a, **k)
     )
     dw3, db3 = ops.linear_act_backward_weight(dy, y, x, act, need_bias, split=3)
     assert (3, N, K) in allocated, f"split=3 did not allocate 3 partials: {allocated}"
