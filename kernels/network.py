@@ -767,6 +767,26 @@ def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, 
     return t
 
 
+def _bwd_scratch(
+    train: bool, g: int, n_layers: int, p: int, cfg: NetConfig, has_bias: bool, acc_t, dtype, device, stream
+) -> tuple:
+    """(gw, gb, dsc or None, h or None, lossp or None): the backward's scratch buffers (train
+    mode: the H scratch and, for G > 1, the per-program losses too), from one lookup."""
+    key = (train, g, n_layers, p, cfg.block_m, cfg.chunk_k, has_bias, dtype, device, stream)
+    scr = _SCRATCH.get(key)
+    if scr is None:
+        scr = (
+            _scratch("gw", (g, n_layers, p, p), acc_t, device, stream),
+            _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream),
+            _scratch("dsc", (g, cfg.block_m, p), dtype, device, stream) if cfg.chunk_k else None,
+            _scratch("h", (g, max(n_layers - 1, 1), cfg.block_m, p), dtype, device, stream) if train else None,
+            _scratch("lossp", (g,), acc_t, device, stream) if train and g > 1 else None,
+        )
+        if g == 1:  # small: all of it kept (larger ones are looked up by buffer in _scratch)
+            _SCRATCH[key] = scr
+    return scr
+
+
 # --- unchecked entries: the arguments are known good (fnn checks them at its public entry) --
 
 
@@ -839,10 +859,9 @@ def backward_unchecked(
     if plan is None:
         plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
     p, g, rows, cfg, acc, upcast, acc_t = plan
-    stream = _stream()
-    gw = _scratch("gw", (g, n_layers, p, p), acc_t, device, stream)
-    gb = _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream)
-    dsc = _scratch("dsc", (g, cfg.block_m, p), dtype, device, stream) if cfg.chunk_k else x
+    gw, gb, dsc, _, _ = _bwd_scratch(False, g, n_layers, p, cfg, has_bias, acc_t, dtype, device, _stream())
+    if dsc is None:
+        dsc = x  # unused without CHUNK_K
     grads = new(params.shape, dtype, device)
     prec = _input_precision(dtype)
     dxa = dx if need_dx else x
@@ -906,14 +925,13 @@ def train_step_unchecked(
     if plan is None:
         plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
     p, g, rows, cfg, acc, upcast, acc_t = plan
-    stream = _stream()
-    gw = _scratch("gw", (g, n_layers, p, p), acc_t, device, stream)
-    gb = _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream)
+    gw, gb, dsc, h, lossp = _bwd_scratch(True, g, n_layers, p, cfg, has_bias, acc_t, dtype, device, _stream())
+    if dsc is None:
+        dsc = x  # unused without CHUNK_K
     hl = max(n_layers - 1, 1)
-    h = _scratch("h", (g, hl, cfg.block_m, p), dtype, device, stream)
-    dsc = _scratch("dsc", (g, cfg.block_m, p), dtype, device, stream) if cfg.chunk_k else x
     out = new((), dtype, device)
-    lossp = _scratch("lossp", (g,), acc_t, device, stream) if g > 1 else out
+    if lossp is None:
+        lossp = out
     momentum = buf is not None
     bufa = buf if momentum else params
     loss_code = LOSSES[loss]
