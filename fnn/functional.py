@@ -114,20 +114,30 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _Tensor = torch.Tensor
 
 
-def fast_apply(cls: type[torch.autograd.Function]):
+def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False):
     """`cls.apply` without the Python layer of torch.autograd.Function.apply where it has
     nothing to do: no functorch transform active (else the full apply, which handles them).
-    What that layer does besides, unwrapping dead functorch wrappers, is done here too. For
+    What that layer does besides, unwrapping dead functorch wrappers, is done here too: for
+    every tensor argument, or, with `module_parameters` (the other tensors are a module's own
+    parameters, which a finished transform leaves as they were), for the first only. For
     Functions without setup_context (all of fnn's)."""
     c_apply = _C_APPLY.__get__(None, cls)
     full = cls.apply
+    if module_parameters:
 
-    def apply(*args):
+        def apply(x, *args):
+            if _functorch_active():
+                return full(x, *args)
+            return c_apply(unwrap_if_dead(x), *args)
+
+        return apply
+
+    def apply_all(*args):
         if _functorch_active():
             return full(*args)
         return c_apply(*[unwrap_if_dead(a) if isinstance(a, _Tensor) else a for a in args])
 
-    return apply
+    return apply_all
 
 
 def _ops(t: torch.Tensor):
@@ -231,6 +241,34 @@ class _CheckedLinearAct(LinearActFunction):
 _checked_linear_act = fast_apply(_CheckedLinearAct)
 
 
+def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, has_bias: tuple, params):
+    """FNNFunction's forward: `acts` as Activations, `saves` their `.saves`, `has_bias` a flag
+    per layer, `params` (w_1, b_1, ..., w_L, b_L)."""
+    weights = params[0::2]
+    need = True in ctx.needs_input_grad
+    ops = _ops(x)
+    flat = x.dim() == 2
+    x2d = h = x if flat else x.reshape(-1, x.shape[-1])
+    saved: list[torch.Tensor | None] = []
+    last = len(acts) - 1
+    for i, act in enumerate(acts):
+        keeps = saves[i]
+        if need and keeps == "z":
+            h, z = ops.linear_act_forward_z(h, params[2 * i], params[2 * i + 1], act)
+            saved.append(z)
+        else:
+            h = ops.linear_act_forward(h, params[2 * i], params[2 * i + 1], act)
+            saved.append(h if keeps == "y" or (keeps == "none" and i < last) else None)
+    out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
+    if saved[-1] is h:
+        saved[-1] = out  # the output itself, as autograd expects a saved output to be
+    ctx.save_for_backward(x2d, *saved, *weights)
+    ctx.activations = acts
+    ctx.has_bias = has_bias
+    ctx.x_shape = x.shape
+    return out
+
+
 class FNNFunction(torch.autograd.Function):
     """A whole feed-forward network as one autograd node.
 
@@ -253,29 +291,9 @@ class FNNFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str | Activation, ...], *params
     ) -> torch.Tensor:
-        weights, biases = params[0::2], params[1::2]
-        acts = [a if a.__class__ is Activation else as_activation(a) for a in activations]
-        need = any(ctx.needs_input_grad)
-        ops = _ops(x)
-        x2d = h = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        saved: list[torch.Tensor | None] = []
-        last = len(acts) - 1
-        for i, (w, b, act) in enumerate(zip(weights, biases, acts, strict=True)):
-            saves = act.saves
-            if need and saves == "z":
-                h, z = ops.linear_act_forward_z(h, w, b, act)
-                saved.append(z)
-            else:
-                h = ops.linear_act_forward(h, w, b, act)
-                saved.append(h if saves == "y" or (saves == "none" and i < last) else None)
-        out = h if x.dim() == 2 else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
-        if saved[-1] is h:
-            saved[-1] = out  # the output itself, as autograd expects a saved output to be
-        ctx.save_for_backward(x2d, *saved, *weights)
-        ctx.activations = acts
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.x_shape = x.shape
-        return out
+        acts = tuple(a if a.__class__ is Activation else as_activation(a) for a in activations)
+        saves = tuple(a.saves for a in acts)
+        return _fnn_forward(ctx, x, acts, saves, tuple(b is not None for b in params[1::2]), params)
 
     @staticmethod
     @_once_differentiable
@@ -323,8 +341,18 @@ class FNNFunction(torch.autograd.Function):
         return (dx, None, *grads)
 
 
+class _PlannedFNN(FNNFunction):
+    """FNNFunction for an FNN whose arguments FNN.forward has checked: `apply(x, plan, *params)`,
+    the activations and flags read off its plan (fnn.plan)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, p, *params) -> torch.Tensor:
+        return _fnn_forward(ctx, x, p.acts, p.saves, p.biased, params)
+
+
 _IDENTITY = as_activation("identity")
 _fnn_apply = fast_apply(FNNFunction)
+_planned_fnn = fast_apply(_PlannedFNN, module_parameters=True)
 
 
 def linear_act(
@@ -346,7 +374,10 @@ def linear_act(
     """
     if _any_autocast():
         x, weight, bias = _autocast((x, weight, bias))
-    act = _check_linear(x, weight, bias, activation)
+    cls = activation.__class__
+    act = activation if cls is Activation else _NAMED.get(activation) if cls is str else None  # type: ignore
+    if act is None or not _linear_ok(x, weight, bias):
+        act = _check_linear(x, weight, bias, activation)
     if _grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -403,10 +434,15 @@ def check_layers(
 ) -> list[Activation]:
     """Check a network's arguments as check_linear_args checks one layer (layer l's input being
     layer l-1's output); cheap when they are good. Returns the activations as Activations."""
-    acts = [_activation(a) for a in activations]
-    good = all(a is not None for a in acts)
-    if good and _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
-        return acts  # type: ignore[return-value]
+    acts = []
+    for a in activations:
+        act = _activation(a)
+        if act is None:
+            break
+        acts.append(act)
+    else:
+        if _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
+            return acts
     for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
         who = f"layer {i} of the network"
         if i == 0:
@@ -415,6 +451,47 @@ def check_layers(
             # The input of layer i is the output of layer i - 1: check it as an empty batch.
             check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
     return [as_activation(a) for a in activations]
+
+
+def _needs_grad(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on, one requiring grad)."""
+    if not _grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for w in weights:
+        if w.requires_grad:
+            return True
+    for b in biases:
+        if b is not None and b.requires_grad:
+            return True
+    return False
+
+
+def run_layers(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    acts: Sequence[Activation],
+    plan=None,
+) -> torch.Tensor:
+    """fnn_forward for checked arguments (no autocast cast; `acts` are Activations): the
+    Function when a gradient is needed, else the launchers alone. `plan`: the FNN's plan
+    (fnn.plan) when the tensors are its own input and parameters."""
+    if _needs_grad(x, weights, biases):
+        params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+        if plan is not None:
+            return _planned_fnn(x, plan, *params)
+        return _fnn_apply(x, tuple(acts), *params)
+    # inference: no autograd node, nothing saved
+    ops = _ops(x)
+    flat = x.dim() == 2
+    h = x if flat else x.reshape(-1, x.shape[-1])
+    for w, b, a in zip(weights, biases, acts, strict=True):
+        h = ops.linear_act_forward(h, w, b, a)
+    return h if flat else h.view(*x.shape[:-1], h.shape[-1])
 
 
 def fnn_forward(
@@ -437,19 +514,4 @@ def fnn_forward(
     if _any_autocast():
         x, *cast = _autocast((x, *weights, *biases))
         weights, biases = cast[: len(weights)], cast[len(weights) :]
-    acts = check_layers(x, weights, biases, activations)
-    if not (
-        _grad_enabled()
-        and (
-            x.requires_grad
-            or any(w.requires_grad for w in weights)
-            or any(b is not None and b.requires_grad for b in biases)
-        )
-    ):  # inference: no autograd node, nothing saved
-        ops = _ops(x)
-        h = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        for w, b, a in zip(weights, biases, acts, strict=True):
-            h = ops.linear_act_forward(h, w, b, a)
-        return h if x.dim() == 2 else h.view(*x.shape[:-1], h.shape[-1])
-    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return _fnn_apply(x, tuple(acts), *params)
+    return run_layers(x, weights, biases, check_layers(x, weights, biases, activations))

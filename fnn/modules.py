@@ -10,7 +10,7 @@ from torch import nn
 
 from kernels.checks import NETWORK_ACTIVATIONS, Activation, as_activation, check_activation
 
-from .functional import backend, fnn_forward, linear_act
+from .functional import _layers_ok, _linear_ok, backend, fnn_forward, linear_act, run_layers
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
 from .plan import parameters, plan
 
@@ -250,7 +250,9 @@ class FNN(nn.Module):
         ):
             return fnn_network_forward(self, x, p)
         weights, biases = parameters(p)
-        return fnn_forward(x, weights, biases, p.acts)
+        if not _any_autocast() and _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
+            return run_layers(x, weights, biases, p.acts, p)  # checked: the Function, or inference
+        return fnn_forward(x, weights, biases, p.acts)  # autocast casts first; bad arguments raise
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
         """forward while torch.compile traces: plain attribute reads (no cached plan)."""

@@ -164,13 +164,13 @@ def concat_parameters(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _network_forward(ctx: FunctionCtx, x, sizes, names, biased, flat, params):
-    weights, biases = params[0::2], params[1::2]
+def _network_forward(ctx: FunctionCtx, x, sizes, names, biased, flat, params, mt=None):
     if flat is None:
-        flat = concat_parameters(weights, biases)
+        flat = concat_parameters(params[0::2], params[1::2])
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     need = any(ctx.needs_input_grad)
-    y, h = network_ops.network_forward(x2d, flat, sizes, names, biased, need)
+    y, h = network_ops.network_forward(x2d, flat, sizes, names, biased, need, mt)
+    ctx.meta = mt
     if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
         ctx.save_for_backward(x2d, y, h, flat, *params)
     ctx.activations = names
@@ -213,7 +213,7 @@ class NetworkFunction(torch.autograd.Function):
         flat_dy = dy.dim() == 2
         dx, dws, dbs = network_ops.network_backward(
             dy if flat_dy else dy.reshape(-1, y.shape[-1]), y, h, x2d, flat, ctx.sizes, ctx.activations,
-            ctx.biased, needs[0],
+            ctx.biased, needs[0], ctx.meta,
         )
         grads: list[torch.Tensor | None] = []
         for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
@@ -230,10 +230,10 @@ class _PlannedNetwork(NetworkFunction):
 
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, p: FNNPlan, flat: torch.Tensor | None, *params):
-        return _network_forward(ctx, x, p.sizes, p.names, p.biased, flat, params)
+        return _network_forward(ctx, x, p.sizes, p.names, p.biased, flat, params, p.meta(x.device))
 
 
-_planned_network = fast_apply(_PlannedNetwork)
+_planned_network = fast_apply(_PlannedNetwork, module_parameters=True)
 
 
 def _any_requires_grad(tensors) -> bool:
@@ -313,5 +313,5 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
     if flat is None:
         flat = concat_parameters(weights, biases)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y, _ = network_ops.network_forward(x2d, flat, p.sizes, p.names, p.biased, False)
+    y, _ = network_ops.network_forward(x2d, flat, p.sizes, p.names, p.biased, False, p.meta(x.device))
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

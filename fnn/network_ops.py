@@ -250,14 +250,17 @@ def network_forward(
     activations: Sequence[str],
     biased: Sequence[bool],
     store_hidden: bool,
+    mt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Y, H) of the whole network for a 2-D x, in one launch: `torch.ops.fnn.network_forward`
     under torch.compile or a dispatch mode (fnn.dispatch), else the launcher directly, for
-    arguments the caller has checked (then H is None where nothing is stored)."""
+    arguments the caller has checked (then H is None where nothing is stored). `mt`: the
+    `meta` tensor on x's device, if the caller has it (else it is looked up)."""
     if not use_registered_ops() and backend(x.device) != "reference":
         from kernels import network as K
 
-        mt = meta(sizes, activations, biased, x.device)
+        if mt is None:
+            mt = meta(sizes, activations, biased, x.device)
         return K.forward_unchecked(x, params, mt, tuple(sizes), tuple(biased), store_hidden)
     return torch.ops.fnn.network_forward(
         x, params, list(sizes), list(activations), list(biased), store_hidden
@@ -274,6 +277,7 @@ def network_backward(
     activations: Sequence[str],
     biased: Sequence[bool],
     need_dx: bool,
+    mt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
     """(dX or None, [dW_l], [db_l or None]) from dY and the forward's Y, H, X and flat
     parameters: `torch.ops.fnn.network_backward` (or the launcher directly, as
@@ -281,7 +285,8 @@ def network_backward(
     if not use_registered_ops() and backend(x.device) != "reference":
         from kernels import network as K
 
-        mt = meta(sizes, activations, biased, x.device)
+        if mt is None:
+            mt = meta(sizes, activations, biased, x.device)
         dx, flat = K.backward_unchecked(dy, y, h, x, params, mt, tuple(sizes), tuple(biased), need_dx)
     else:
         if h is None:  # nothing stored (one layer): the op takes an empty H
@@ -293,23 +298,30 @@ def network_backward(
     return (dx if need_dx else None), dws, dbs
 
 
+_VIEWS: dict[tuple, tuple] = {}
+
+
 def grad_views(
     flat: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """`unflatten` for a contiguous flat buffer, one view op per block (`as_strided`); the
-    same `unflatten` while torch.compile traces."""
+    """`unflatten` for a contiguous flat buffer, one view op per block (`as_strided`, the
+    cheapest view op); the same `unflatten` while torch.compile traces."""
     if torch.compiler.is_compiling():
         return unflatten(flat, sizes, biased)
-    off, base = 0, flat.storage_offset()
-    weights = []
-    for i, o in zip(sizes[:-1], sizes[1:], strict=True):
-        weights.append(flat.as_strided((o, i), (i, 1), base + off))
-        off += o * i
-    biases: list[torch.Tensor | None] = []
-    for o, b in zip(sizes[1:], biased, strict=True):
-        if b:
-            biases.append(flat.as_strided((o,), (1,), base + off))
-            off += o
-        else:
-            biases.append(None)
+    key = (tuple(sizes), tuple(biased))
+    specs = _VIEWS.get(key)
+    if specs is None:  # ((shape, strides, offset) of each weight, the same or None per bias)
+        blocks = iter(flat_layout(sizes, biased))
+        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        if len(_VIEWS) >= 1024:
+            _VIEWS.clear()
+        specs = _VIEWS[key] = (ws, bs)
+    base = flat.storage_offset()
+    if base == 0:
+        weights = [flat.as_strided(shape, strides, off) for shape, strides, off in specs[0]]
+        biases = [flat.as_strided(s[0], s[1], s[2]) if s is not None else None for s in specs[1]]
+    else:
+        weights = [flat.as_strided(shape, strides, base + off) for shape, strides, off in specs[0]]
+        biases = [flat.as_strided(s[0], s[1], base + s[2]) if s is not None else None for s in specs[1]]
     return weights, biases

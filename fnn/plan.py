@@ -22,6 +22,8 @@ from kernels.checks import NETWORK_ACTIVATIONS, Activation, as_activation
 __all__ = ["FNNPlan", "flat_views", "plan", "parameters"]
 
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH (this module imports no triton)
+_is_compiling = torch.compiler.is_compiling
+_Parameter, _Tensor = nn.Parameter, torch.Tensor
 FUSIONS = ("auto", "layer", "network")
 
 
@@ -34,8 +36,10 @@ class FNNPlan:
         "fusion",
         "sizes",
         "acts",
+        "saves",
         "names",
         "biased",
+        "has_bias",
         "layer_only",
         "fits",
         "padded",
@@ -51,8 +55,10 @@ class FNNPlan:
         sizes = [layers[0].in_features] + [layer.out_features for layer in layers]
         self.sizes: tuple[int, ...] = tuple(sizes)
         self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _ in activation_attrs)
+        self.saves: tuple[str, ...] = tuple(a.saves for a in self.acts)  # what each layer saves
         self.names: tuple[str, ...] = tuple(a.name for a in self.acts)
         self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias in activation_attrs)
+        self.has_bias = any(self.biased)
         # the activations the whole-network kernels do not serve (such a network runs per layer)
         self.layer_only = tuple(sorted({n for n in self.names if n not in NETWORK_ACTIVATIONS}))
         self.fits = max(sizes) <= MAX_WIDTH
@@ -103,25 +109,28 @@ def flat_views(
     p: FNNPlan, flat: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
 ) -> bool:
     """Whether the parameters are exactly the contiguous views of `flat` in the kernels' layout
-    (each weight then each bias, back to back, the plan's shapes, flat's dtype and device, plain
-    tensors). A few attribute reads per parameter; never while torch.compile traces."""
-    if flat is None or torch.compiler.is_compiling():
+    (each weight then each bias, back to back, with the plan's shapes and flat's dtype, plain
+    tensors). Equal addresses also mean the same device (CUDA's unified addressing; a meta
+    tensor has address 0). A few attribute reads per parameter; never while torch.compile
+    traces."""
+    if flat is None or _is_compiling():
         return False
-    dtype, size, device = flat.dtype, flat.element_size(), flat.get_device()
+    dtype, size = flat.dtype, flat.element_size()
     start = addr = flat.data_ptr()
-    shapes = iter(p.shapes)
+    params = [*weights, *(b for b in biases if b is not None)] if p.has_bias else weights
+    if len(params) != len(p.shapes):
+        return False
     try:
-        for t in (*weights, *(b for b in biases if b is not None)):
+        for t, shape in zip(params, p.shapes, strict=True):
             if (
-                (t.__class__ is not nn.Parameter and t.__class__ is not torch.Tensor)
+                (t.__class__ is not _Parameter and t.__class__ is not _Tensor)
                 or t.data_ptr() != addr
                 or t.dtype is not dtype
-                or t.shape != next(shapes)
+                or t.shape != shape
                 or not t.is_contiguous()
-                or t.get_device() != device
             ):
                 return False
             addr += t.numel() * size
-    except (RuntimeError, StopIteration):  # no storage (functorch wrappers); more params than shapes
+    except RuntimeError:  # a tensor without storage (functorch's wrappers): not a view
         return False
     return addr == start + flat.numel() * size and flat.is_contiguous()
