@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.checks import ACTIVATIONS, check_activation
+from kernels.checks import ACTIVATIONS, NETWORK_ACTIVATIONS, check_activation
 
 from . import reference
 from .dispatch import backend, use_registered_ops
@@ -114,9 +114,10 @@ def meta(
 
 
 def _check(x, params, sizes, activations, biased, who: str) -> None:
-    """One activation and one bias flag per layer, known names, a 2-D x of width n_0, and a
-    flat `params` of the size `sizes` implies in x's dtype and on its device (the reference
-    backend has no launcher to check them; the launchers check them again)."""
+    """One activation and one bias flag per layer, known names that the network kernels serve,
+    a 2-D x of width n_0, and a flat `params` of the size `sizes` implies in x's dtype and on
+    its device (the reference backend has no launcher to check them; the launchers check them
+    again)."""
     n_layers = len(sizes) - 1
     if n_layers < 1 or len(activations) != n_layers:
         raise ValueError(f"{who}: need sizes (n_0..n_L) and one activation per layer")
@@ -124,6 +125,11 @@ def _check(x, params, sizes, activations, biased, who: str) -> None:
         raise ValueError(f"{who}: {len(biased)} bias flags for {n_layers} layers")
     for a in activations:
         check_activation(a)
+        if a not in NETWORK_ACTIVATIONS:  # known, but the whole-network kernels lack it
+            raise ValueError(
+                f"{who}: the whole-network kernels do not serve activation {a!r} yet (they serve "
+                f"{', '.join(NETWORK_ACTIVATIONS)}); run such a network per layer"
+            )
     if x.dim() != 2 or x.shape[1] != sizes[0]:
         raise ValueError(f"{who}: x must be 2-D (M, {sizes[0]}), got shape {tuple(x.shape)}")
     n = param_count(sizes, biased)

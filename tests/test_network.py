@@ -588,6 +588,8 @@ def test_bad_inputs_raise_before_launch(device, launches):
         op(x, flat, [3, 5, 2], ["relu", "sigmoid"], [True], False)
     with pytest.raises(ValueError, match="unknown activation"):
         op(x, flat, [3, 5, 2], ["relu", "softsign"], [True, True], False)
+    with pytest.raises(ValueError, match="do not serve activation 'gelu'"):  # a per-layer one
+        op(x, flat, [3, 5, 2], ["relu", "gelu"], [True, True], False)
     with pytest.raises(ValueError, match="x must be 2-D"):
         op(x[:, :2], flat, *args)
     assert launches.calls == []
