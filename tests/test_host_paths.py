@@ -320,6 +320,14 @@ def calls(small):
                 x = base.to(dtype).repeat(10, 1)[:rows].requires_grad_()
                 model(x).sum().backward()
                 trainer.step(x.detach(), torch.rand(rows, 7, generator=g).to(dtype))
+    if not small:  # the same widths, two activation sets (ACTS; silu/gelu: scratches, Z kept)
+        for acts in (["relu", "sigmoid"], ["silu", "gelu"]):
+            torch.manual_seed(0)
+            model = fnn.FNN([8, 16, 3], activation=acts, fusion="network")
+            trainer = fnn.Trainer(model, loss="mse", lr=0.1)
+            x = base[:20, :8].contiguous().requires_grad_()
+            model(x).sum().backward()
+            trainer.step(x.detach(), torch.rand(20, 3, generator=g))
 
 def hook(metadata):  # a launch hook sends every launch through Triton's own path
     pass
@@ -352,10 +360,11 @@ def test_every_cached_launch_is_tritons_specialization(tmp_path):
     skipped: fnn.linear_act forward, backward and inference over three dtypes, five layouts
     (rows 1, a transposed and a strided view, a misaligned one), two activations, with and
     without bias, then FNN under both fusions and Trainer steps at three batch sizes (one
-    needs two programs). With a launch hook installed every launch takes Triton's own path;
-    without, the launch cache's (first its misses, then its hits, every hit also checked
-    against the full key). The kernels launched, their binaries and their grids are the same
-    sequence in all three passes."""
+    needs two programs), and two networks of the same widths with other activation sets (the
+    kernels' ACTS; gelu and silu use the scratches and keep Z). With a launch hook installed
+    every launch takes Triton's own path; without, the launch cache's (first its misses, then
+    its hits, every hit also checked against the full key). The kernels launched, their
+    binaries and their grids are the same sequence in all three passes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
