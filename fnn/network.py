@@ -172,12 +172,13 @@ def _network_forward(ctx: FunctionCtx, x, sizes, activations, biased, flat, para
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     need = any(ctx.needs_input_grad)
     if p is not None:
-        kernel_args = (p.meta(x.device), p.act_params(x.dtype, x.device), p.bits)
+        device = x.device
+        kernel_args = (p.meta(device), p.act_params(x.dtype, device), p.bits)
         last = p.last_saves
     else:
         kernel_args = (None, None, None)
         last = as_activation(activations[-1]).saves
-    y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need, *kernel_args)
+    y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need, *kernel_args, last)
     ctx.kernel_args = kernel_args
     if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
         s_out = z if last == "z" else (y if last == "y" else None)

@@ -372,6 +372,7 @@ def network_forward(
     mt: torch.Tensor | None = None,
     ap: torch.Tensor | None = None,
     bits: int | None = None,
+    last_saves: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(Y, H, Z_L) of the whole network for a 2-D x, in one launch (activations: names or
     fnn.Activation). H holds each hidden layer's output, or its Z where its activation saves
@@ -379,8 +380,9 @@ def network_forward(
     docstring). `torch.ops.fnn.network_forward` under torch.compile or a dispatch mode
     (fnn.dispatch), which returns empty H and Z_L where nothing is kept; else the launcher
     directly, for arguments the caller has checked, which returns None for them there.
-    `mt`, `ap`, `bits`: the kernels' `meta` and `act_params` on x's device (and dtype) and
-    the activation set (`act_set`), if the caller has them (else they are looked up)."""
+    `mt`, `ap`, `bits`, `last_saves`: the kernels' `meta` and `act_params` on x's device (and
+    dtype), the activation set (`act_set`) and what the output layer saves
+    (Activation.saves), if the caller has them (else they are looked up)."""
     if not use_registered_ops() and backend(x.device) != "reference":
         from kernels import network as K
         from kernels.memory import new
@@ -392,8 +394,11 @@ def network_forward(
         if bits is None:
             bits = act_set(activations)
         z = None
-        if store_hidden and as_activation(activations[-1]).saves == "z":
-            z = new((x.shape[0], sizes[-1]), x.dtype, x.device)
+        if store_hidden:
+            if last_saves is None:
+                last_saves = as_activation(activations[-1]).saves
+            if last_saves == "z":
+                z = new((x.shape[0], sizes[-1]), x.dtype, x.device)
         y, h = K.forward_unchecked(x, params, mt, tuple(sizes), tuple(biased), store_hidden, ap, z, bits)
         return y, h, z
     names, values = spec(activations)
