@@ -75,6 +75,8 @@ GEMM_TILES: dict[str, tuple[Callable[[dict[str, Any]], int], str] | None] = {
     "network_bwd_kernel": (_rows("BLOCK_M", "P"), "x_ptr"),
     # sums of partial gradients: no dot
     "network_reduce_kernel": None,
+    # D = dY * act'(Z) for the heavy activations: elementwise, no dot
+    "linear_act_delta_kernel": None,
 }
 
 
@@ -255,11 +257,19 @@ def _jit_hooks() -> Iterator[_State]:
         _STATE.compile_seconds[id(kernel)] = time.perf_counter() - start
         return kernel
 
+    from triton import knobs
+
+    def enter_hook(metadata) -> None:
+        """Does nothing: while a launch hook is set, kernels.launch sends every launch through
+        Triton's own path (JITFunction.run, hooked above) instead of calling a cached kernel."""
+
     JITFunction.run, JITFunction._do_compile = hooked_run, hooked_do_compile
+    knobs.runtime.launch_enter_hook.add(enter_hook)
     _STATE = _State()
     try:
         yield _STATE
     finally:
+        knobs.runtime.launch_enter_hook.remove(enter_hook)
         JITFunction.run, JITFunction._do_compile = run, do_compile
         _STATE = None
 

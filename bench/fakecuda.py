@@ -159,19 +159,19 @@ def compile_only(capability: int = 90, record: bool = True) -> Iterator[FakeCuda
         )
     from triton.runtime.driver import driver
 
-    import fnn.functional as functional
+    import fnn.dispatch as dispatch
 
     fake = FakeCudaDriver(capability, record)
     previous = driver._active
-    previous_backend = functional.FORCE_BACKEND
+    previous_backend = dispatch.FORCE_BACKEND
     driver.set_active(fake)
-    functional.FORCE_BACKEND = "triton"
+    dispatch.FORCE_BACKEND = "triton"
     _ACTIVE = fake
     try:
         yield fake
     finally:
         driver._active = previous
-        functional.FORCE_BACKEND = previous_backend
+        dispatch.FORCE_BACKEND = previous_backend
         _ACTIVE = None
 
 

@@ -281,7 +281,7 @@ CASES: dict[str, HostCase] = {
             'FNN(fusion="network"), ' + FWBW,
             SEQ,
             _network_fwbw([64] * 5, 256, bias=True, fusion="network"),
-            launches=3,  # forward; backward over 4 programs of 64 rows, then their reduction
+            launches=2,  # forward; backward (256 rows fit one program: kernels.network.SINGLE_PROGRAM_ROWS)
         ),
     ]
 }
@@ -603,71 +603,63 @@ class _Trivial(torch.autograd.Function):
 
 
 def breakdown(settings: Settings, log=print) -> dict[str, Any]:
-    """Host time of each layer of `fnn.linear_act(x, w)` (100 x 2 -> 32) and of the pieces
-    the launcher calls, each timed alone under compile_only (launch skipped). Layers that do
-    not exist in the code being measured are left out."""
+    """Host time of each layer of `fnn.linear_act(x, w)` (100 x 2 -> 32, no gradient) and of
+    the pieces it calls, each timed alone under compile_only (launch skipped), with the full
+    path's layers beside them (the autograd Function, the registered op, the checked launcher,
+    Triton's own launch). Layers that do not exist in the code being measured are left out."""
     import triton
 
     import fnn
+    from fnn.functional import _check_linear
     from kernels import configs, linear_act
-    from kernels.checks import check_linear_args
     from kernels.launch import launcher
 
     from .fakecuda import compile_only
 
     x, w = _linear_inputs(torch.device("cpu"), 2, 32, seed=232)
     out = torch.empty(100, 32)
+    act = fnn.Activation("sigmoid")
     probes: dict[str, Call] = {}
     with compile_only(90, record=False), one_thread():
-        probes["fnn.linear_act"] = lambda: fnn.linear_act(x, w)
+        probes["fnn.linear_act (inference: no Function)"] = lambda: fnn.linear_act(x, w)
+        probes["kernels.linear_act.forward_unchecked"] = lambda: linear_act.forward_unchecked(x, w, None, act)
         fn_cls = getattr(fnn.functional, "LinearActFunction", None)
         if fn_cls is not None:
-            probes["LinearActFunction.apply"] = lambda: fn_cls.apply(x, w, None, "sigmoid")
+            probes["full path: LinearActFunction.apply"] = lambda: fn_cls.apply(x, w, None, "sigmoid")
         op = getattr(getattr(torch.ops, "fnn", None), "linear_act_forward", None)
         if op is not None:
-            probes["torch.ops.fnn.linear_act_forward"] = lambda: op(x, w, None, "sigmoid")
-        probes["kernels.linear_act.linear_act_forward"] = lambda: linear_act.linear_act_forward(
-            x, w, None, "sigmoid"
+            probes["full path: torch.ops.fnn.linear_act_forward"] = lambda: op(x, w, None, "sigmoid")
+        probes["full path: kernels.linear_act.linear_act_forward (checked)"] = (
+            lambda: linear_act.linear_act_forward(x, w, None, "sigmoid")
         )
         kernel = linear_act.linear_act_fwd_kernel
         cfg = configs.matmul_config(100, 32, 2, torch.float32)
-        kw = dict(
-            ACTIVATION=1,
-            HAS_BIAS=False,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **linear_act._dtype_flags(torch.float32),
-        )
-        args = (x, w, x, out, 100, 32, 2, *x.stride(), *w.stride(), 0, *out.stride())
-        grid = (triton.cdiv(100, cfg.block_m) * triton.cdiv(32, cfg.block_n),)
+        flags = linear_act._dtype_flags(torch.float32)
+        consts = (1, False, False, flags["ACC_DTYPE"], flags["INPUT_PRECISION"], flags["UPCAST"],
+                  cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m)
+        strides = (*x.stride(), *w.stride(), 0, *out.stride(), *out.stride())
+        args = (x, w, x, out, out, 100, 32, 2, *strides, 0.0, 0.0)
+        names = ("ACTIVATION", "HAS_BIAS", "STORE_Z", "ACC_DTYPE", "INPUT_PRECISION", "UPCAST", "BLOCK_M",
+                 "BLOCK_N", "BLOCK_K", "GROUP_M")
+        kw = dict(zip(names, consts, strict=True), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        grid = (configs.cdiv(100, cfg.block_m) * configs.cdiv(32, cfg.block_n),)
         probes["kernel[grid](...) (JITFunction.run)"] = lambda: kernel[grid](*args, **kw)
         fast = launcher(kernel)
-        probes["kernels.launch cache (fast path)"] = lambda: fast(grid, *args, **kw)
+        probes["launch cache, full key"] = lambda: fast(grid, *args, **kw)
+        ukey = ("breakdown", 100, 32, 2)
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        probes["launch cache, caller key (launch.keyed)"] = (
+            lambda: fast.keyed(ukey, grid, *args, *consts, **opts)
+        )
         compiled = kernel[grid](*args, **kw)
         run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
-        allargs = (
-            *args,
-            1,
-            False,
-            kw["ACC_DTYPE"],
-            kw["INPUT_PRECISION"],
-            kw["UPCAST"],
-            cfg.block_m,
-            cfg.block_n,
-            cfg.block_k,
-            cfg.group_m,
-        )
         probes["CompiledKernel.run (the stand-in launcher alone)"] = lambda: run(
-            grid[0], 1, 1, 0, function, packed, None, None, None, *allargs
+            grid[0], 1, 1, 0, function, packed, None, None, None, *args, *consts
         )
-        probes["check_linear_args"] = lambda: check_linear_args(x, w, None, "sigmoid")
-        probes["matmul_config"] = lambda: configs.matmul_config(100, 32, 2, torch.float32)
+        probes["fnn's argument check (good arguments)"] = lambda: _check_linear(x, w, None, "sigmoid")
+        probes["matmul_config (cached)"] = lambda: configs.matmul_config(100, 32, 2, torch.float32)
         probes["triton.cdiv"] = lambda: triton.cdiv(100, 64)
-        probes["triton.next_power_of_2"] = lambda: triton.next_power_of_2(100)
+        probes["kernels.configs.cdiv (plain Python)"] = lambda: configs.cdiv(100, 64)
         probes["torch.empty((100, 32))"] = lambda: torch.empty((100, 32))
         probes["x.reshape + y.view"] = lambda: x.reshape(-1, 2).view(100, 2)
         # Floors of any autograd.Function design: a Function that only allocates its outputs.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .data import seed000_data
-from .functional import backend
+from .dispatch import backend
 from .modules import FNN
 from .trainer import Trainer
 

@@ -1,48 +1,35 @@
 """Autograd Functions and the functional API.
 
-Backends, chosen per call from the input's device (never at import time):
+Backends, chosen per call from the input's device (never at import time; fnn.dispatch):
 - CUDA tensors run the compiled Triton kernels (kernels.linear_act);
 - CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1 is set;
 - otherwise CPU tensors run fnn.reference, the same maths in PyTorch ops.
+
+The public entries (`linear_act`, `fnn_forward`, `LinearActFunction.apply`) check their
+arguments once; the Functions then call the kernels' launchers through fnn.dispatch
+(directly in eager mode, the registered `torch.ops.fnn.*` under torch.compile) without
+checking again. Inference (no gradient needed) skips the autograd Function altogether.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
+from torch._C._functorch import unwrap_if_dead
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from kernels.checks import Activation, as_activation, check_linear_args
+from kernels.checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
 
-from . import ops
+from . import dispatch
+from .dispatch import backend
 
-# Set by bench.fakecuda.compile_only: every device is served by the compiled kernels (which
-# are then compiled for a GPU target and never launched). None in normal use.
-FORCE_BACKEND: str | None = None
-
-
-def backend(device: torch.device | str) -> str:
-    """Which implementation serves tensors on `device`: "triton", "interpreter" or "reference"."""
-    if FORCE_BACKEND is not None:
-        return FORCE_BACKEND
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "interpreter"
-    return "reference"
-
-
-def _ops(t: torch.Tensor) -> ModuleType:
-    """The registered operators (fnn.ops, `torch.ops.fnn.*`); each picks its backend when it runs,
-    so torch.compile sees one opaque op per kernel, whatever the device."""
-    return ops
-
+__all__ = ["FNNFunction", "LinearActFunction", "backend", "fnn_forward", "linear_act", "linear_sigmoid"]
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATS = frozenset(FLOAT_DTYPES)
+_any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
 
 
 def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -67,6 +54,134 @@ def _grad_needed(tensors: Sequence[torch.Tensor | None]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+# Activations by name, made once (an Activation is immutable): the plain names need no parsing.
+_NAMED: dict[str, Activation] = {}
+
+
+def _activation(activation: object) -> Activation | None:
+    """`activation` as an Activation if it is one or a known name, else None (then the full
+    check says what is wrong)."""
+    if activation.__class__ is Activation:
+        return activation  # type: ignore[return-value]
+    act = _NAMED.get(activation) if activation.__class__ is str else None  # type: ignore[arg-type]
+    if act is None:
+        try:
+            act = as_activation(activation)
+        except (TypeError, ValueError):
+            return None
+        if activation.__class__ is str:
+            _NAMED[activation] = act  # type: ignore[index]
+    return act
+
+
+def _linear_ok(x: object, weight: object, bias: object) -> bool:
+    """A few attribute reads that are True only for arguments check_linear_args accepts (a
+    float x (..., K), weight (N, K) with N, K > 0, bias (N,) or None, one dtype and device).
+    False sends the call to check_linear_args, which raises the error that names the problem."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    dtype = weight.dtype
+    if x.dtype is not dtype or dtype not in _FLOATS or weight.dim() != 2 or x.dim() == 0:
+        return False
+    n, k = weight.shape
+    if x.shape[-1] != k or n == 0 or k == 0:
+        return False
+    device = weight.device
+    if x.device != device:
+        return False
+    if bias is None:
+        return True
+    return (
+        isinstance(bias, torch.Tensor)
+        and bias.dtype is dtype
+        and bias.dim() == 1
+        and bias.shape[0] == n
+        and bias.device == device
+    )
+
+
+def _check_linear(x, weight, bias, activation, who: str = "fnn.linear_act") -> Activation:
+    """check_linear_args, cheap when the arguments are good; returns the Activation."""
+    act = _activation(activation)
+    if act is None or not _linear_ok(x, weight, bias):
+        check_linear_args(x, weight, bias, activation, who=who)  # raises, naming the problem
+        act = as_activation(activation)
+    return act
+
+
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+_functorch_active = torch._C._are_functorch_transforms_active
+_Tensor = torch.Tensor
+
+
+def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False):
+    """`cls.apply` without the Python layer of torch.autograd.Function.apply where it has
+    nothing to do: no functorch transform active (else the full apply, which handles them).
+    What that layer does besides, unwrapping dead functorch wrappers, is done here too: for
+    every tensor argument, or, with `module_parameters` (the other tensors are a module's own
+    parameters, which a finished transform leaves as they were), for the first only. For
+    Functions without setup_context (all of fnn's)."""
+    c_apply = _C_APPLY.__get__(None, cls)
+    full = cls.apply
+    if module_parameters:
+
+        def apply(x, *args):
+            if _functorch_active():
+                return full(x, *args)
+            return c_apply(unwrap_if_dead(x), *args)
+
+        return apply
+
+    def apply_all(*args):
+        if _functorch_active():
+            return full(*args)
+        return c_apply(*[unwrap_if_dead(a) if isinstance(a, _Tensor) else a for a in args])
+
+    return apply_all
+
+
+def _ops(t: torch.Tensor):
+    """The per-layer launchers serving `t`'s device (fnn.dispatch.layer_ops)."""
+    return dispatch.layer_ops(t.device)
+
+
+def _once_differentiable(fn):
+    """torch's once_differentiable, without its no_grad context in the usual backward (grad mode
+    already off: create_graph=False), where it would change nothing."""
+    guarded = once_differentiable(fn)
+
+    def backward(ctx, *grads):
+        if not _grad_enabled():
+            return fn(ctx, *grads)
+        return guarded(ctx, *grads)
+
+    backward.__doc__ = fn.__doc__
+    return backward
+
+
+def _linear_forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias, act: Activation):
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    ops = _ops(x)
+    flat = x.dim() == 2
+    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    saves = act.saves
+    if saves == "z" and (need_x or need_w or need_b):
+        y, saved = ops.linear_act_forward_z(x2d, weight, bias, act)
+        if not flat:
+            y = y.view(*x.shape[:-1], n)
+    else:
+        y = ops.linear_act_forward(x2d, weight, bias, act)
+        if not flat:
+            y = y.view(*x.shape[:-1], n)
+        saved = y if saves == "y" else None
+    ctx.save_for_backward(x2d if (need_w or need_b) else None, weight if need_x else None, saved)
+    ctx.activation = act
+    ctx.x_shape = x.shape
+    ctx.n_out = n
+    return y
+
+
 class LinearActFunction(torch.autograd.Function):
     """Y = act(Z), Z = X W^T + b, saving no more than the backward needs.
 
@@ -78,7 +193,8 @@ class LinearActFunction(torch.autograd.Function):
     fnn.Activation), nothing for identity. Z is written by the forward kernel as a second
     output only when a gradient will be needed. X is saved only when dW or db is needed, W
     only when dX is. Only the gradients `ctx.needs_input_grad` asks for are computed.
-    Call as `LinearActFunction.apply(x, weight, bias, activation)` (a name or an fnn.Activation).
+    Call as `LinearActFunction.apply(x, weight, bias, activation)` (a name or an fnn.Activation);
+    the arguments are checked as fnn.linear_act checks them.
     """
 
     @staticmethod
@@ -89,41 +205,68 @@ class LinearActFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         activation: str | Activation,
     ) -> torch.Tensor:
-        check_linear_args(x, weight, bias, activation)
-        act = as_activation(activation)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        ops = _ops(x)
-        x2d = x.reshape(-1, x.shape[-1])
-        n = weight.shape[0]
-        if act.saves == "z" and (need_x or need_w or need_b):
-            y, z = ops.linear_act_forward_z(x2d, weight, bias, act)
-            y = y.view(*x.shape[:-1], n)
-            saved = z
-        else:
-            y = ops.linear_act_forward(x2d, weight, bias, act).view(*x.shape[:-1], n)
-            saved = y if act.saves == "y" else None
-        ctx.save_for_backward(x2d if (need_w or need_b) else None, weight if need_x else None, saved)
-        ctx.activation = act
-        ctx.x_shape = x.shape
-        ctx.n_out = n
-        return y
+        return _linear_forward(ctx, x, weight, bias, _check_linear(x, weight, bias, activation))
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
         x2d, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _ops(dy)
-        dy2d = dy.reshape(-1, ctx.n_out)
-        s2d = saved.reshape(-1, ctx.n_out) if saved is not None else dy2d  # identity reads none
+        n = ctx.n_out
+        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, n)
+        if saved is None:
+            s2d = dy2d  # identity reads none
+        else:
+            s2d = saved if saved.dim() == 2 else saved.reshape(-1, n)
         dx = dw = db = None
         if need_x:
             dx = ops.linear_act_backward_input(dy2d, s2d, weight, ctx.activation)
-            dx = dx.view(ctx.x_shape)
+            if dy.dim() != 2:
+                dx = dx.view(ctx.x_shape)
         if need_w or need_b:
             dw, db = ops.linear_act_backward_weight(dy2d, s2d, x2d, ctx.activation, need_b)
             dw = dw if need_w else None
         return dx, dw, db, None
+
+
+class _CheckedLinearAct(LinearActFunction):
+    """LinearActFunction for arguments fnn.linear_act has checked: its forward checks nothing."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        return _linear_forward(ctx, x, weight, bias, activation)
+
+
+_checked_linear_act = fast_apply(_CheckedLinearAct)
+
+
+def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, has_bias: tuple, params):
+    """FNNFunction's forward: `acts` as Activations, `saves` their `.saves`, `has_bias` a flag
+    per layer, `params` (w_1, b_1, ..., w_L, b_L)."""
+    weights = params[0::2]
+    need = True in ctx.needs_input_grad
+    ops = _ops(x)
+    flat = x.dim() == 2
+    x2d = h = x if flat else x.reshape(-1, x.shape[-1])
+    saved: list[torch.Tensor | None] = []
+    last = len(acts) - 1
+    for i, act in enumerate(acts):
+        keeps = saves[i]
+        if need and keeps == "z":
+            h, z = ops.linear_act_forward_z(h, params[2 * i], params[2 * i + 1], act)
+            saved.append(z)
+        else:
+            h = ops.linear_act_forward(h, params[2 * i], params[2 * i + 1], act)
+            saved.append(h if keeps == "y" or (keeps == "none" and i < last) else None)
+    out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
+    if saved[-1] is h:
+        saved[-1] = out  # the output itself, as autograd expects a saved output to be
+    ctx.save_for_backward(x2d, *saved, *weights)
+    ctx.activations = acts
+    ctx.has_bias = has_bias
+    ctx.x_shape = x.shape
+    return out
 
 
 class FNNFunction(torch.autograd.Function):
@@ -141,39 +284,19 @@ class FNNFunction(torch.autograd.Function):
         dX = D_1 W_1.
     No elementwise kernel runs between layers. Call as
     `FNNFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be None; an
-    activation is a name or an fnn.Activation).
+    activation is a name or an fnn.Activation); `fnn_forward` checks the arguments first.
     """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str | Activation, ...], *params
     ) -> torch.Tensor:
-        weights, biases = params[0::2], params[1::2]
-        acts = [as_activation(a) for a in activations]
-        need = any(ctx.needs_input_grad)
-        ops = _ops(x)
-        x2d = h = x.reshape(-1, x.shape[-1])
-        saved: list[torch.Tensor | None] = []
-        n_layers = len(acts)
-        for i, (w, b, act) in enumerate(zip(weights, biases, acts, strict=True)):
-            if need and act.saves == "z":
-                h, z = ops.linear_act_forward_z(h, w, b, act)
-                saved.append(z)
-            else:
-                h = ops.linear_act_forward(h, w, b, act)
-                keep = act.saves == "y" or (act.saves == "none" and i < n_layers - 1)
-                saved.append(h if keep else None)
-        out = h if x.dim() == 2 else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
-        if saved[-1] is h:
-            saved[-1] = out  # the output itself, as autograd expects a saved output to be
-        ctx.save_for_backward(x2d, *saved, *weights)
-        ctx.activations = acts
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.x_shape = x.shape
-        return out
+        acts = tuple(a if a.__class__ is Activation else as_activation(a) for a in activations)
+        saves = tuple(a.saves for a in acts)
+        return _fnn_forward(ctx, x, acts, saves, tuple(b is not None for b in params[1::2]), params)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
         acts = ctx.activations
         n_layers = len(acts)
@@ -185,9 +308,10 @@ class FNNFunction(torch.autograd.Function):
         need_w = [needs[2 + 2 * i] for i in range(n_layers)]
         need_b = [needs[3 + 2 * i] and ctx.has_bias[i] for i in range(n_layers)]
         n_out = weights[-1].shape[0]
-        if ss[-1] is not None:
+        flat = dy.dim() == 2
+        if ss[-1] is not None and not flat:
             ss[-1] = ss[-1].reshape(-1, n_out)
-        g, g_act = dy.reshape(-1, n_out), acts[-1]
+        g, g_act = (dy if flat else dy.reshape(-1, n_out)), acts[-1]
         ops = _ops(dy)
         grads: list[torch.Tensor | None] = [None] * (2 * n_layers)
         dx = None
@@ -196,23 +320,39 @@ class FNNFunction(torch.autograd.Function):
             s_i = g if g_act.saves == "none" or s_i is None else s_i  # never read then
             if need_w[i] or need_b[i]:
                 if i == 0:
-                    x_i, x_act = x2d, "identity"
+                    x_i, x_act = x2d, _IDENTITY
                 else:  # layer i's input: S_{i-1}, or act_{i-1}(S_{i-1}) when that is Z
                     x_i = ss[i - 1]
-                    x_act = acts[i - 1] if acts[i - 1].saves == "z" else "identity"
+                    x_act = acts[i - 1] if acts[i - 1].saves == "z" else _IDENTITY
                 dw, db = ops.linear_act_backward_weight(g, s_i, x_i, g_act, need_b[i], None, x_act)
                 grads[2 * i] = dw if need_w[i] else None
                 grads[2 * i + 1] = db
             if i == 0:
                 if needs[0]:
-                    dx = ops.linear_act_backward_input(g, s_i, w_i, g_act).view(ctx.x_shape)
+                    dx = ops.linear_act_backward_input(g, s_i, w_i, g_act)
+                    if not flat:
+                        dx = dx.view(ctx.x_shape)
             elif needs[0] or any(need_w[:i]) or any(need_b[:i]):
                 prev = acts[i - 1]
                 g = ops.linear_act_backward_input(g, s_i, w_i, g_act, x=ss[i - 1], prev_activation=prev)
-                g_act = as_activation("identity")  # g is now D_{i-1}: the delta is already applied
+                g_act = _IDENTITY  # g is now D_{i-1}: the delta is already applied
             else:
                 break
         return (dx, None, *grads)
+
+
+class _PlannedFNN(FNNFunction):
+    """FNNFunction for an FNN whose arguments FNN.forward has checked: `apply(x, plan, *params)`,
+    the activations and flags read off its plan (fnn.plan)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, p, *params) -> torch.Tensor:
+        return _fnn_forward(ctx, x, p.acts, p.saves, p.biased, params)
+
+
+_IDENTITY = as_activation("identity")
+_fnn_apply = fast_apply(FNNFunction)
+_planned_fnn = fast_apply(_PlannedFNN, module_parameters=True)
 
 
 def linear_act(
@@ -232,12 +372,21 @@ def linear_act(
     (act' read off the saved output, or off the saved Z: see LinearActFunction).
     Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
-    x, weight, bias = _autocast((x, weight, bias))
-    if not _grad_needed((x, weight, bias)):  # inference: one kernel, nothing saved, no Z
-        check_linear_args(x, weight, bias, activation)
-        y = _ops(x).linear_act_forward(x.reshape(-1, x.shape[-1]), weight, bias, activation)
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return LinearActFunction.apply(x, weight, bias, activation)
+    if _any_autocast():
+        x, weight, bias = _autocast((x, weight, bias))
+    cls = activation.__class__
+    act = activation if cls is Activation else _NAMED.get(activation) if cls is str else None  # type: ignore
+    if act is None or not _linear_ok(x, weight, bias):
+        act = _check_linear(x, weight, bias, activation)
+    if _grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _checked_linear_act(x, weight, bias, act)
+    # inference: one kernel, nothing saved, no Z, no autograd node
+    if x.dim() == 2:
+        return _ops(x).linear_act_forward(x, weight, bias, act)
+    y = _ops(x).linear_act_forward(x.reshape(-1, x.shape[-1]), weight, bias, act)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_sigmoid(
@@ -248,6 +397,101 @@ def linear_sigmoid(
     Backward: D = dY * Y (1 - Y), dx = D weight, dweight = D^T x, dbias = sum over rows of D.
     """
     return linear_act(x, weight, bias, "sigmoid")
+
+
+def _layers_ok(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> bool:
+    """Layers 1.. chain on layer 0 (each weight's in_features the previous out_features, one
+    dtype and device, biases of the right shape): a few attribute reads per layer."""
+    w0 = weights[0]
+    dtype, device, n = w0.dtype, w0.device, w0.shape[0]
+    for w, b in zip(weights[1:], biases[1:], strict=True):
+        if not (
+            isinstance(w, torch.Tensor)
+            and w.dtype is dtype
+            and w.dim() == 2
+            and w.shape[1] == n
+            and w.shape[0] > 0
+            and w.device == device
+        ):
+            return False
+        n = w.shape[0]
+        if b is not None and not (
+            isinstance(b, torch.Tensor)
+            and b.dtype is dtype
+            and b.dim() == 1
+            and b.shape[0] == n
+            and b.device == device
+        ):
+            return False
+    return True
+
+
+def check_layers(
+    x: object,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activations: Sequence[str | Activation],
+) -> list[Activation]:
+    """Check a network's arguments as check_linear_args checks one layer (layer l's input being
+    layer l-1's output); cheap when they are good. Returns the activations as Activations."""
+    acts = []
+    for a in activations:
+        act = _activation(a)
+        if act is None:
+            break
+        acts.append(act)
+    else:
+        if _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
+            return acts
+    for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
+        who = f"layer {i} of the network"
+        if i == 0:
+            check_linear_args(x, w, b, a, who=who)
+        else:
+            # The input of layer i is the output of layer i - 1: check it as an empty batch.
+            check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
+    return [as_activation(a) for a in activations]
+
+
+def _needs_grad(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on, one requiring grad)."""
+    if not _grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for w in weights:
+        if w.requires_grad:
+            return True
+    for b in biases:
+        if b is not None and b.requires_grad:
+            return True
+    return False
+
+
+def run_layers(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    acts: Sequence[Activation],
+    plan=None,
+) -> torch.Tensor:
+    """fnn_forward for checked arguments (no autocast cast; `acts` are Activations): the
+    Function when a gradient is needed, else the launchers alone. `plan`: the FNN's plan
+    (fnn.plan) when the tensors are its own input and parameters."""
+    if _needs_grad(x, weights, biases):
+        params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+        if plan is not None:
+            return _planned_fnn(x, plan, *params)
+        return _fnn_apply(x, tuple(acts), *params)
+    # inference: no autograd node, nothing saved
+    ops = _ops(x)
+    flat = x.dim() == 2
+    h = x if flat else x.reshape(-1, x.shape[-1])
+    for w, b, a in zip(weights, biases, acts, strict=True):
+        h = ops.linear_act_forward(h, w, b, a)
+    return h if flat else h.view(*x.shape[:-1], h.shape[-1])
 
 
 def fnn_forward(
@@ -267,19 +511,7 @@ def fnn_forward(
             f"fnn_forward: need one weight, bias and activation per layer, got "
             f"{len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
-    x, *cast = _autocast((x, *weights, *biases))
-    weights, biases = cast[: len(weights)], cast[len(weights) :]
-    for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
-        who = f"layer {i} of the network"
-        if i == 0:
-            check_linear_args(x, w, b, a, who=who)
-        else:
-            # The input of layer i is the output of layer i - 1: check it as an empty batch.
-            check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
-    if not _grad_needed((x, *weights, *biases)):  # inference: no autograd node, nothing saved
-        ops, h = _ops(x), x.reshape(-1, x.shape[-1])
-        for w, b, a in zip(weights, biases, activations, strict=True):
-            h = ops.linear_act_forward(h, w, b, a)
-        return h.view(*x.shape[:-1], h.shape[-1])
-    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return FNNFunction.apply(x, tuple(activations), *params)
+    if _any_autocast():
+        x, *cast = _autocast((x, *weights, *biases))
+        weights, biases = cast[: len(weights)], cast[len(weights) :]
+    return run_layers(x, weights, biases, check_layers(x, weights, biases, activations))

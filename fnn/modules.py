@@ -10,8 +10,16 @@ from torch import nn
 
 from kernels.checks import Activation, check_activation
 
-from .functional import backend, fnn_forward, linear_act
+from .functional import _layers_ok, _linear_ok, backend, fnn_forward, linear_act, run_layers
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
+from .plan import parameters, plan
+
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for x's device (then FNN runs per layer)."""
+    return _any_autocast() and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 def _check_size(value: object, name: str) -> int:
@@ -178,9 +186,16 @@ class FNN(nn.Module):
         self.__dict__.setdefault("_flat", None)
         flatten_parameters(self)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_fnn_plan", None)  # the call plan (fnn.plan) refers to the layers: made again
+        return state
+
     @property
     def sizes(self) -> list[int]:
-        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+        if torch.compiler.is_compiling():
+            return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+        return list(plan(self).sizes)
 
     @property
     def activations(self) -> list[str | Activation]:
@@ -189,6 +204,37 @@ class FNN(nn.Module):
         return [layer.activation for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        p = plan(self)  # sizes, activations, flags: made once (fnn.plan)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
+        n_in = p.sizes[0]
+        if x.dim() == 0 or x.shape[-1] != n_in:
+            raise ValueError(
+                f"FNN with sizes {list(p.sizes)} expects inputs of width {n_in} "
+                f"(shape (..., {n_in})), got shape {tuple(x.shape)}"
+            )
+        fusion = p.fusion
+        if fusion == "layer":
+            mode = "layer"
+        elif fusion == "network" and p.fits:
+            mode = "network"
+        else:
+            mode = resolve_fusion(fusion, p.sizes, x.device)  # "auto" (or a bad value: raises)
+        if (
+            mode == "network"
+            and backend(x.device) != "reference"
+            and not _autocast_on(x)
+        ):
+            return fnn_network_forward(self, x, p)
+        weights, biases = parameters(p)
+        if not _any_autocast() and _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
+            return run_layers(x, weights, biases, p.acts, p)  # checked: the Function, or inference
+        return fnn_forward(x, weights, biases, p.acts)  # autocast casts first; bad arguments raise
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward while torch.compile traces: plain attribute reads (no cached plan)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.sizes[0]:

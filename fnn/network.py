@@ -21,13 +21,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
-from .functional import backend
+from .dispatch import backend
+from .functional import _once_differentiable, fast_apply
 from .network_ops import layer_sizes, padded_width
+from .plan import FNNPlan, flat_views, parameters, plan
 
 __all__ = [
     "NetworkFunction",
@@ -162,6 +164,32 @@ def concat_parameters(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _network_forward(ctx: FunctionCtx, x, sizes, activations, biased, flat, params, p: FNNPlan | None = None):
+    """NetworkFunction's forward; `p`: the FNN's plan, which has the kernels' meta, act_params
+    and activation set at hand (else network_ops looks them up)."""
+    if flat is None:
+        flat = concat_parameters(params[0::2], params[1::2])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    need = any(ctx.needs_input_grad)
+    if p is not None:
+        device = x.device
+        kernel_args = (p.meta(device), p.act_params(x.dtype, device), p.bits)
+        last = p.last_saves
+    else:
+        kernel_args = (None, None, None)
+        last = as_activation(activations[-1]).saves
+    y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need, *kernel_args, last)
+    ctx.kernel_args = kernel_args
+    if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
+        s_out = z if last == "z" else (y if last == "y" else None)
+        ctx.save_for_backward(x2d, s_out, h, flat, *params)
+    ctx.activations = activations
+    ctx.sizes = sizes
+    ctx.biased = biased
+    ctx.x_shape = x.shape
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
+
+
 class NetworkFunction(torch.autograd.Function):
     """A whole network as one autograd node and one kernel per direction (fnn.network_ops).
 
@@ -189,38 +217,44 @@ class NetworkFunction(torch.autograd.Function):
         ctx: FunctionCtx, x: torch.Tensor, activations: tuple[str, ...], flat: torch.Tensor | None, *params
     ):
         weights, biases = params[0::2], params[1::2]
-        if flat is None:
-            flat = concat_parameters(weights, biases)
         sizes = layer_sizes(weights)
         biased = tuple(b is not None for b in biases)
-        x2d = x.reshape(-1, x.shape[-1])
-        need = any(ctx.needs_input_grad)
-        y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need)
-        if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
-            last = as_activation(activations[-1]).saves
-            s_out = z if last == "z" else (y if last == "y" else None)
-            ctx.save_for_backward(x2d, s_out, h, flat, *params)
-        ctx.activations = activations
-        ctx.sizes = sizes
-        ctx.biased = biased
-        ctx.x_shape = x.shape
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
+        return _network_forward(ctx, x, sizes, tuple(activations), biased, flat, params)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
         x2d, s_out, h, flat = ctx.saved_tensors[:4]
         needs = ctx.needs_input_grad
-        dy2d = dy.reshape(-1, ctx.sizes[-1])
+        flat_dy = dy.dim() == 2
+        dy2d = dy if flat_dy else dy.reshape(-1, ctx.sizes[-1])
         s_out = dy2d if s_out is None else s_out  # identity: nothing saved, nothing read
         dx, dws, dbs = network_ops.network_backward(
-            dy2d, s_out, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0]
+            dy2d, s_out, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0], *ctx.kernel_args
         )
         grads: list[torch.Tensor | None] = []
         for li, (dw, db) in enumerate(zip(dws, dbs, strict=True)):
             grads.append(dw if needs[3 + 2 * li] else None)
             grads.append(db if needs[4 + 2 * li] else None)
-        return (dx.view(ctx.x_shape) if dx is not None else None, None, None, *grads)
+        if dx is not None and not flat_dy:
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, *grads)
+
+
+class _PlannedNetwork(NetworkFunction):
+    """NetworkFunction for an FNN whose arguments fnn_network_forward has checked: the widths,
+    activations and bias flags come from its plan (`apply(x, plan, flat, *params)`)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, p: FNNPlan, flat: torch.Tensor | None, *params):
+        return _network_forward(ctx, x, p.sizes, p.acts, p.biased, flat, params, p)
+
+
+_planned_network = fast_apply(_PlannedNetwork, module_parameters=True)
+
+
+def _any_requires_grad(tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_network_args(
@@ -261,13 +295,39 @@ def network_forward(
     return NetworkFunction.apply(x, tuple(activations), None, *params)
 
 
-def fnn_network_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = None) -> torch.Tensor:
     """An FNN's forward on the network path (NetworkFunction): the kernels read the model's
     flat buffer where its parameters are that buffer's views, else a concatenation of them
-    made for the call. Changes nothing in the model."""
-    weights, biases = _layers_parameters(model)
-    activations = model.activations
-    check_network_args(x, weights, biases, activations)
-    flat = flat_buffer(model, weights, biases)
+    made for the call. Changes nothing in the model. `p`: the model's plan (fnn.plan), if
+    the caller has it; x's width is then taken as checked."""
+    if torch.compiler.is_compiling():  # the traced path: plain attribute reads, the registered ops
+        weights, biases = _layers_parameters(model)
+        activations = model.activations
+        check_network_args(x, weights, biases, activations)
+        params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+        return NetworkFunction.apply(x, tuple(activations), None, *params)
+    if p is None:
+        p = plan(model)
+    weights, biases = parameters(p)
+    flat = model.__dict__.get("_flat")
+    if not (
+        flat_views(p, flat, weights, biases)
+        and isinstance(x, torch.Tensor)
+        and x.dtype is flat.dtype
+        and x.device == flat.device
+        and x.dim() > 0
+        and x.shape[-1] == p.sizes[0]
+    ):
+        check_network_args(x, weights, biases, p.acts)  # raises where an argument is wrong
+        flat = None  # the parameters are not the flat buffer's views: concatenate them
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    return NetworkFunction.apply(x, tuple(activations), flat, *params)
+    if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(params)):
+        return _planned_network(x, p, flat, *params)
+    # inference: no autograd node, nothing stored for a backward
+    if flat is None:
+        flat = concat_parameters(weights, biases)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y, _, _ = network_ops.network_forward(
+        x2d, flat, p.sizes, p.acts, p.biased, False, p.meta(x.device), p.act_params(x.dtype, x.device), p.bits
+    )
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

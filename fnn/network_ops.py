@@ -38,6 +38,10 @@ device) and (activations, dtype, device) and cache them, so no tensor is made pe
 
 Backend per call, as for the layer ops: compiled Triton on CUDA, Triton's interpreter on the
 CPU under TRITON_INTERPRET=1, else `fnn.reference`'s layers (same outputs, same padding).
+In plain eager mode the Python entries below (`network_forward`, `network_backward`) call
+kernels.network's unchecked launchers directly, for arguments their callers have checked
+(fnn.dispatch); under torch.compile, a dispatch mode or a functorch transform they call the
+registered ops.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 from kernels.checks import PARAMETERS, Activation, as_activation
 
 from . import reference
-from .functional import backend
+from .dispatch import backend, use_registered_ops
 
 __all__ = [
     "activation_params",
@@ -365,11 +369,38 @@ def network_forward(
     activations: Sequence[str | Activation],
     biased: Sequence[bool],
     store_hidden: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mt: torch.Tensor | None = None,
+    ap: torch.Tensor | None = None,
+    bits: int | None = None,
+    last_saves: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(Y, H, Z_L) of the whole network for a 2-D x, in one launch (activations: names or
-    fnn.Activation): `torch.ops.fnn.network_forward`. H holds each hidden layer's output, or
-    its Z where its activation saves Z; Z_L is empty unless the output layer saves Z and
-    `store_hidden` (see the module docstring)."""
+    fnn.Activation). H holds each hidden layer's output, or its Z where its activation saves
+    Z; Z_L is kept only where the output layer saves Z and `store_hidden` (see the module
+    docstring). `torch.ops.fnn.network_forward` under torch.compile or a dispatch mode
+    (fnn.dispatch), which returns empty H and Z_L where nothing is kept; else the launcher
+    directly, for arguments the caller has checked, which returns None for them there.
+    `mt`, `ap`, `bits`, `last_saves`: the kernels' `meta` and `act_params` on x's device (and
+    dtype), the activation set (`act_set`) and what the output layer saves
+    (Activation.saves), if the caller has them (else they are looked up)."""
+    if not use_registered_ops() and backend(x.device) != "reference":
+        from kernels import network as K
+        from kernels.memory import new
+
+        if mt is None:
+            mt = meta(sizes, activations, biased, x.device)
+        if ap is None:
+            ap = activation_params(activations, x.dtype, x.device)
+        if bits is None:
+            bits = act_set(activations)
+        z = None
+        if store_hidden:
+            if last_saves is None:
+                last_saves = as_activation(activations[-1]).saves
+            if last_saves == "z":
+                z = new((x.shape[0], sizes[-1]), x.dtype, x.device)
+        y, h = K.forward_unchecked(x, params, mt, tuple(sizes), tuple(biased), store_hidden, ap, z, bits)
+        return y, h, z
     names, values = spec(activations)
     return torch.ops.fnn.network_forward(x, params, list(sizes), names, list(biased), store_hidden, values)
 
@@ -377,20 +408,69 @@ def network_forward(
 def network_backward(
     dy: torch.Tensor,
     y: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     x: torch.Tensor,
     params: torch.Tensor,
     sizes: Sequence[int],
     activations: Sequence[str | Activation],
     biased: Sequence[bool],
     need_dx: bool,
+    mt: torch.Tensor | None = None,
+    ap: torch.Tensor | None = None,
+    bits: int | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
     """(dX or None, [dW_l], [db_l or None]) from dY and what the forward kept: `y` the output
-    layer's Y, or its Z_L where it saves Z (dY for identity), H, X and the flat parameters:
-    `torch.ops.fnn.network_backward`. The gradients are contiguous views of one flat buffer."""
-    names, values = spec(activations)
-    dx, flat = torch.ops.fnn.network_backward(
-        dy, y, h, x, params, list(sizes), names, list(biased), need_dx, values
-    )
-    dws, dbs = unflatten(flat, sizes, biased)
+    layer's Y, or its Z_L where it saves Z (dY for identity), H (None or empty for one layer),
+    X and the flat parameters: `torch.ops.fnn.network_backward`, or the launcher directly, as
+    network_forward (`mt`, `ap`, `bits` as there). The gradients are contiguous views of one
+    flat buffer."""
+    if not use_registered_ops() and backend(x.device) != "reference":
+        from kernels import network as K
+
+        if mt is None:
+            mt = meta(sizes, activations, biased, x.device)
+        if ap is None:
+            ap = activation_params(activations, x.dtype, x.device)
+        if bits is None:
+            bits = act_set(activations)
+        dx, flat = K.backward_unchecked(
+            dy, y, h, x, params, mt, tuple(sizes), tuple(biased), need_dx, ap, None, bits
+        )
+    else:
+        if h is None:  # nothing stored (one layer): the op takes an empty H
+            h = x.new_empty((0, 0, padded_width(sizes)))
+        names, values = spec(activations)
+        dx, flat = torch.ops.fnn.network_backward(
+            dy, y, h, x, params, list(sizes), names, list(biased), need_dx, values
+        )
+    dws, dbs = grad_views(flat, sizes, biased)
     return (dx if need_dx else None), dws, dbs
+
+
+_VIEWS: dict[tuple, tuple] = {}
+
+
+def grad_views(
+    flat: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool]
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """`unflatten` for a contiguous flat buffer, one view op per block (`as_strided`, the
+    cheapest view op); the same `unflatten` while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return unflatten(flat, sizes, biased)
+    key = (tuple(sizes), tuple(biased))
+    specs = _VIEWS.get(key)
+    if specs is None:  # ((shape, strides, offset) of each weight, the same or None per bias)
+        blocks = iter(flat_layout(sizes, biased))
+        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        if len(_VIEWS) >= 1024:
+            _VIEWS.clear()
+        specs = _VIEWS[key] = (ws, bs)
+    base = flat.storage_offset()
+    if base == 0:
+        weights = [flat.as_strided(shape, strides, off) for shape, strides, off in specs[0]]
+        biases = [flat.as_strided(s[0], s[1], s[2]) if s is not None else None for s in specs[1]]
+    else:
+        weights = [flat.as_strided(shape, strides, base + off) for shape, strides, off in specs[0]]
+        biases = [flat.as_strided(s[0], s[1], base + s[2]) if s is not None else None for s in specs[1]]
+    return weights, biases

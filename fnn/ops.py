@@ -13,13 +13,15 @@ saved: the output, or the pre-activation Z for the activations that save it.
 
 Registered ops are opaque to torch.compile (no graph break: their fake implementations give
 the output shapes), to autocast (they run in the dtype of their inputs) and to dispatch modes.
-The backend is chosen when an op runs, from its input's device (`fnn.functional.backend`):
+The backend is chosen when an op runs, from its input's device (`fnn.dispatch.backend`):
 the compiled Triton kernels, the same kernels in Triton's interpreter, or `fnn.reference`.
 
 The ops have no autograd formula of their own: `fnn.LinearActFunction` and `fnn.FNNFunction`
-call them in their forward and backward. The Python functions below have the launchers'
-signatures (kernels.linear_act), so the Functions call either interchangeably; they turn
-the empty `db` the op returns when `need_bias` is false back into None.
+call them in their forward and backward while torch.compile traces, or under a dispatch mode
+or a functorch transform; in plain eager mode they call the launchers directly (fnn.dispatch
+decides). The Python functions below have the launchers' signatures (kernels.linear_act), so
+the Functions call either interchangeably; they turn the empty `db` the op returns when
+`need_bias` is false back into None.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def _run(name: str, t: torch.Tensor, *args):
     """Call `name` of the module serving `t`'s device: kernels.linear_act (Triton, compiled or
     interpreted) or fnn.reference. The reference runs PyTorch ops, which autocast would recast,
     so it runs with autocast off: an op computes in its inputs' dtype on every backend."""
-    from . import functional, reference  # functional imports this module
+    from . import reference
+    from .dispatch import backend
 
-    if functional.backend(t.device) == "reference":
+    if backend(t.device) == "reference":
         with torch.autocast(t.device.type, enabled=False):
             return getattr(reference, name)(*args)
     from kernels import linear_act  # imports triton, so only when a kernel will run

@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import network_ops
-from .functional import backend
+from . import network, network_ops
+from .dispatch import backend
 from .modules import FNN
 from .network import fits_network, flat_buffer, resolve_fusion
+from .plan import FNNPlan, flat_views, parameters, plan
+
+_is_compiling = torch.compiler.is_compiling
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -80,12 +83,18 @@ class Trainer:
         self._hyper: tuple[tuple, torch.Tensor] | None = None
         # (the flat parameter buffer it belongs to, weakly; the flat momentum buffer)
         self._momentum: tuple[weakref.ref, torch.Tensor] | None = None
+        self._model_fnn: tuple = (None, None)  # (self.model, the FNN it is or wraps, or None)
 
     def _fnn(self) -> FNN | None:
         """The FNN the fused step would train: the model, or the one torch.compile wraps."""
         model = self.model
-        model = getattr(model, "_orig_mod", model)
-        return model if isinstance(model, FNN) else None
+        cached = self._model_fnn
+        if cached[0] is model:
+            return cached[1]
+        inner = getattr(model, "_orig_mod", model)
+        inner = inner if isinstance(inner, FNN) else None
+        self._model_fnn = (model, inner)
+        return inner
 
     def fused(self, device: torch.device | str) -> bool:
         """Whether `step` on tensors on `device` runs the whole-network kernel: an FNN whose
@@ -127,8 +136,13 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One SGD step on the batch (x, y); returns the loss before the update (0-dim)."""
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return _step_outside_graph(self, x, y)
+        model = self._fnn()
+        if model is not None:  # the fused step with every check cheap (None: take the full path)
+            loss = self._planned_step(model, plan(model), x, y)
+            if loss is not None:
+                return loss
         x, y = self._check_batch(x, y)
         if self.fused(x.device):
             loss = self._fused_step(x, y)
@@ -156,6 +170,73 @@ class Trainer:
         loss.backward()
         self._optimizer.step()
         return loss.detach()
+
+    def _planned_step(self, model: FNN, p: FNNPlan, x: object, y: object) -> torch.Tensor | None:
+        """The fused step when everything is as usual: the model's plan says the whole-network
+        kernel serves it, its parameters are its flat buffer's views (flattened first if they
+        are not), the batch has the model's widths and the flat buffer's dtype and device.
+        None where anything differs: `step` then takes the full path (whose checks raise the
+        errors, and which decides between the fused step and autograd)."""
+        if not p.fits or p.fusion == "layer" or self.loss not in LOSSES:
+            return None
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return None
+        device = x.device
+        if backend(device) == "reference":
+            return None
+        if p.fusion != "network" and network.resolve_fusion(p.fusion, p.sizes, device) != "network":
+            return None
+        weights, biases = parameters(p)
+        flat = model.__dict__.get("_flat")
+        if not flat_views(p, flat, weights, biases):
+            if not model.flatten_parameters():
+                return None
+            weights, biases = parameters(p)
+            flat = model.__dict__.get("_flat")
+            if not flat_views(p, flat, weights, biases):
+                return None
+        n_in, n_out = p.sizes[0], p.sizes[-1]
+        dtype = flat.dtype
+        if (
+            x.dim() == 0
+            or x.shape[-1] != n_in
+            or y.dim() != x.dim()
+            or y.shape[-1] != n_out
+            or y.shape[:-1] != x.shape[:-1]
+            or x.numel() == 0
+            or x.dtype is not dtype
+            or y.dtype is not dtype
+            or device != flat.device
+            or y.device != device
+        ):
+            return None
+        acc = torch.float64 if dtype is torch.float64 else torch.float32
+        hyper = self._hyper
+        if hyper is None or hyper[0] != (self.lr, self.momentum, acc, device):
+            key = (self.lr, self.momentum, acc, device)
+            hyper = self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=device))
+        buf = None
+        if self.momentum > 0:
+            state = self._momentum
+            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
+                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
+            buf = state[1]
+        from kernels.network import train_step_unchecked
+
+        return train_step_unchecked(
+            x if x.dim() == 2 else x.reshape(-1, n_in),
+            y if y.dim() == 2 else y.reshape(-1, n_out),
+            flat,
+            p.meta(device),
+            p.sizes,
+            p.biased,
+            self.loss,
+            hyper[1],
+            buf,
+            p.act_params(dtype, device),
+            None,  # programs: the kernels' choice
+            p.bits,
+        )
 
     def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The one-launch step on the FNN's flat parameter buffer (flattening its parameters

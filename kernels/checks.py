@@ -79,7 +79,7 @@ class Activation:
     output no longer tells the derivative; "none" for identity.
     """
 
-    __slots__ = ("name", "values")
+    __slots__ = ("name", "values", "_kernel")
     name: str
     values: tuple[float, ...]
 
@@ -119,6 +119,7 @@ class Activation:
             raise ValueError("softplus's beta must not be 0 (softplus divides by it)")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "values", tuple(values))
+        object.__setattr__(self, "_kernel", None)  # kernel_args, made on first use
 
     @classmethod
     def from_values(cls, name: str, values: Sequence[float]) -> Activation:
@@ -137,7 +138,7 @@ class Activation:
         raise AttributeError("Activation is immutable")
 
     def __getattr__(self, key: str) -> float:
-        if key in ("name", "values"):  # __slots__ not yet set: only while unpickling/copying
+        if key in ("name", "values", "_kernel"):  # __slots__ not yet set: only while unpickling/copying
             raise AttributeError(key)
         for (pname, _), value in zip(PARAMETERS.get(self.name, ()), self.values, strict=True):
             if pname == key:
@@ -177,6 +178,16 @@ class Activation:
         if self.saves == "z" and self.name == "softplus":
             return SOFTPLUS_FROM_Z
         return ACTIVATIONS[self.name]
+
+    @property
+    def kernel_args(self) -> tuple[int, float, float]:
+        """(code, *args): what a layer kernel takes for this activation, computed once (the
+        launchers read it on every launch)."""
+        k = self._kernel
+        if k is None:
+            k = (self.code, *self.args)
+            object.__setattr__(self, "_kernel", k)
+        return k
 
     @property
     def args(self) -> tuple[float, float]:

@@ -3,14 +3,19 @@
 Chosen from the problem sizes alone (no device query, so it works in the interpreter and at
 import time): a tile never exceeds the next power of two of a dimension, and never goes below
 16, the smallest `tl.dot` accepts.
+
+The launchers call these on every launch, so they are plain Python (no `triton.cdiv` or
+`triton.next_power_of_2`, Triton constexpr functions costing microseconds per call) and
+`matmul_config` is cached per (rows, cols, red, dtype): the decision logic below runs once
+per shape.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,18 @@ class TileConfig:
     num_stages: int = 3
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2, in plain Python."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, as triton.cdiv, in plain Python."""
+    return -(-a // b)
+
+
 def _fit(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
+    return max(16, min(cap, next_power_of_2(max(size, 1))))
 
 
 def _caps(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -46,6 +61,7 @@ _EIGHT_WARPS = {torch.float64: 32 * 16, torch.float32: 64 * 32}
 _EIGHT_WARPS_16BIT = 128 * 32
 
 
+@functools.lru_cache(maxsize=4096)
 def matmul_config(rows: int, cols: int, red: int, dtype: torch.dtype) -> TileConfig:
     """Tile for an output of (rows, cols) reduced over `red`, as every kernel here computes."""
     cap_r, cap_c, cap_k = _caps(dtype)
@@ -61,8 +77,8 @@ def weight_grad_split(m: int, n: int, k: int, cfg: TileConfig) -> int:
     that grid is small, split the batch so enough programs run, and sum the fp32 partials
     in a fixed order afterwards (deterministic, unlike atomics).
     """
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(k, cfg.block_k)
+    tiles = cdiv(n, cfg.block_n) * cdiv(k, cfg.block_k)
     rows_per_tile = 4096
     if tiles >= 128 or m <= rows_per_tile:
         return 1
-    return max(1, min(triton.cdiv(m, rows_per_tile), 128 // tiles, 64))
+    return max(1, min(cdiv(m, rows_per_tile), 128 // tiles, 64))

@@ -17,7 +17,7 @@ would pass it. The key is complete, as Triton's own is (it may be finer, never c
 - every int argument's Triton specialization: 1 becomes a constexpr, a multiple of 16 gets
   the divisibility attribute, and the range picks i32, i64 or u64 (the small ints -15..15
   are keyed by value); bools, floats and None are keyed by type;
-- every constexpr's value and type, num_warps and num_stages;
+- every constexpr's value and type, num_warps, num_stages and maxnreg;
 - the current device of the active Triton driver (a change of driver empties the cache):
   Triton keys its kernels on that device, not on the tensors' (a tensor on another device
   is launched as Triton's own path would launch it).
@@ -25,10 +25,27 @@ would pass it. The key is complete, as Triton's own is (it may be finer, never c
 The stream is read on every call (it is not part of the kernel), so CUDA-graph capture on a
 side stream works; the fast path allocates no tensor and never synchronises.
 
+Building that complete key costs about as much as the rest of the call for a kernel with 30
+arguments, so a launcher that knows what decides its kernel's specialization can name it:
+
+    fwd.keyed(key, (grid_x,), x, w, y, M, N, 64, num_warps=4)   # constexprs may be positional
+
+`key` (any hashable) must determine every argument's dtype, every int's specialization and
+every constexpr, num_warps, num_stages and maxnreg: the launchers here pass their sizes, strides,
+dtype, flags and matmul precision. The cache itself checks the pointers' 16-byte alignment
+(a misaligned one takes the full-key path), the hooks and options below, the driver and the
+current device. A key's first call looks the full key up (or takes Triton's path) and maps
+the key to that entry; later calls go straight to it. FNN_VERIFY_LAUNCH_KEYS=1 (or
+`verify_keys(True)`) also computes the full key on every such hit and raises if a caller key
+ever maps to a specialization its arguments do not have (the tests run with it).
+
+The globals a kernel read when it was compiled are checked as Triton checks them, on every
+launch, but by identity once a full comparison has passed (a rebound global is compared again).
+
 The normal path serves every call, uncached, when anything the key does not cover is in
 play: Triton's interpreter (TRITON_INTERPRET=1), launch enter/exit hooks, pre-run hooks,
 TRITON_DEBUG or a kernel's debug flag, an instrumentation mode, a pipeline-inspection hook,
-options other than num_warps/num_stages, a grid that is not a tuple, or an
+options other than num_warps/num_stages/maxnreg, a grid that is not a tuple, or an
 argument of another type (a tensor descriptor, a tuple). Triton 3.6 and 3.9 call the
 compiled kernel's launcher the same way:
 `run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata,
@@ -38,6 +55,7 @@ enter_hook, exit_hook, *all_arguments_in_signature_order)`.
 from __future__ import annotations
 
 import keyword
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,11 +64,15 @@ import triton
 from triton import knobs
 from triton.runtime.driver import driver
 
-__all__ = ["CachedLauncher", "UnsupportedArgument", "launcher", "value_spec"]
+__all__ = ["CachedLauncher", "UnsupportedArgument", "launcher", "value_spec", "verify_keys"]
 
 # A cache holds at most this many specializations; past it, it starts again empty (a
 # workload that cycles through more than this many is served, only slower).
 MAX_ENTRIES = 512
+# Tests: every caller-key hit (`launch.keyed`) also computes the full key and checks that the
+# two agree (FNN_VERIFY_LAUNCH_KEYS=1 at import, or verify_keys(True) later).
+VERIFY = os.environ.get("FNN_VERIFY_LAUNCH_KEYS") == "1"
+_STATES: list[CachedLauncher] = []
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
@@ -86,7 +108,12 @@ def value_spec(a: object) -> Any:
 
 
 _TEMPLATE = """
-def launch(_grid, {params}, num_warps=None, num_stages=None, **_options):
+def full_key(_d, {params}, num_warps=None, num_stages=None, maxnreg=None):
+    return (_d.get_current_device(), {key}, num_warps, num_warps.__class__, num_stages,
+            num_stages.__class__, maxnreg, maxnreg.__class__)
+
+
+def launch(_grid, {params}, num_warps=None, num_stages=None, maxnreg=None, **_options):
     _d = _driver.active
     _hit = _key = None
     try:
@@ -97,15 +124,72 @@ def launch(_grid, {params}, num_warps=None, num_stages=None, **_options):
         ):
             if _state.driver is not _d:  # another driver: what was cached belongs to the old one
                 _state.use_driver(_d)
-            _dev = _d.get_current_device()
-            _key = (_dev, {key}, num_warps, num_warps.__class__, num_stages, num_stages.__class__)
+            _key = (_d.get_current_device(), {key}, num_warps, num_warps.__class__, num_stages,
+                    num_stages.__class__, maxnreg, maxnreg.__class__)
             _hit = _cache.get(_key)
     except (AttributeError, TypeError, UnsupportedArgument):
         _key = None
     if _hit is None:
-        return _slow(_key, _grid, ({args}), num_warps, num_stages, _options)
-    if _fn.used_global_vals:
-        _check_globals(_fn)
+        return _slow(_key, _grid, ({args}), num_warps, num_stages, maxnreg, _options)
+    _g = _fn.used_global_vals
+    if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
+        _seen = _state.seen_globals
+        if _seen[0] is not _g or len(_g) != _seen[1]:
+            _state.check_globals()
+        else:
+            for _gd, _name, _obj in _seen[2]:
+                if _gd.get(_name, _gd) is not _obj:
+                    _state.check_globals()
+                    break
+    _n = len(_grid)
+    _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
+            _d.get_current_stream(_key[0]), _hit[1], _hit[2], None, None, None, {args})
+    return _hit[3]
+
+
+def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None):
+    _d = _driver.active
+    _hit = None
+    try:
+        if (
+            _grid.__class__ is tuple and _state.driver is _d and ({align}) & 15 == 0 and not (
+                _rt.debug or _fn.debug or _comp.instrumentation_mode or _fn.pre_run_hooks
+                or _rt.launch_enter_hook.calls or _rt.launch_exit_hook.calls
+                or _rt.add_stages_inspection_hook is not None
+            )
+        ):
+            _dev = _d.get_current_device()
+            _hit = _ucache.get((_dev, _ukey))
+            if _hit is None:  # this caller key's first call: the full key finds (or makes) the entry
+                _key = full_key(_d, {args}, num_warps, num_stages, maxnreg)
+                _hit = _cache.get(_key)
+                if _hit is None:
+                    _kernel = _slow(_key, _grid, ({args}), num_warps, num_stages, maxnreg, {{}})
+                    _hit = _cache.get(_key)
+                    if _hit is not None:
+                        _state.remember(_dev, _ukey, _hit)
+                    return _kernel
+                _state.remember(_dev, _ukey, _hit)
+            elif (_state.verify
+                  and _cache.get(full_key(_d, {args}, num_warps, num_stages, maxnreg)) is not _hit):
+                raise AssertionError(
+                    f"kernels.launch: caller key {{_ukey!r}} of {{_fn.__name__}} maps to a specialization "
+                    "its arguments do not have"
+                )
+    except (AttributeError, TypeError, UnsupportedArgument):
+        _hit = None
+    if _hit is None:
+        return launch(_grid, {args}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
+    _g = _fn.used_global_vals
+    if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
+        _seen = _state.seen_globals
+        if _seen[0] is not _g or len(_g) != _seen[1]:
+            _state.check_globals()
+        else:
+            for _gd, _name, _obj in _seen[2]:
+                if _gd.get(_name, _gd) is not _obj:
+                    _state.check_globals()
+                    break
     _n = len(_grid)
     _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
             _d.get_current_stream(_dev), _hit[1], _hit[2], None, None, None, {args})
@@ -118,19 +202,48 @@ class CachedLauncher:
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
-        self.cache: dict[tuple, tuple] = {}
+        self.cache: dict[tuple, tuple] = {}  # full key -> (run, function, packed metadata, kernel)
+        self.ucache: dict[tuple, tuple] = {}  # (device, caller key) -> the same entries (`keyed`)
         self.misses = 0  # calls that took Triton's path, their specialization then cached
         self.fallbacks = 0  # calls that took Triton's path uncached
         self.driver: Any = None  # the Triton driver the cached launchers belong to
+        # Tests: on every caller-key hit, also compute the full key and check that it maps to
+        # the same entry (AssertionError if a caller key ever serves a stale specialization).
+        self.verify = VERIFY
+        self.seen_globals: tuple = (None, 0, ())  # see check_globals
+        _STATES.append(self)
+
+    def check_globals(self) -> None:
+        """Triton's check that the globals the kernel read when it was compiled are unchanged
+        (RuntimeError if one is not); then remember the objects that passed, so that later
+        launches compare identities only (a global rebound to another object is checked again)."""
+        g = self.fn.used_global_vals
+        _check_globals(self.fn)
+        self.seen_globals = (g, len(g), tuple((gd, name, gd.get(name, gd)) for (name, _), (_, gd) in g.items()))
 
     def use_driver(self, driver: Any) -> None:
         """Start an empty cache for another active Triton driver."""
-        self.cache.clear()
+        self.clear()
         self.driver = driver
+
+    def remember(self, device: Any, ukey: Any, entry: tuple) -> None:
+        """Serve caller key `ukey` on `device` with `entry` (a full key's entry) from now on."""
+        if len(self.ucache) >= MAX_ENTRIES:
+            self.ucache.clear()
+        self.ucache[(device, ukey)] = entry
 
     def clear(self) -> None:
         """Forget every cached specialization (the next call of each takes Triton's path)."""
         self.cache.clear()
+        self.ucache.clear()
+
+
+def verify_keys(flag: bool) -> None:
+    """Turn the caller-key check (CachedLauncher.verify) on or off for every launcher."""
+    global VERIFY
+    VERIFY = flag
+    for state in _STATES:
+        state.verify = flag
 
 
 def _check_globals(fn: Any) -> None:
@@ -146,12 +259,15 @@ def _check_globals(fn: Any) -> None:
 def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..., Any]:
     """A launch function for the @triton.jit kernel `fn`, with a per-specialization cache.
 
-    `launch(grid, *args, num_warps=None, num_stages=None, **kwargs)` does what
-    `fn[grid](*args, num_warps=..., num_stages=..., **kwargs)` does (and returns the
+    `launch(grid, *args, num_warps=None, num_stages=None, maxnreg=None, **kwargs)` does what
+    `fn[grid](*args, num_warps=..., num_stages=..., maxnreg=..., **kwargs)` does (and returns the
     CompiledKernel as it does); `grid` is a tuple of one to three ints (a callable grid or
     other options take the normal path every time). `tensor_params` names the parameters
     that take tensors (default: those ending in `_ptr`, the house naming); it only decides
     which key expression is tried first, never correctness.
+
+    `launch.keyed(key, grid, *args, num_warps=None, num_stages=None, maxnreg=None)` launches the
+    same way with the caller's key (see the module docstring); it takes no other option.
 
     The returned function carries `.state` (a CachedLauncher: the cache, counters, clear()).
     Under Triton's interpreter (or for anything that is not a JITFunction: an autotuner,
@@ -165,6 +281,10 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
             state.fallbacks += 1
             return fn[grid](*args, **kwargs)
 
+        def passthrough_keyed(ukey, grid, *args, **kwargs):
+            return passthrough(grid, *args, **kwargs)
+
+        passthrough.keyed = passthrough_keyed  # type: ignore[attr-defined]
         passthrough.state = state  # type: ignore[attr-defined]
         return passthrough
 
@@ -172,7 +292,7 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
     for name in names:
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
             raise ValueError(f"launcher: cannot generate code for kernel parameter {name!r}")
-        if name in ("num_warps", "num_stages"):
+        if name in ("num_warps", "num_stages", "maxnreg"):
             raise ValueError(f"launcher: kernel parameter {name!r} clashes with a launch option")
     tensors = set(tensor_params) if tensor_params is not None else {n for n in names if n.endswith("_ptr")}
     namespace: dict[str, Any] = {
@@ -181,6 +301,7 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
         "_comp": knobs.compilation,
         "_fn": fn,
         "_cache": state.cache,
+        "_ucache": state.ucache,
         "_state": state,
         "UnsupportedArgument": UnsupportedArgument,
         "_spec": value_spec,
@@ -209,12 +330,14 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
     if len(signature) > 250:
         raise ValueError("launcher: too many kernel parameters")
 
-    def slow(key, grid, args, num_warps, num_stages, options):
+    def slow(key, grid, args, num_warps, num_stages, maxnreg, options):
         """Triton's path; with a key (a fast-path candidate), cache what it launched."""
         if num_warps is not None:
             options["num_warps"] = num_warps
         if num_stages is not None:
             options["num_stages"] = num_stages
+        if maxnreg is not None:
+            options["maxnreg"] = maxnreg
         kernel = fn.run(*args, grid=grid, warmup=False, **options)  # what fn[grid](...) calls
         if key is None or kernel is None:
             state.fallbacks += 1
@@ -222,20 +345,23 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
         if hasattr(kernel, "result"):  # an asynchronous compile (a future)
             kernel = kernel.result()
         if len(state.cache) >= MAX_ENTRIES:
-            state.cache.clear()
+            state.clear()
         # kernel.run is the launcher that the launch which just happened created.
         state.cache[key] = (kernel.run, kernel.function, kernel.packed_metadata, kernel)
         state.misses += 1
         return kernel
 
     namespace["_slow"] = slow
+    pointers = [n for n in names if n in tensors] or ["0"]
     src = _TEMPLATE.format(
         params=", ".join(signature),
         key=", ".join(keys),
+        align=" | ".join(f"{n}.data_ptr()" if n != "0" else n for n in pointers),
         args=", ".join(names) + ("," if len(names) == 1 else ""),
     )
     exec(compile(src, f"<kernels.launch: {getattr(fn, '__name__', fn)}>", "exec"), namespace)
     launch = namespace["launch"]
+    launch.keyed = namespace["keyed"]
     launch.state = state
     launch.__doc__ = f"Launch {getattr(fn, '__name__', fn)} through its launch cache (kernels.launch)."
     return launch

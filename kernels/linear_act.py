@@ -20,10 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import memory
 from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
-from .configs import matmul_config, weight_grad_split
-from .memory import empty
+from .configs import cdiv, matmul_config, weight_grad_split
+from .launch import launcher
+from .memory import new
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -284,14 +286,28 @@ def linear_act_delta_kernel(
 # Whether @triton.jit produced interpreted functions (TRITON_INTERPRET=1 at import time).
 INTERPRETED = type(linear_act_fwd_kernel).__name__ == "InterpretedFunction"
 
+# Each kernel launched through the launch cache (kernels.launch): after a specialization's
+# first call, the compiled kernel's launcher is called directly. The launchers below pass a
+# caller key (`launch.keyed`) built from what decides every specialization: the sizes, the
+# strides, the dtype, the matmul precision and the flags (the cache itself checks the
+# pointers' alignment and the launch hooks).
+_fwd = launcher(linear_act_fwd_kernel)
+_bwd_input = launcher(linear_act_bwd_input_kernel)
+_bwd_weight = launcher(linear_act_bwd_weight_kernel)
+_delta = launcher(linear_act_delta_kernel)
+
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_F32 = torch.float32
+_matmul_precision = torch.get_float32_matmul_precision
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 only when torch allows it, as F.linear does."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype is _F32 and _matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
@@ -322,14 +338,42 @@ def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Te
     """D = dy * act'(Z) read off s, (M, N) contiguous in the accumulator dtype."""
     m, n = dy.shape
     acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    d = empty((m, n), dy, dtype=acc)
+    d = new((m, n), acc, dy.device)
     if m and n:
         bm, bn = 16, 64
-        linear_act_delta_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            dy, s, d, m, n, dy.stride(0), dy.stride(1), s.stride(0), s.stride(1), *act.args,
-            ACTIVATION=act.code, ACC_DTYPE=_acc_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+        code, a, b = act.kernel_args
+        _delta.keyed(
+            (m, n, *dy.stride(), *s.stride(), code, dy.dtype, s.dtype),
+            (cdiv(m, bm), cdiv(n, bn)),
+            dy, s, d, m, n, *dy.stride(), *s.stride(), a, b,
+            code, _acc_dtype(dy.dtype), bm, bn,  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
+            num_warps=4, num_stages=1,
         )
     return d
+
+
+# (kind, sizes..., dtype) -> the launch plan: grid and every constexpr the shape decides. Plain
+# Python, made once per shape (a workload cycling through more shapes starts it again empty).
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(key: tuple, make) -> tuple:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _mm_plan(rows: int, cols: int, red: int, dtype: torch.dtype, grid_rows: int, grid_cols: int) -> tuple:
+    """(grid, block_m, block_n, block_k, group_m, num_warps, num_stages, ACC_DTYPE, UPCAST) for
+    matmul_config(rows, cols, red); the grid tiles (grid_rows, grid_cols) by (block_m, block_n)."""
+    cfg = matmul_config(rows, cols, red, dtype)
+    grid = (cdiv(grid_rows, cfg.block_m) * cdiv(grid_cols, cfg.block_n),)
+    return (grid, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages,
+            _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16)
 
 
 def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
@@ -341,6 +385,206 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Te
         raise TypeError(
             f"{name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}"
         )
+
+
+# --- unchecked entries: the arguments are known good (fnn checks them once, at its public entry)
+
+
+def _fwd_plan(ukey: tuple) -> tuple:
+    M, N, K, dtype = ukey[0], ukey[1], ukey[2], ukey[11]
+    return _plan(ukey, lambda: _mm_plan(M, N, K, dtype, M, N))
+
+
+def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: int, K: int) -> None:
+    """Launch the forward kernel for Y (and Z when given), M > 0."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    dtype = x.dtype
+    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    code, act_a, act_b = activation.kernel_args
+    sxm, sxk = x.stride()
+    swn, swk = weight.stride()
+    if bias is None:
+        b, sb, has_bias = x, 0, False  # b unused without HAS_BIAS
+    else:
+        b, sb, has_bias = bias, bias.stride(0), True
+    store_z = z is not None
+    # The caller key: everything that decides the specialization and the plan.
+    ukey = (M, N, K, sxm, sxk, swn, swk, sb, code, has_bias, store_z, dtype, prec)
+    plan = _PLANS.get(ukey)
+    if plan is None:
+        plan = _fwd_plan(ukey)
+    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
+    _fwd.keyed(
+        ukey,
+        grid,
+        x, weight, b, y, z if store_z else y,  # z unused unless STORE_Z
+        M, N, K,
+        sxm, sxk, swn, swk, sb,
+        N, 1, N, 1,  # y and z: fresh (M, N) tensors
+        act_a, act_b,
+        code, has_bias, store_z,  # ACTIVATION, HAS_BIAS, STORE_Z
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        bm, bn, bk, gm,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+    )
+
+
+def forward_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation
+) -> torch.Tensor:
+    """Y = act(x @ weight^T + bias) for a 2-D x whose arguments passed check_linear_args."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if memory.POISON:
+        y.fill_(float("nan"))
+    if M:
+        _launch_forward(x, weight, bias, activation, y, None, M, N, K)
+    return y
+
+
+def forward_z_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: Activation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, Z) for a 2-D x whose arguments passed check_linear_args."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = new((M, N), x.dtype, x.device)
+    z = new((M, N), x.dtype, x.device)
+    if M:
+        _launch_forward(x, weight, bias, activation, y, z, M, N, K)
+    return y, z
+
+
+def backward_input_unchecked(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    activation: Activation,
+    x: torch.Tensor | None = None,
+    prev_activation: Activation | str = "identity",
+) -> torch.Tensor:
+    """linear_act_backward_input for arguments known good (2-D, matching shapes, one dtype)."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    if prev_activation.__class__ is not Activation:
+        prev_activation = as_activation(prev_activation)
+    N, K = weight.shape
+    M = dy.shape[0]
+    dtype = weight.dtype
+    dx = new((M, K), dtype, weight.device)
+    if M == 0:
+        return dx
+    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    code, act_a, act_b = activation.kernel_args
+    if code in HEAVY_DELTA:  # D first, then the product as for identity (see HEAVY_DELTA)
+        dy = y = _delta_first(dy, y, activation)
+        code, act_a, act_b = 0, 0.0, 0.0
+    plan = _PLANS.get(("bwd_input", M, N, K, dtype))
+    if plan is None:
+        plan = _plan(("bwd_input", M, N, K, dtype), lambda: _mm_plan(M, K, N, dtype, M, K))
+    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
+    prev_code, prev_a, prev_b = prev_activation.kernel_args
+    sdm, sdn = dy.stride()
+    sym, syn = y.stride()
+    swn, swk = weight.stride()
+    if prev_code != 0:
+        xp, (sxm, sxk) = x, x.stride()
+    else:
+        xp, sxm, sxk = dx, K, 1  # never read when prev is identity
+    _bwd_input.keyed(
+        (M, N, K, sdm, sdn, sym, syn, swn, swk, sxm, sxk, code, prev_code, dtype, dy.dtype, prec),
+        grid,
+        dy, y, weight, xp, dx,
+        M, N, K,
+        sdm, sdn, sym, syn, swn, swk, sxm, sxk,
+        K, 1,  # dx: a fresh (M, K) tensor
+        act_a, act_b, prev_a, prev_b,
+        code, prev_code,  # ACTIVATION, PREV_ACTIVATION
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        bm, bk, bn, gm,  # BLOCK_M, BLOCK_N (the reduction: the config's block_k), BLOCK_K, GROUP_M
+        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+    )
+    return dx
+
+
+def _weight_plan(M: int, N: int, K: int, dtype: torch.dtype, split: int | None) -> tuple:
+    """(grid, split, rows_per_split, block_m, block_n, block_k, group_n, num_warps, num_stages,
+    ACC_DTYPE, UPCAST) of the weight-gradient kernel."""
+    cfg = matmul_config(N, K, M, dtype)  # rows N, cols K, reduced over M
+    if split is None:
+        split = weight_grad_split(M, N, K, cfg)
+    if split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    rows_per_split = cdiv(cdiv(M, split), cfg.block_k) * cfg.block_k
+    split = cdiv(M, rows_per_split)
+    grid = (cdiv(N, cfg.block_m) * cdiv(K, cfg.block_n), split)
+    return (grid, split, rows_per_split, cfg.block_k, cfg.block_m, cfg.block_n, cfg.group_m, cfg.num_warps,
+            cfg.num_stages, _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16)
+
+
+def backward_weight_unchecked(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    activation: Activation,
+    need_bias: bool,
+    split: int | None = None,
+    x_activation: Activation | str = "identity",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """linear_act_backward_weight for arguments known good (2-D, matching shapes, one dtype)."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    if x_activation.__class__ is not Activation:
+        x_activation = as_activation(x_activation)
+    M, K = x.shape
+    N = dy.shape[1]
+    dtype, device = x.dtype, x.device
+    if M == 0:
+        dw = torch.zeros((N, K), dtype=dtype, device=device)
+        return dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
+    plan = _PLANS.get(("bwd_weight", M, N, K, dtype, split))
+    if plan is None:
+        plan = _plan(("bwd_weight", M, N, K, dtype, split), lambda: _weight_plan(M, N, K, dtype, split))
+    grid, split, rows_per_split, bm, bn, bk, gn, warps, stages, acc, upcast = plan
+    if split == 1:
+        dws = dw = new((N, K), dtype, device)
+        dbs = db = new((N,), dtype, device) if need_bias else None
+    else:
+        acc_t = torch.float64 if dtype == torch.float64 else torch.float32
+        dws = new((split, N, K), acc_t, device)
+        dbs = new((split, N), acc_t, device) if need_bias else None
+    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    code, act_a, act_b = activation.kernel_args
+    if code in HEAVY_DELTA:  # D first, then the product as for identity (see HEAVY_DELTA)
+        dy = y = _delta_first(dy, y, activation)
+        code, act_a, act_b = 0, 0.0, 0.0
+    xcode, x_a, x_b = x_activation.kernel_args
+    sdm, sdn = dy.stride()
+    sym, syn = y.stride()
+    sxm, sxk = x.stride()
+    _bwd_weight.keyed(
+        (M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, xcode, need_bias, dtype, dy.dtype, prec),
+        grid,
+        dy, y, x, dws, dbs if need_bias else dws,  # db unused without HAS_BIAS
+        M, N, K, rows_per_split,
+        sdm, sdn, sym, syn, sxm, sxk,
+        N * K, K, 1,  # dW: (N, K), or the partials (split, N, K), contiguous
+        N, 1,  # db: (N,), or the partials (split, N), contiguous
+        act_a, act_b, x_a, x_b,
+        code, xcode, need_bias,  # ACTIVATION, X_ACTIVATION, HAS_BIAS
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        bm, bn, bk, gn,  # BLOCK_M (the reduction over M), BLOCK_N, BLOCK_K, GROUP_N
+        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+    )
+    if split == 1:
+        return dw, db
+    dw = dws.sum(0).to(dtype)
+    return dw, (dbs.sum(0).to(dtype) if need_bias else None)
+
+
+# --- the launchers: check the arguments, then the unchecked entries above ----------------------
 
 
 def _forward(
@@ -355,32 +599,9 @@ def _forward(
     if x.dim() != 2:
         raise ValueError(f"{who}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
     act = as_activation(activation)
-    M, K = x.shape
-    N = weight.shape[0]
-    y = empty((M, N), x)
-    z = empty((M, N), x) if store_z else None
-    if M == 0:
-        return y, z
-    zs = z if store_z else y  # never written unless STORE_Z
-    cfg = matmul_config(M, N, K, x.dtype)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-    linear_act_fwd_kernel[grid](
-        x, weight, bias if bias is not None else x, y, zs,
-        M, N, K,
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        y.stride(0), y.stride(1),
-        zs.stride(0), zs.stride(1),
-        *act.args,
-        ACTIVATION=act.code,
-        HAS_BIAS=bias is not None,
-        STORE_Z=store_z,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
-        **_dtype_flags(x.dtype),
-    )
-    return y, z
+    if store_z:
+        return forward_z_unchecked(x, weight, bias, act)
+    return forward_unchecked(x, weight, bias, act), None
 
 
 def linear_act_forward(
@@ -429,31 +650,7 @@ def linear_act_backward_input(
                 "linear_act_backward_input: prev_activation needs x, the previous layer's saved tensor"
             )
         _check_2d("x", x, (M, K), weight)
-    dx = empty((M, K), weight)
-    if M == 0:
-        return dx
-    if act.code in HEAVY_DELTA:
-        dy = y = _delta_first(dy, y, act)
-        act = _IDENTITY
-    xp = x if prev.code != 0 else dx  # never read when prev is identity
-    cfg = matmul_config(M, K, N, weight.dtype)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-    linear_act_bwd_input_kernel[grid](
-        dy, y, weight, xp, dx,
-        M, N, K,
-        dy.stride(0), dy.stride(1),
-        y.stride(0), y.stride(1),
-        weight.stride(0), weight.stride(1),
-        xp.stride(0), xp.stride(1),
-        dx.stride(0), dx.stride(1),
-        *act.args, *prev.args,
-        ACTIVATION=act.code,
-        PREV_ACTIVATION=prev.code,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_K=cfg.block_n, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
-        **_dtype_flags(weight.dtype),
-    )
-    return dx
+    return backward_input_unchecked(dy, y, weight, act, x, prev)
 
 
 def linear_act_backward_weight(
@@ -481,46 +678,6 @@ def linear_act_backward_weight(
     N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
     _check_2d("dy", dy, (M, N), x)
     _check_2d("y", y, (M, N), x)
-    if M == 0:
-        dw = torch.zeros((N, K), dtype=x.dtype, device=x.device)
-        return dw, (torch.zeros((N,), dtype=x.dtype, device=x.device) if need_bias else None)
-    if act.code in HEAVY_DELTA:
-        dy = y = _delta_first(dy, y, act)
-        act = _IDENTITY
-    cfg = matmul_config(N, K, M, x.dtype)  # rows N, cols K, reduced over M
-    if split is None:
-        split = weight_grad_split(M, N, K, cfg)
-    if split < 1:
+    if split is not None and split < 1:
         raise ValueError(f"split must be >= 1, got {split}")
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(M, rows_per_split)
-    if split == 1:
-        dw = empty((N, K), x)
-        db = empty((N,), x) if need_bias else None
-        dws, dbs = dw.unsqueeze(0), (db.unsqueeze(0) if need_bias else None)
-    else:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dws = empty((split, N, K), x, dtype=acc)
-        dbs = empty((split, N), x, dtype=acc) if need_bias else None
-    dbs_arg = dbs if need_bias else dws
-    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]) * triton.cdiv(K, META["BLOCK_K"]), split)  # noqa: E731
-    linear_act_bwd_weight_kernel[grid](
-        dy, y, x, dws, dbs_arg,
-        M, N, K, rows_per_split,
-        dy.stride(0), dy.stride(1),
-        y.stride(0), y.stride(1),
-        x.stride(0), x.stride(1),
-        dws.stride(0), dws.stride(1), dws.stride(2),
-        dbs_arg.stride(0), dbs_arg.stride(1),
-        *act.args, *xact.args,
-        ACTIVATION=act.code,
-        X_ACTIVATION=xact.code,
-        HAS_BIAS=need_bias,
-        BLOCK_M=cfg.block_k, BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_n, GROUP_N=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=MAXNREG,
-        **_dtype_flags(x.dtype),
-    )
-    if split == 1:
-        return dw, db
-    dw = dws.sum(0).to(x.dtype)
-    return dw, (dbs.sum(0).to(x.dtype) if need_bias else None)
+    return backward_weight_unchecked(dy, y, x, act, need_bias, split, xact)

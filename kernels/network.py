@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as triton_driver
 
 from .activations import (
     device_fn,
@@ -78,8 +79,10 @@ from .activations import (
     tanh_grad,
 )
 from .checks import Activation, as_activation
-from .linear_act import INTERPRETED, _dtype_flags, mma
-from .memory import empty
+from .configs import cdiv
+from .launch import launcher
+from .linear_act import INTERPRETED, _acc_dtype, _input_precision, mma
+from .memory import empty, new
 
 LOSSES: dict[str, int] = {"bce": 0, "mse": 1, "sse": 2}
 MAX_WIDTH = 128
@@ -959,15 +962,15 @@ def network_programs(
     """(G, rows per program) of the backward: one program for a batch of at most
     SINGLE_PROGRAM_ROWS rows, else one per row block, capped so that the float gradient
     workspace (G, L, P, P) stays under WORKSPACE_BYTES."""
-    blocks = triton.cdiv(max(m, 1), block_m)
+    blocks = cdiv(max(m, 1), block_m)
     if programs is None:
         acc_bytes = 8 if dtype == torch.float64 else 4
         cap = max(1, min(MAX_PROGRAMS, WORKSPACE_BYTES // (n_layers * p * (p + 1) * acc_bytes)))
         programs = 1 if m <= SINGLE_PROGRAM_ROWS else min(blocks, cap)
     if programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
-    rows = triton.cdiv(blocks, min(programs, blocks)) * block_m
-    return triton.cdiv(max(m, 1), rows), rows
+    rows = cdiv(blocks, min(programs, blocks)) * block_m
+    return cdiv(max(m, 1), rows), rows
 
 
 def _check_net(
@@ -1018,6 +1021,324 @@ def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
         raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
 
 
+def act_rows(cfg: NetConfig, p: int) -> int:
+    """Rows per step of a heavy activation through the scratch: at most two elements per
+    thread of the (rows, P) chunk."""
+    return max(1, min(cfg.block_m, 64 * cfg.num_warps // p))
+
+
+def act_set(activations: Sequence[str | Activation]) -> int:
+    """The launchers' `acts`: the bitmask of the activations' codes (Activation.code)."""
+    bits = 0
+    for a in activations:
+        bits |= 1 << as_activation(a).code
+    return bits
+
+
+# Each kernel launched through the launch cache (kernels.launch), with a caller key built from
+# what decides its specialization: the plan's key (sizes, rows, dtype, programs), the flags,
+# the activation set `acts` (which also decides the dtype of the scratch pointers passed in
+# the unused ones' place), the strides and the matmul precision.
+_fwd = launcher(network_fwd_kernel)
+_bwd = launcher(network_bwd_kernel)
+_red = launcher(network_reduce_kernel)
+# occupancy is no concern for the network kernels (few programs): every register ptxas can give
+_MAXNREG = 255
+
+# (kind, rows, sizes, dtype, ...) -> the launch plan (P, config, programs, flags), plain Python
+# made once per key (a workload cycling through more keys starts it again empty).
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(key: tuple, make) -> tuple:
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _fwd_plan(m: int, sizes: tuple[int, ...], dtype: torch.dtype) -> tuple:
+    """(P, grid, NetConfig, ACT_ROWS, ACC_DTYPE, UPCAST, accumulator torch dtype) of the
+    forward kernel."""
+    p = padded_width(sizes)
+    cfg = network_config("fwd", m, p, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (p, (cdiv(m, cfg.block_m),), cfg, act_rows(cfg, p), _acc_dtype(dtype),
+            INTERPRETED and dtype == torch.bfloat16, acc)
+
+
+def _bwd_plan(m: int, sizes: tuple[int, ...], dtype: torch.dtype, programs: int | None) -> tuple:
+    """(P, G, rows per program, NetConfig, ACT_ROWS, ACC_DTYPE, UPCAST, accumulator torch
+    dtype) of the backward kernel."""
+    p = padded_width(sizes)
+    cfg = network_config("bwd", m, p, dtype)
+    g, rows = network_programs(m, cfg.block_m, len(sizes) - 1, p, dtype, programs)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return p, g, rows, cfg, act_rows(cfg, p), _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16, acc
+
+
+# Scratch buffers of the kernels (the heavy activations' scratch, the float gradient
+# workspace, the D, H and hidden-output scratches, the per-program losses), kept between calls
+# per (name, shape, dtype, device, stream): calls on one stream run in order, so one call's
+# scratch is free again when the next one's kernel starts; another stream gets its own. Small
+# ones only (a single program's is a few kilobytes); larger ones are allocated per call, where
+# that costs little. No kernel reads a scratch before writing it in the same launch.
+_SCRATCH: dict[tuple, object] = {}
+SCRATCH_MAX_BYTES = 1 << 20
+_SCRATCH_MAX_ENTRIES = 256
+
+
+def _stream() -> object:
+    """The stream the next launch goes to (the launch cache's: Triton's current device and
+    stream); None in the interpreter, which runs each launch to completion."""
+    if INTERPRETED:
+        return None
+    d = triton_driver.active
+    return d.get_current_stream(d.get_current_device())
+
+
+def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device, stream: object) -> torch.Tensor:
+    """A scratch tensor: the cached one for (name, shape, dtype, device, stream), or a new one."""
+    key = (name, shape, dtype, device, stream)
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = new(shape, dtype, device)
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel * t.element_size() <= SCRATCH_MAX_BYTES:
+            if len(_SCRATCH) >= _SCRATCH_MAX_ENTRIES:
+                _SCRATCH.clear()
+            _SCRATCH[key] = t
+    return t
+
+
+def _bwd_scratch(
+    train: bool, g: int, n_layers: int, p: int, cfg: NetConfig, has_bias: bool, acts: int, acc_t, dtype, device,
+    stream
+) -> tuple:
+    """(gw, gb, dsc, asc or None, hsc or None, h or None, lossp or None): the backward's
+    scratch buffers, from one lookup: asc where `acts` has a heavy activation, hsc where it has
+    one that may keep Z (train mode: one slot per layer, else one), and in train mode the H
+    scratch (G, L, BLOCK_M, P) (its last slot: Z_L of a Z-saving output layer) and, for
+    G > 1, the per-program losses."""
+    heavy, keeps_z = bool(acts & HEAVY_BITS), bool(acts & Z_BITS)
+    key = (train, g, n_layers, p, cfg.block_m, has_bias, heavy, keeps_z, dtype, device, stream)
+    scr = _SCRATCH.get(key)
+    if scr is None:
+        bm = cfg.block_m
+        scr = (
+            _scratch("gw", (g, n_layers, p, p), acc_t, device, stream),
+            _scratch("gb", (g, n_layers, p) if has_bias else (1,), acc_t, device, stream),
+            _scratch("dsc", (g, bm, p), dtype, device, stream),
+            _scratch("asc", (g, bm, p), acc_t, device, stream) if heavy else None,
+            _scratch("hsc", (g, n_layers if train else 1, bm, p), dtype, device, stream) if keeps_z else None,
+            _scratch("h", (g, n_layers, bm, p), dtype, device, stream) if train else None,
+            _scratch("lossp", (g,), acc_t, device, stream) if train and g > 1 else None,
+        )
+        if g == 1:  # small: all of it kept (larger ones are looked up by buffer in _scratch)
+            if len(_SCRATCH) >= _SCRATCH_MAX_ENTRIES:
+                _SCRATCH.clear()
+            _SCRATCH[key] = scr
+    return scr
+
+
+# --- unchecked entries: the arguments are known good (fnn checks them at its public entry) --
+
+
+def forward_unchecked(
+    x: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    store_hidden: bool,
+    act_params: torch.Tensor,
+    z_out: torch.Tensor | None = None,
+    acts: int = ALL_ACTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """network_forward for arguments known good (x 2-D of width sizes[0], params flat and
+    contiguous in x's dtype and device, meta and act_params matching sizes, z_out None or a
+    contiguous (M, n_L) tensor like x, acts covering meta's codes); H is None where nothing is
+    stored (no backward, or a one-layer network)."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    has_bias = True in biased
+    pkey = ("fwd", m, sizes, dtype)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _fwd_plan(m, sizes, dtype))
+    p, grid, cfg, rows_act, acc, upcast, acc_t = plan
+    n_out = sizes[-1]
+    y = new((m, n_out), dtype, device)
+    store = store_hidden and n_layers > 1
+    h = new((n_layers - 1, m, p), dtype, device) if store else None
+    if m == 0:
+        return y, h
+    store_z = z_out is not None
+    asc = _scratch("asc", (grid[0], cfg.block_m, p), acc_t, device, _stream()) if acts & HEAVY_BITS else y
+    prec = _input_precision(dtype)
+    sxm, sxk = x.stride()
+    _fwd.keyed(
+        (pkey, has_bias, store, store_z, acts, sxm, sxk, prec),
+        grid,
+        x, params, meta, act_params, y,
+        h if store else y, z_out if store_z else y, asc,  # h, z unused unless STORE_H, STORE_Z
+        m, n_layers,
+        sxm, sxk, n_out, 1,  # x; y: a fresh (m, n_L) tensor (z_out: y's strides)
+        m * p,  # stride_hl
+        p, cfg.block_m, has_bias, store, store_z,  # P, BLOCK_M, HAS_BIAS, STORE_H, STORE_Z
+        rows_act, acts,  # ACT_ROWS, ACTS
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=cfg.num_warps, num_stages=1, maxnreg=_MAXNREG,
+    )
+    return y, h
+
+
+def backward_unchecked(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    x: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    need_dx: bool,
+    act_params: torch.Tensor,
+    programs: int | None = None,
+    acts: int = ALL_ACTS,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """network_backward for arguments known good (`h` may be None for a one-layer network)."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    dx = new((m, sizes[0]), dtype, device) if need_dx else None
+    if m == 0:
+        return dx, torch.zeros_like(params)
+    has_bias = True in biased
+    pkey = ("bwd", m, sizes, dtype, programs)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
+    p, g, rows, cfg, rows_act, acc, upcast, acc_t = plan
+    gw, gb, dsc, asc, hsc, _, _ = _bwd_scratch(
+        False, g, n_layers, p, cfg, has_bias, acts, acc_t, dtype, device, _stream()
+    )
+    grads = new(params.shape, dtype, device)
+    prec = _input_precision(dtype)
+    dxa = dx if need_dx else x
+    sxm, sxk = x.stride()
+    sym, syn = y.stride()
+    sdm, sdn = dy.stride()
+    sdxm, sdxk = dxa.stride()
+    store = n_layers > 1
+    _bwd.keyed(
+        (pkey, has_bias, need_dx, acts, sxm, sxk, sym, syn, sdm, sdn, sdxm, sdxk, prec),
+        (g,),
+        x, params, meta, act_params, y, dy, h if store else y, dsc,
+        gw if asc is None else asc, x if hsc is None else hsc,  # asc, hsc unused without such codes
+        dxa, gw, gb,
+        grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
+        m, n_layers, rows,
+        sxm, sxk, sym, syn, sdm, sdn, sdxm, sdxk,
+        m * p, 0,  # stride_hl, stride_hg
+        p, cfg.block_m, has_bias, need_dx,  # P, BLOCK_M, HAS_BIAS, NEED_DX
+        False, 0, False, g == 1,  # TRAIN, LOSS, MOMENTUM, FINISH
+        cfg.gw_cols, cfg.chunk_k, cfg.stream_fwd,  # GW_COLS, CHUNK_K, STREAM_FWD
+        rows_act, acts,  # ACT_ROWS, ACTS
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=cfg.num_warps, num_stages=1, maxnreg=_MAXNREG,
+    )
+    if g > 1:
+        _reduce(gw, gb, gw, meta, params, grads, grads, gw, gw, g, n_layers, m, p, has_bias, False, 0, False, acc)
+    return dx, grads
+
+
+def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m, p, has_bias, train, loss_code,
+            momentum, acc_dtype) -> None:
+    block = min(p * p, 1024)
+    grid = (n_layers, cdiv(p * p, block) + 1)
+    _red.keyed(
+        (g, n_layers, m, p, has_bias, train, loss_code, momentum, acc_dtype, gw.dtype, params.dtype,
+         lossp.dtype, loss.dtype),
+        grid,
+        gw, gb, lossp, meta, params, grads, buf, loss, hyper,
+        g, n_layers, m,
+        p, block, has_bias, train, loss_code, momentum, acc_dtype,  # P, BLOCK, HAS_BIAS, TRAIN, LOSS, MOMENTUM, ACC_DTYPE
+    )
+
+
+def train_step_unchecked(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    params: torch.Tensor,
+    meta: torch.Tensor,
+    sizes: tuple[int, ...],
+    biased: tuple[bool, ...],
+    loss: str,
+    hyper: torch.Tensor,
+    buf: torch.Tensor | None,
+    act_params: torch.Tensor,
+    programs: int | None = None,
+    acts: int = ALL_ACTS,
+) -> torch.Tensor:
+    """network_train_step for arguments known good."""
+    if sizes.__class__ is not tuple:
+        sizes = tuple(sizes)
+    m, n_layers = x.shape[0], len(sizes) - 1
+    dtype, device = x.dtype, x.device
+    has_bias = True in biased
+    pkey = ("bwd", m, sizes, dtype, programs)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        plan = _plan(pkey, lambda: _bwd_plan(m, sizes, dtype, programs))
+    p, g, rows, cfg, rows_act, acc, upcast, acc_t = plan
+    gw, gb, dsc, asc, hsc, h, lossp = _bwd_scratch(
+        True, g, n_layers, p, cfg, has_bias, acts, acc_t, dtype, device, _stream()
+    )
+    out = new((), dtype, device)
+    if lossp is None:
+        lossp = out
+    momentum = buf is not None
+    bufa = buf if momentum else params
+    loss_code = LOSSES[loss]
+    prec = _input_precision(dtype)
+    sxm, sxk = x.stride()
+    stm, stn = target.stride()
+    bmp = cfg.block_m * p
+    _bwd.keyed(
+        (pkey, has_bias, loss_code, momentum, acts, sxm, sxk, stm, stn, prec),
+        (g,),
+        x, params, meta, act_params, target, target, h, dsc,
+        gw if asc is None else asc, x if hsc is None else hsc,  # asc, hsc unused without such codes
+        x, gw, gb,  # dx_ptr unused in train mode
+        params, bufa, lossp, hyper,  # grad_ptr unused in train mode
+        m, n_layers, rows,
+        sxm, sxk, stm, stn, 0, 0, 0, 0,
+        bmp, n_layers * bmp,  # stride_hl, stride_hg of the H scratch (G, L, BLOCK_M, P)
+        p, cfg.block_m, has_bias, False,  # P, BLOCK_M, HAS_BIAS, NEED_DX
+        True, loss_code, momentum, g == 1,  # TRAIN, LOSS, MOMENTUM, FINISH
+        cfg.gw_cols, cfg.chunk_k, cfg.stream_fwd,  # GW_COLS, CHUNK_K, STREAM_FWD
+        rows_act, acts,  # ACT_ROWS, ACTS
+        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        num_warps=cfg.num_warps, num_stages=1, maxnreg=_MAXNREG,
+    )
+    if g > 1:
+        _reduce(gw, gb, lossp, meta, params, params, bufa, out, hyper, g, n_layers, m, p, has_bias, True,
+                loss_code, momentum, acc)
+    return out
+
+
+# --- the launchers: check the arguments, then the unchecked entries above --------------------
+
+
 def network_forward(
     x: torch.Tensor,
     params: torch.Tensor,
@@ -1042,62 +1363,15 @@ def network_forward(
     who = "network_forward"
     _check_x(x, sizes, who)
     p = _check_net(params, meta, act_params, sizes, biased, x, who)
-    m, n_layers = x.shape[0], len(sizes) - 1
+    m = x.shape[0]
     if z_out is not None:
         _check_rows("z_out", z_out, (m, sizes[-1]), x, who)
         if not z_out.is_contiguous():
             raise ValueError(f"{who}: z_out must be contiguous")
-    y = empty((m, sizes[-1]), x)
-    h = empty((max(n_layers - 1, 0), m, p) if store_hidden else (0, 0, p), x)
-    if m == 0:
-        return y, h
-    cfg = network_config("fwd", m, p, x.dtype)
-    grid = triton.cdiv(m, cfg.block_m)
-    asc = _act_scratch(grid, cfg.block_m, p, x) if acts & HEAVY_BITS else y
-    network_fwd_kernel[(grid,)](
-        x, params, meta, act_params, y, h if h.numel() else y, y if z_out is None else z_out, asc,
-        m, n_layers,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        m * p,
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=any(biased),
-        STORE_H=store_hidden and n_layers > 1,
-        STORE_Z=z_out is not None,
-        ACT_ROWS=act_rows(cfg, p),
-        ACTS=acts,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
-        **_dtype_flags(x.dtype),
-    )
+    y, h = forward_unchecked(x, params, meta, tuple(sizes), tuple(biased), store_hidden, act_params, z_out, acts)
+    if h is None:
+        h = empty((0, m, p) if store_hidden else (0, 0, p), x)
     return y, h
-
-
-def act_rows(cfg: NetConfig, p: int) -> int:
-    """Rows per step of a heavy activation through the scratch: at most two elements per
-    thread of the (rows, P) chunk."""
-    return max(1, min(cfg.block_m, 64 * cfg.num_warps // p))
-
-
-def act_set(activations: Sequence[str | Activation]) -> int:
-    """The launchers' `acts`: the bitmask of the activations' codes (Activation.code)."""
-    bits = 0
-    for a in activations:
-        bits |= 1 << as_activation(a).code
-    return bits
-
-
-def _act_scratch(g: int, block_m: int, p: int, like: torch.Tensor) -> torch.Tensor:
-    """The accumulator-dtype scratch (G, BLOCK_M, P) of the heavy activations (_act_tile)."""
-    return empty((g, block_m, p), like, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
-
-
-def _workspace(g: int, n_layers: int, p: int, like: torch.Tensor, has_bias: bool):
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
-    gw = empty((g, n_layers, p, p), like, dtype=acc)
-    gb = empty((g, n_layers, p) if has_bias else (1,), like, dtype=acc)
-    return gw, gb
 
 
 def network_backward(
@@ -1129,64 +1403,10 @@ def network_backward(
         raise ValueError(
             f"{who}: h must be contiguous with shape {(n_layers - 1, m, p)}, got {tuple(h.shape)}"
         )
-    dx = empty((m, sizes[0]), x) if need_dx else None
-    if m == 0:
-        return dx, torch.zeros_like(params)
-    has_bias = any(biased)
-    cfg = network_config("bwd", m, p, x.dtype)
-    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
-    gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    dsc = empty((g, cfg.block_m, p), x)
-    asc = _act_scratch(g, cfg.block_m, p, x) if acts & HEAVY_BITS else gw
-    hsc = empty((g, 1, cfg.block_m, p), x) if acts & Z_BITS else x
-    grads = empty(params.shape, x)
-    flags = _dtype_flags(x.dtype)
-    dxa = dx if need_dx else x
-    network_bwd_kernel[(g,)](
-        x, params, meta, act_params, y, dy, h if h.numel() else y, dsc, asc, hsc, dxa, gw, gb,
-        grads, grads, gw, gw,  # grad_ptr; buf_ptr, loss_ptr, hyper_ptr unused in gradient mode
-        m, n_layers, rows,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dy.stride(0), dy.stride(1),
-        dxa.stride(0), dxa.stride(1),
-        m * p, 0,
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=has_bias,
-        NEED_DX=need_dx,
-        TRAIN=False,
-        LOSS=0,
-        MOMENTUM=False,
-        FINISH=g == 1,
-        GW_COLS=cfg.gw_cols,
-        CHUNK_K=cfg.chunk_k,
-        STREAM_FWD=cfg.stream_fwd,
-        ACT_ROWS=act_rows(cfg, p),
-        ACTS=acts,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
-        **flags,
-    )
-    if g > 1:
-        _reduce(gw, gb, gw, meta, params, grads, grads, gw, gw, g, n_layers, m, p, has_bias, False, 0, False,
-                flags["ACC_DTYPE"])
-    return dx, grads
-
-
-def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m, p, has_bias, train, loss_code,
-            momentum, acc_dtype) -> None:
-    block = min(p * p, 1024)
-    grid = (n_layers, triton.cdiv(p * p, block) + 1)
-    network_reduce_kernel[grid](
-        gw, gb, lossp, meta, params, grads, buf, loss, hyper,
-        g, n_layers, m,
-        P=p,
-        BLOCK=block,
-        HAS_BIAS=has_bias,
-        TRAIN=train,
-        LOSS=loss_code,
-        MOMENTUM=momentum,
-        ACC_DTYPE=acc_dtype,
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    return backward_unchecked(
+        dy, y, h, x, params, meta, tuple(sizes), tuple(biased), need_dx, act_params, programs, acts
     )
 
 
@@ -1217,8 +1437,8 @@ def network_train_step(
     if loss not in LOSSES:
         raise ValueError(f"{who}: unknown loss {loss!r}; known: {sorted(LOSSES)}")
     _check_x(x, sizes, who)
-    p = _check_net(params, meta, act_params, sizes, biased, x, who)
-    m, n_layers = x.shape[0], len(sizes) - 1
+    _check_net(params, meta, act_params, sizes, biased, x, who)
+    m = x.shape[0]
     _check_rows("target", target, (m, sizes[-1]), x, who)
     if m == 0:
         raise ValueError(f"{who}: empty batch")
@@ -1229,43 +1449,8 @@ def network_train_step(
     if momentum and (buf.shape != params.shape or buf.dtype != params.dtype or buf.device != x.device
                      or not buf.is_contiguous()):
         raise ValueError(f"{who}: buf must be contiguous like params {tuple(params.shape)} {params.dtype}")
-    has_bias = any(biased)
-    cfg = network_config("bwd", m, p, x.dtype)
-    g, rows = network_programs(m, cfg.block_m, n_layers, p, x.dtype, programs)
-    gw, gb = _workspace(g, n_layers, p, x, has_bias)
-    h = empty((g, n_layers, cfg.block_m, p), x)  # the last slot: Z_L of a Z-saving output
-    dsc = empty((g, cfg.block_m, p), x)
-    asc = _act_scratch(g, cfg.block_m, p, x) if acts & HEAVY_BITS else gw
-    hsc = empty((g, n_layers, cfg.block_m, p), x) if acts & Z_BITS else x
-    out = empty((), x)
-    lossp = empty((g,), x, dtype=acc) if g > 1 else out
-    bufa = buf if momentum else params
-    flags = _dtype_flags(x.dtype)
-    network_bwd_kernel[(g,)](
-        x, params, meta, act_params, target, target, h, dsc, asc, hsc, x, gw, gb,
-        params, bufa, lossp, hyper,  # grad_ptr unused in train mode
-        m, n_layers, rows,
-        x.stride(0), x.stride(1), target.stride(0), target.stride(1), 0, 0, 0, 0,
-        h.stride(1), h.stride(0),
-        P=p,
-        BLOCK_M=cfg.block_m,
-        HAS_BIAS=has_bias,
-        NEED_DX=False,
-        TRAIN=True,
-        LOSS=LOSSES[loss],
-        MOMENTUM=momentum,
-        FINISH=g == 1,
-        GW_COLS=cfg.gw_cols,
-        CHUNK_K=cfg.chunk_k,
-        STREAM_FWD=cfg.stream_fwd,
-        ACT_ROWS=act_rows(cfg, p),
-        ACTS=acts,
-        num_warps=cfg.num_warps,
-        num_stages=1,
-        maxnreg=255,  # occupancy is no concern here (few programs): every register ptxas can give
-        **flags,
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs must be >= 1, got {programs}")
+    return train_step_unchecked(
+        x, target, params, meta, tuple(sizes), tuple(biased), loss, hyper, buf, act_params, programs, acts
     )
-    if g > 1:
-        _reduce(gw, gb, lossp, meta, params, params, bufa, out, hyper, g, n_layers, m, p, has_bias, True,
-                LOSSES[loss], momentum, flags["ACC_DTYPE"])
-    return out

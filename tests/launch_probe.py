@@ -87,7 +87,7 @@ def main(out_path: str) -> None:
         call = dict(x=big, y=other, out=out, n=1000, stride_x=1, alpha=2.0, BLOCK=128, SCALE=True)
         options = {"num_warps": 4}
         for k, v in changes.items():
-            (options if k in ("num_warps", "num_stages") else call)[k] = v
+            (options if k in ("num_warps", "num_stages", "maxnreg") else call)[k] = v
         return call, options
 
     variants = {
@@ -106,6 +106,7 @@ def main(out_path: str) -> None:
         "SCALE = 1 (an int constexpr)": variant(SCALE=1),
         "num_warps = 8": variant(num_warps=8),
         "num_stages = 2": variant(num_stages=2),
+        "maxnreg = 128": variant(maxnreg=128),
         "base again": variant(),
     }
 
@@ -175,6 +176,16 @@ def main(out_path: str) -> None:
     with Ops() as ops:
         fast(grid, *args_of(call), **consts, **options)
     report["ops_dispatched_by_a_hit"] = ops.seen
+
+    # Caller-keyed launches (launch.keyed) take maxnreg as launch.launch does: the key's first
+    # call finds the full key's entry, its hits launch that same kernel.
+    keyed = {}
+    for label, (kcall, koptions) in (("base", variants["base"]), ("maxnreg", variants["maxnreg = 128"])):
+        ukey = ("probe", label)
+        _, first = launched(fast.keyed, ukey, grid, *args_of(kcall), 128, True, **koptions)
+        _, hit = launched(fast.keyed, ukey, grid, *args_of(kcall), 128, True, **koptions)
+        keyed[label] = [first["hash"], hit["hash"]]
+    report["keyed"] = keyed
 
     # Fallbacks: a callable grid, an option the key does not cover, a launch hook.
     base_hash = report["calls"][0]["normal"]["hash"] if report["calls"] else None

@@ -4,8 +4,8 @@ In the interpreter the cache is a pass-through to `kernel[grid](...)`: same resu
 (a subprocess with TRITON_INTERPRET unset, kernels compiled for sm_90a and launches recorded
 by bench.fakecuda's stand-in driver), the cached path must hand the compiled kernel's
 launcher exactly what Triton's own path hands it, and a change of anything Triton
-specializes on (dtype, alignment, an int's specialization, a constexpr, num_warps, the
-device) must take its own entry, never a stale one. Triton 3.6 is checked too when it is
+specializes on (dtype, alignment, an int's specialization, a constexpr, num_warps, num_stages,
+maxnreg, the device) must take its own entry, never a stale one. Triton 3.6 is checked too when it is
 unpacked at $FNN_TRITON36 (default /tmp/t36; the lent GPU machines run 3.6).
 """
 
@@ -81,7 +81,7 @@ def test_cached_launch_matches_tritons_launch_under_compile_only(version, tmp_pa
         assert report["triton"].startswith("3.6"), report["triton"]
     assert not report["errors"], report["errors"]
     calls = {c["label"]: c for c in report["calls"]}
-    assert len(calls) == 16, list(calls)
+    assert len(calls) == 17, list(calls)
     base = calls["base"]["normal"]["hash"]
     same = ("hash", "grid", "stream", "function", "packed_metadata", "args")
     for label, c in calls.items():
@@ -97,9 +97,13 @@ def test_cached_launch_matches_tritons_launch_under_compile_only(version, tmp_pa
             assert normal["hash"] != base, f"{label}: Triton compiled nothing new?"
     # True and 1 compile to the same binary, but Triton keys them apart, and so does the cache.
     assert calls["SCALE = 1 (an int constexpr)"]["normal"]["hash"] == base
-    assert report["misses"] == report["cache_entries"] == 15
+    assert report["misses"] == report["cache_entries"] == 16
     assert report["fallbacks"] == 0
     assert report["ops_dispatched_by_a_hit"] == []  # no allocation, no sync, no torch op at all
+    # launch.keyed with maxnreg: each caller key launches its own full key's kernel.
+    assert report["keyed"]["base"] == [base, base]
+    maxnreg = calls["maxnreg = 128"]["normal"]["hash"]
+    assert report["keyed"]["maxnreg"] == [maxnreg, maxnreg] and maxnreg != base
     # Fallbacks to Triton's path: a callable grid, an option outside the key, a launch hook.
     assert report["fallbacks_taken"] == 3
     assert report["callable_grid"] == {"hash": base, "grid": [8, 1, 1]}

@@ -17,6 +17,7 @@ import kernels.linear_act
 import kernels.network
 from fnn import network_ops, reference
 from fnn.network import flat_buffer, resolve_fusion
+from kernels.launch import CachedLauncher
 
 ACTS = ["identity", "sigmoid", "relu", "tanh"]
 
@@ -38,27 +39,30 @@ CASES = [
 
 
 class LaunchCounter:
-    """Wraps every `*_kernel` of kernels.network and kernels.linear_act to count launches."""
+    """Wraps the launch function of every kernel of kernels.network and kernels.linear_act
+    (kernels.launch) to count launches by kernel name."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []
         for module in (kernels.network, kernels.linear_act):
-            for name in dir(module):
-                if name.endswith("_kernel"):
-                    monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
+            for name, obj in list(vars(module).items()):
+                if isinstance(getattr(obj, "state", None), CachedLauncher):
+                    monkeypatch.setattr(module, name, self._wrap(obj))
 
-    def _wrap(self, name: str, kernel):
+    def _wrap(self, launch):
         counter = self
+        name = launch.state.fn.__name__
 
         class Counted:
-            def __getitem__(self, grid):
-                launch = kernel[grid]
+            state = launch.state
 
-                def run(*args, **kwargs):
-                    counter.calls.append(name)
-                    return launch(*args, **kwargs)
+            def __call__(self, grid, *args, **kwargs):
+                counter.calls.append(name)
+                return launch(grid, *args, **kwargs)
 
-                return run
+            def keyed(self, ukey, grid, *args, **kwargs):
+                counter.calls.append(name)
+                return launch.keyed(ukey, grid, *args, **kwargs)
 
         return Counted()
 

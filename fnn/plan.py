@@ -1,0 +1,154 @@
+"""What an FNN's calls need that changes only when its layers change: made once, checked cheaply.
+
+An FNN's forward, its whole-network path and the fused Trainer step all need the network's
+widths, its activations (as fnn.Activation objects and as names), which layers have a bias,
+whether the widths fit the whole-network kernels, the padded width, the `meta` tensor on each
+device, the `act_params` tensor per dtype and device, the activation set of the network
+kernels (`bits`), what the output layer saves, and the expected shape of each parameter.
+Rebuilding those from the ModuleList on every call costs more than the rest of a small call
+(nn.Module attribute lookups, a list per property access), so `plan(model)` keeps them in an
+FNNPlan and reuses it while the model's layers are the same objects with the same activations
+and its `fusion` is unchanged (a tuple comparison per call). Parameters are not part of the
+plan: they may be replaced at any time (load_state_dict(assign=True), FSDP2, functional_call),
+so each call reads them and checks them (`flat_views`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.checks import Activation, as_activation
+
+__all__ = ["FNNPlan", "flat_views", "plan", "parameters"]
+
+MAX_WIDTH = 128  # kernels.network.MAX_WIDTH (this module imports no triton)
+_is_compiling = torch.compiler.is_compiling
+_Parameter, _Tensor = nn.Parameter, torch.Tensor
+FUSIONS = ("auto", "layer", "network")
+
+
+class FNNPlan:
+    """The call plan of one FNN (see the module docstring). Read-only after construction."""
+
+    __slots__ = (
+        "layers",
+        "activation_attrs",
+        "fusion",
+        "sizes",
+        "acts",
+        "saves",
+        "names",
+        "biased",
+        "has_bias",
+        "bits",
+        "last_saves",
+        "fits",
+        "padded",
+        "shapes",
+        "metas",
+        "act_tensors",
+    )
+
+    def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
+        self.layers = layers  # the FusedLinear objects, in order
+        # (each layer's `activation` attribute, whether it has no bias), as read
+        self.activation_attrs = activation_attrs
+        self.fusion = fusion  # the model's `fusion` attribute, as read (validated by its user)
+        sizes = [layers[0].in_features] + [layer.out_features for layer in layers]
+        self.sizes: tuple[int, ...] = tuple(sizes)
+        self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _ in activation_attrs)
+        self.saves: tuple[str, ...] = tuple(a.saves for a in self.acts)  # what each layer saves
+        self.names: tuple[str, ...] = tuple(a.name for a in self.acts)
+        self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias in activation_attrs)
+        self.has_bias = any(self.biased)
+        # the network kernels' activation set (kernels.network.act_set): bit c for code c
+        self.bits = 0
+        for a in self.acts:
+            self.bits |= 1 << a.code
+        self.last_saves = self.saves[-1]  # what the output layer keeps for the backward
+        self.fits = max(sizes) <= MAX_WIDTH
+        p = 16
+        while p < max(sizes):
+            p *= 2
+        self.padded = p
+        # Each parameter's shape, in the flat buffer's order: every weight, then every bias.
+        self.shapes: tuple[tuple[int, ...], ...] = (
+            *((o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)),
+            *((o,) for o, b in zip(sizes[1:], self.biased, strict=True) if b),
+        )
+        self.metas: dict[torch.device, torch.Tensor] = {}
+        self.act_tensors: dict[tuple, torch.Tensor] = {}
+
+    def meta(self, device: torch.device) -> torch.Tensor:
+        """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""
+        t = self.metas.get(device)
+        if t is None:
+            from .network_ops import meta
+
+            t = self.metas[device] = meta(self.sizes, self.acts, self.biased, device)
+        return t
+
+    def act_params(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The network kernels' (L, 2) `act_params` for a `dtype` network on `device`
+        (fnn.network_ops.activation_params, cached)."""
+        key = (dtype, device)
+        t = self.act_tensors.get(key)
+        if t is None:
+            from .network_ops import activation_params
+
+            t = self.act_tensors[key] = activation_params(self.acts, dtype, device)
+        return t
+
+
+def plan(model: nn.Module) -> FNNPlan:
+    """The FNN's plan: the cached one while its layers, their activations, which of them have
+    a bias and its fusion are those it was made from, else a new one (which then replaces it)."""
+    layers = tuple(model._modules["layers"]._modules.values())
+    attrs = tuple([(layer.activation, layer._parameters.get("bias") is None) for layer in layers])
+    fusion = model.__dict__.get("fusion")
+    p = model.__dict__.get("_fnn_plan")
+    if p is not None and p.layers == layers and p.activation_attrs == attrs and p.fusion == fusion:
+        return p
+    p = FNNPlan(layers, attrs, fusion)
+    model.__dict__["_fnn_plan"] = p
+    return p
+
+
+def parameters(p: FNNPlan) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """The layers' current weights and biases (read from each layer's parameter dict, as
+    nn.Module's attribute lookup finds them, without its Python __getattr__)."""
+    weights = [layer._parameters["weight"] for layer in p.layers]
+    biases = [layer._parameters.get("bias") for layer in p.layers]
+    return weights, biases
+
+
+def flat_views(
+    p: FNNPlan, flat: torch.Tensor | None, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> bool:
+    """Whether the parameters are exactly the contiguous views of `flat` in the kernels' layout
+    (each weight then each bias, back to back, with the plan's shapes and flat's dtype, plain
+    tensors). Equal addresses also mean the same device (CUDA's unified addressing; a meta
+    tensor has address 0). A few attribute reads per parameter; never while torch.compile
+    traces."""
+    if flat is None or _is_compiling():
+        return False
+    dtype, size = flat.dtype, flat.element_size()
+    start = addr = flat.data_ptr()
+    params = [*weights, *(b for b in biases if b is not None)] if p.has_bias else weights
+    if len(params) != len(p.shapes):
+        return False
+    try:
+        for t, shape in zip(params, p.shapes, strict=True):
+            if (
+                (t.__class__ is not _Parameter and t.__class__ is not _Tensor)
+                or t.data_ptr() != addr
+                or t.dtype is not dtype
+                or t.shape != shape
+                or not t.is_contiguous()
+            ):
+                return False
+            addr += t.numel() * size
+    except RuntimeError:  # a tensor without storage (functorch's wrappers): not a view
+        return False
+    return addr == start + flat.numel() * size and flat.is_contiguous()
