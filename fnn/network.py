@@ -36,6 +36,7 @@ __all__ = [
     "check_fusion",
     "concat_parameters",
     "fits_network",
+    "train_step_fits",
     "flat_buffer",
     "flatten_parameters",
     "network_forward",
@@ -45,6 +46,16 @@ __all__ = [
 
 FUSIONS = ("auto", "layer", "network")
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH, repeated here so this module imports no triton
+TRAIN_STEP_MAX_WIDTH_FLOAT64 = 64  # kernels.network.TRAIN_STEP_MAX_WIDTH_FLOAT64
+
+
+def train_step_fits(sizes: Sequence[int], dtype: torch.dtype) -> bool:
+    """Whether the one-launch training step (kernels.network.network_train_step) serves a
+    network of these widths in `dtype`: float64 only up to width 64. At width 128 its float64
+    kernel spills registers on every launch shape tried (bench/NOTES.md, compile check); the
+    Trainer then steps through autograd (the network path's forward and backward kernels,
+    which do not spill, and torch.optim.SGD)."""
+    return dtype != torch.float64 or max(sizes) <= TRAIN_STEP_MAX_WIDTH_FLOAT64
 
 
 def fits_network(sizes: Sequence[int]) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 from . import network, network_ops
 from .dispatch import backend
 from .modules import FNN
-from .network import fits_network, flat_buffer, resolve_fusion
+from .network import fits_network, flat_buffer, resolve_fusion, train_step_fits
 from .plan import FNNPlan, flat_views, parameters, plan
 
 _is_compiling = torch.compiler.is_compiling
@@ -104,6 +104,7 @@ class Trainer:
         return (
             model is not None
             and fits_network(model.sizes)
+            and train_step_fits(model.sizes, next(model.parameters()).dtype)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
             and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
@@ -208,6 +209,7 @@ class Trainer:
             or y.dtype is not dtype
             or device != flat.device
             or y.device != device
+            or not train_step_fits(p.sizes, dtype)
         ):
             return None
         acc = torch.float64 if dtype is torch.float64 else torch.float32

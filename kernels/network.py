@@ -86,6 +86,10 @@ from .memory import empty, new
 
 LOSSES: dict[str, int] = {"bce": 0, "mse": 1, "sse": 2}
 MAX_WIDTH = 128
+# network_train_step takes float64 networks up to this width (padded width 64): at 128 the
+# float64 train kernel spilled on every launch shape tried. Wider float64 networks train
+# through the forward and backward kernels (fnn.Trainer does so by itself).
+TRAIN_STEP_MAX_WIDTH_FLOAT64 = 64
 # Gradient workspace budget: caps the number of programs of the backward (G, L, P, P).
 WORKSPACE_BYTES = 64 << 20
 MAX_PROGRAMS = 1024
@@ -1437,6 +1441,11 @@ def network_train_step(
     if loss not in LOSSES:
         raise ValueError(f"{who}: unknown loss {loss!r}; known: {sorted(LOSSES)}")
     _check_x(x, sizes, who)
+    if x.dtype == torch.float64 and max(sizes) > TRAIN_STEP_MAX_WIDTH_FLOAT64:
+        raise ValueError(
+            f"{who}: float64 networks up to width {TRAIN_STEP_MAX_WIDTH_FLOAT64} only (got widths "
+            f"{list(sizes)}): train them through network_forward and network_backward"
+        )
     _check_net(params, meta, act_params, sizes, biased, x, who)
     m = x.shape[0]
     _check_rows("target", target, (m, sizes[-1]), x, who)

@@ -267,3 +267,47 @@ def test_momentum_buffer_follows_the_flat_buffer(device):
         assert model._flat is flat and trainer._momentum[1] is not buf
         assert trainer._momentum[1].dtype == torch.float64
         buf = trainer._momentum[1]
+
+
+def test_float64_wider_than_64_trains_through_autograd(device, launches):
+    """The one-launch step takes float64 up to width 64 (its width-128 kernel spills, see
+    kernels.network.TRAIN_STEP_MAX_WIDTH_FLOAT64): a wider float64 network steps through the
+    network path's forward and backward and torch.optim.SGD, with the same result as a
+    float64 autograd step; the launcher itself refuses it before any launch."""
+    from kernels.network import network_meta, network_train_step, param_count
+
+    torch.manual_seed(11)
+    model = fnn.FNN([3, 70, 2], fusion="network", dtype=torch.float64, device=device)
+    ref = copy.deepcopy(model)
+    x = torch.randn(9, 3, dtype=torch.float64, device=device)
+    y = torch.rand(9, 2, dtype=torch.float64, device=device)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.1, momentum=0.9)
+    assert not trainer.fused(device)
+    narrow = fnn.FNN([3, 64, 2], dtype=torch.float64, device=device, fusion="network")
+    assert fnn.Trainer(narrow).fused(device)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    launches.calls.clear()
+    for _ in range(2):
+        got = trainer.step(x, y)
+        opt.zero_grad()
+        want = torch.nn.functional.mse_loss(fnn.reference.fnn_forward(x, *_wb(ref), ["sigmoid"] * 2), y)
+        want.backward()
+        opt.step()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    assert "network_bwd_kernel" in launches.calls  # the network path's backward, gradient mode
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    sizes, biased = [3, 70, 2], [True, True]
+    params = torch.zeros(param_count(sizes, biased), dtype=torch.float64, device=device)
+    before = params.clone()
+    meta = torch.tensor(network_meta(sizes, ["sigmoid"] * 2, biased), dtype=torch.int32, device=device)
+    launches.calls.clear()
+    with pytest.raises(ValueError, match="float64 networks up to width 64"):
+        network_train_step(x, y, params, meta, sizes, biased, "mse",
+                           torch.tensor([0.1, 0.0], dtype=torch.float64, device=device), None,
+                           torch.zeros(2, 2, dtype=torch.float64, device=device))
+    assert launches.calls == [] and torch.equal(params, before)
+
+
+def _wb(model):
+    return [la.weight for la in model.layers], [la.bias for la in model.layers]
