@@ -245,21 +245,25 @@ def _act_tile(z, code, a, b, asc, BLOCK_M: tl.constexpr, P: tl.constexpr, ACT_RO
     few elements per thread are live in its branch. No branch around the tile: the scratch's
     stores and loads are masked off, its loop empty, for a light code. Without a heavy code
     in ACTS there is no scratch (asc unused). A code outside ACTS gives NaN."""
+    # if/else, not an early return: triton compiles the statements after a return too (for a
+    # float16 network the scratch path, on a float16 stand-in for asc, failed to compile).
     if (ACTS & ((1 << 12) - (1 << 5))) == 0:  # no heavy code (HEAVY_BITS)
-        return tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, P)
-    n = tl.where(heavy_rt(code), BLOCK_M, 0)  # rows that go through the scratch
-    tile = asc + offs_r[:, None] * P + offs_p[None, :]
-    tl.debug_barrier()  # the scratch's previous readers are done
-    tl.store(tile, z, mask=(offs_r < n)[:, None])
-    h = tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
-    tl.debug_barrier()
-    for r0 in range(0, n, ACT_ROWS):
-        ptrs = asc + (r0 + tl.arange(0, ACT_ROWS))[:, None] * P + offs_p[None, :]
-        tl.store(ptrs, activation_rt(tl.load(ptrs), code, a, b, ACTS))  # each thread its own elements
-    tl.debug_barrier()
-    return tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), h)
+        out = tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
+    else:
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_p = tl.arange(0, P)
+        n = tl.where(heavy_rt(code), BLOCK_M, 0)  # rows that go through the scratch
+        tile = asc + offs_r[:, None] * P + offs_p[None, :]
+        tl.debug_barrier()  # the scratch's previous readers are done
+        tl.store(tile, z, mask=(offs_r < n)[:, None])
+        h = tl.where(in_set_rt(code, ACTS), activation_light(z, code, a, b, ACTS), float("nan"))
+        tl.debug_barrier()
+        for r0 in range(0, n, ACT_ROWS):
+            ptrs = asc + (r0 + tl.arange(0, ACT_ROWS))[:, None] * P + offs_p[None, :]
+            tl.store(ptrs, activation_rt(tl.load(ptrs), code, a, b, ACTS))  # each thread its own elements
+        tl.debug_barrier()
+        out = tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), h)
+    return out
 
 
 @triton.jit
@@ -285,27 +289,29 @@ def _delta_tile(
     stride_sm apart, n_rows x n_cols of them real). Light codes in registers; a heavy one
     through the scratch `asc`, ACT_ROWS rows at a time, S's rows read again from s_ptr (none
     without a heavy code in ACTS). A code outside ACTS gives NaN."""
-    if (ACTS & ((1 << 12) - (1 << 5))) == 0:  # no heavy code (HEAVY_BITS)
-        return tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, P)
-    n = tl.where(heavy_rt(code), BLOCK_M, 0)
-    tile = asc + offs_r[:, None] * P + offs_p[None, :]
-    tl.debug_barrier()  # the scratch's previous readers are done
-    tl.store(tile, g, mask=(offs_r < n)[:, None])
-    d = tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
-    tl.debug_barrier()
-    for r0 in range(0, n, ACT_ROWS):
-        offs = r0 + tl.arange(0, ACT_ROWS)
-        ptrs = asc + offs[:, None] * P + offs_p[None, :]
-        sc = tl.load(
-            s_ptr + offs[:, None] * stride_sm + offs_p[None, :] * stride_sp,
-            mask=(offs < n_rows)[:, None] & (offs_p < n_cols)[None, :],
-            other=0,
-        )
-        tl.store(ptrs, delta_rt(tl.load(ptrs), sc.to(ACC_DTYPE), code, a, b, ACTS))
-    tl.debug_barrier()
-    return tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), d)
+    if (ACTS & ((1 << 12) - (1 << 5))) == 0:  # no heavy code (HEAVY_BITS); if/else as in _act_tile
+        out = tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
+    else:
+        offs_r = tl.arange(0, BLOCK_M)
+        offs_p = tl.arange(0, P)
+        n = tl.where(heavy_rt(code), BLOCK_M, 0)
+        tile = asc + offs_r[:, None] * P + offs_p[None, :]
+        tl.debug_barrier()  # the scratch's previous readers are done
+        tl.store(tile, g, mask=(offs_r < n)[:, None])
+        d = tl.where(in_set_rt(code, ACTS), delta_light(g, s, code, a, b, ACTS), float("nan"))
+        tl.debug_barrier()
+        for r0 in range(0, n, ACT_ROWS):
+            offs = r0 + tl.arange(0, ACT_ROWS)
+            ptrs = asc + offs[:, None] * P + offs_p[None, :]
+            sc = tl.load(
+                s_ptr + offs[:, None] * stride_sm + offs_p[None, :] * stride_sp,
+                mask=(offs < n_rows)[:, None] & (offs_p < n_cols)[None, :],
+                other=0,
+            )
+            tl.store(ptrs, delta_rt(tl.load(ptrs), sc.to(ACC_DTYPE), code, a, b, ACTS))
+        tl.debug_barrier()
+        out = tl.where(n > 0, tl.load(tile, mask=(offs_r < n)[:, None], other=0), d)
+    return out
 
 
 @triton.jit
@@ -931,7 +937,7 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
     ("bwd", _F32, 128): NetConfig(32, 8, 64, 16, True),
     ("bwd", _F16, 16): NetConfig(128, 8, 16, 32, False),
     ("bwd", _F16, 32): NetConfig(64, 8, 32, 64, False),
-    ("bwd", _F16, 64): NetConfig(64, 8, 32, 64, False),
+    ("bwd", _F16, 64): NetConfig(64, 8, 32, 32, False),
     ("bwd", _F16, 128): NetConfig(16, 8, 32, 32, True),
     ("bwd", _F64, 16): NetConfig(16, 8, 16, 16, True),
     ("bwd", _F64, 32): NetConfig(16, 8, 32, 16, True),
