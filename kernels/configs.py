@@ -13,6 +13,7 @@ per shape.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,15 @@ def weight_grad_split(m: int, n: int, k: int, cfg: TileConfig) -> int:
     if tiles >= 128 or m <= rows_per_tile:
         return 1
     return max(1, min(cdiv(m, rows_per_tile), 128 // tiles, 64))
+
+
+def cached_plan(cache: dict, key: tuple, make: Callable[[], tuple], limit: int = 4096) -> tuple:
+    """cache[key], made by `make()` on its first use: the launchers' plans (grid and every
+    constexpr a shape decides), plain Python, made once per key. A workload cycling through
+    more than `limit` keys starts the cache again empty."""
+    plan = cache.get(key)
+    if plan is None:
+        if len(cache) >= limit:
+            cache.clear()
+        plan = cache[key] = make()
+    return plan

@@ -23,7 +23,7 @@ import triton.language as tl
 from . import memory
 from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
-from .configs import cdiv, matmul_config, weight_grad_split
+from .configs import cached_plan, cdiv, matmul_config, weight_grad_split
 from .launch import launcher
 from .memory import new
 
@@ -355,16 +355,10 @@ def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Te
 # (kind, sizes..., dtype) -> the launch plan: grid and every constexpr the shape decides. Plain
 # Python, made once per shape (a workload cycling through more shapes starts it again empty).
 _PLANS: dict[tuple, tuple] = {}
-_MAX_PLANS = 4096
 
 
 def _plan(key: tuple, make) -> tuple:
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = make()
-    return plan
+    return cached_plan(_PLANS, key, make)  # _PLANS read at call time: tests may replace it
 
 
 def _mm_plan(rows: int, cols: int, red: int, dtype: torch.dtype, grid_rows: int, grid_cols: int) -> tuple:

@@ -79,7 +79,7 @@ from .activations import (
     tanh_grad,
 )
 from .checks import Activation, as_activation
-from .configs import cdiv
+from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, _input_precision, mma
 from .memory import empty, new
@@ -1061,16 +1061,10 @@ _MAXNREG = 255
 # (kind, rows, sizes, dtype, ...) -> the launch plan (P, config, programs, flags), plain Python
 # made once per key (a workload cycling through more keys starts it again empty).
 _PLANS: dict[tuple, tuple] = {}
-_MAX_PLANS = 4096
 
 
 def _plan(key: tuple, make) -> tuple:
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = make()
-    return plan
+    return cached_plan(_PLANS, key, make)  # _PLANS read at call time: tests may replace it
 
 
 def _fwd_plan(m: int, sizes: tuple[int, ...], dtype: torch.dtype) -> tuple:
