@@ -23,6 +23,8 @@ Verdicts (`record["failures"]`, each {"kind", "detail"}):
 - "compile": the kernel did not compile;
 - "spill": stack > 0 bytes per thread;
 - "shared": shared memory over the target's limit (bench.fakecuda.MAX_SHARED);
+- "registers": registers x threads per block over the SM's register file (REGISTER_FILE):
+  such a launch fails on the GPU (a raised `maxnreg` can compile a kernel that way);
 - "wgmma": sm_90a only, a 16-bit (fp16/bf16) GEMM whose row tile is >= 64 without a single
   wgmma instruction;
 - "unknown": a kernel missing from GEMM_TILES, so the wgmma rule cannot be applied.
@@ -50,7 +52,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TARGET_NAMES = {90: "sm_90a", 80: "sm_80"}
-FAILURE_KINDS = ("compile", "spill", "shared", "wgmma", "unknown")
+FAILURE_KINDS = ("compile", "spill", "shared", "registers", "wgmma", "unknown")
+# 32-bit registers per SM on sm_80 and sm_90: a block needs registers x threads of them.
+REGISTER_FILE = 65536
 WGMMA_MIN_ROWS = 64
 HALF_TYPES = ("fp16", "bf16")
 
@@ -461,6 +465,15 @@ def judge(rec: dict[str, Any], capability: int, known: bool, max_shared: int | N
         out.append({"kind": "shared", "detail": f"no shared-memory limit known for sm_{capability}"})
     elif rec["shared"] > max_shared:
         out.append({"kind": "shared", "detail": f"shared memory {rec['shared']} B > limit {max_shared}"})
+    warps = rec.get("num_warps")
+    if warps and rec["registers"] * 32 * warps > REGISTER_FILE:
+        out.append(
+            {
+                "kind": "registers",
+                "detail": f"{rec['registers']} registers x {32 * warps} threads > {REGISTER_FILE} per SM: "
+                "the launch would fail",
+            }
+        )
     if (
         capability == 90
         and rec["row_tile"] is not None

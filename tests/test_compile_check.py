@@ -133,6 +133,10 @@ def test_judge_without_failures_is_empty():
     assert judge(rec, 80, True, 166912) == []
     assert [f["kind"] for f in judge(rec, 90, True, 232448)] == ["wgmma"]
     assert [f["kind"] for f in judge({**rec, "wgmma": 4, "stack": 8}, 90, True, 232448)] == ["spill"]
+    # registers x threads over the register file: the launch would fail (16 warps at 200 > 128)
+    big = {**rec, "wgmma": 4, "num_warps": 16, "registers": 200}
+    assert [f["kind"] for f in judge(big, 90, True, 232448)] == ["registers"]
+    assert judge({**big, "num_warps": 8, "registers": 255}, 90, True, 232448) == []
     assert [f["kind"] for f in judge({**rec, "operand": "fp32"}, 90, True, 232448)] == []
     assert [f["kind"] for f in judge({**rec, "row_tile": 32}, 90, True, 232448)] == []
 
