@@ -51,6 +51,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels.checks import PARAMETERS, Activation, as_activation
+from kernels.checks import act_set as kernel_act_set
 
 from . import reference
 from .dispatch import backend, use_registered_ops
@@ -149,14 +150,23 @@ def act_set(activations: Sequence[str | Activation]) -> int:
     key = tuple(activations)
     bits = _ACT_SET.get(key)
     if bits is None:
-        bits = 0
-        for a in activations:
-            bits |= 1 << as_activation(a).code
-        _ACT_SET[key] = bits
+        bits = _ACT_SET[key] = kernel_act_set(activations)
     return bits
 
 
 _ACT_SET: dict[tuple, int] = {}
+
+
+def _kernel_args(sizes, activations, biased, x: torch.Tensor, mt=None, ap=None, bits=None) -> tuple:
+    """(meta, act_params, act_set) of the network kernels for x's device and dtype: those the
+    caller has, the others looked up (each cached)."""
+    if mt is None:
+        mt = meta(sizes, activations, biased, x.device)
+    if ap is None:
+        ap = activation_params(activations, x.dtype, x.device)
+    if bits is None:
+        bits = act_set(activations)
+    return mt, ap, bits
 
 
 def activation_params(
@@ -299,11 +309,10 @@ def _network_forward_op(
     from kernels import network as K
     from kernels.memory import empty
 
-    mt = meta(sizes, acts, biased, x.device)
-    ap = activation_params(acts, x.dtype, x.device)
+    mt, ap, bits = _kernel_args(sizes, acts, biased, x)
     z = empty((x.shape[0] if _keeps_z(acts, store_hidden) else 0, sizes[-1]), x)
     keep = z if z.shape[0] else None
-    y, h = K.network_forward(x, params, mt, sizes, biased, store_hidden, ap, keep, act_set(acts))
+    y, h = K.network_forward(x, params, mt, sizes, biased, store_hidden, ap, keep, bits)
     return y, h, z
 
 
@@ -345,9 +354,7 @@ def _network_backward_op(
     else:
         from kernels import network as K
 
-        mt = meta(sizes, acts, biased, x.device)
-        ap = activation_params(acts, x.dtype, x.device)
-        bits = act_set(acts)
+        mt, ap, bits = _kernel_args(sizes, acts, biased, x)
         dx, grads = K.network_backward(dy, y, h, x, params, mt, sizes, biased, need_dx, ap, acts=bits)
     # An op returns tensors, never None: an empty dx stands for "not computed".
     return (dx if dx is not None else x.new_empty((0,))), grads
@@ -387,12 +394,7 @@ def network_forward(
         from kernels import network as K
         from kernels.memory import new
 
-        if mt is None:
-            mt = meta(sizes, activations, biased, x.device)
-        if ap is None:
-            ap = activation_params(activations, x.dtype, x.device)
-        if bits is None:
-            bits = act_set(activations)
+        mt, ap, bits = _kernel_args(sizes, activations, biased, x, mt, ap, bits)
         z = None
         if store_hidden:
             if last_saves is None:
@@ -427,12 +429,7 @@ def network_backward(
     if not use_registered_ops() and backend(x.device) != "reference":
         from kernels import network as K
 
-        if mt is None:
-            mt = meta(sizes, activations, biased, x.device)
-        if ap is None:
-            ap = activation_params(activations, x.dtype, x.device)
-        if bits is None:
-            bits = act_set(activations)
+        mt, ap, bits = _kernel_args(sizes, activations, biased, x, mt, ap, bits)
         dx, flat = K.backward_unchecked(
             dy, y, h, x, params, mt, tuple(sizes), tuple(biased), need_dx, ap, None, bits
         )

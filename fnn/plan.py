@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.checks import Activation, as_activation
+from kernels.checks import Activation, act_set, as_activation
 
 __all__ = ["FNNPlan", "flat_views", "plan", "parameters"]
 
@@ -62,10 +62,7 @@ class FNNPlan:
         self.names: tuple[str, ...] = tuple(a.name for a in self.acts)
         self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias in activation_attrs)
         self.has_bias = any(self.biased)
-        # the network kernels' activation set (kernels.network.act_set): bit c for code c
-        self.bits = 0
-        for a in self.acts:
-            self.bits |= 1 << a.code
+        self.bits = act_set(self.acts)  # the network kernels' activation set
         self.last_saves = self.saves[-1]  # what the output layer keeps for the backward
         self.fits = max(sizes) <= MAX_WIDTH
         p = 16

@@ -215,6 +215,15 @@ ACTIVATION_VARIANTS: tuple[Activation, ...] = (
 )
 
 
+def act_set(activations: Sequence[str | Activation]) -> int:
+    """The whole-network launchers' `acts`: the bitmask of the activations' codes (bit c for
+    Activation.code c), the set the network kernels are compiled for."""
+    bits = 0
+    for a in activations:
+        bits |= 1 << as_activation(a).code
+    return bits
+
+
 def as_activation(activation: object, what: str = "activation") -> Activation:
     """`activation` (a name or an Activation) as an Activation; raises TypeError or ValueError."""
     if isinstance(activation, Activation):

@@ -324,7 +324,9 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
 # gelu, gelu_tanh, silu and the Z-reading elu and softplus (exp, log1p, erfc, erfcx on a whole
 # operand tile spilled hundreds of bytes). linear_act_delta_kernel forms D first, in the
 # accumulator dtype (the products then see exactly the D they would have formed), and the
-# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N).
+# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N) per
+# launcher (the dX and dW launchers each form their own D: forming it once for both, in the
+# autograd backward, is still to do).
 HEAVY_DELTA = frozenset(range(5, 12))
 # Register limit handed to ptxas for the GEMM kernels: every register it wants. Left to
 # itself (triton passes --regAllocOptLevel=2), ptxas held some kernels at 64-80 registers and

@@ -78,7 +78,7 @@ from .activations import (
     tanh,
     tanh_grad,
 )
-from .checks import Activation, as_activation
+from .checks import Activation, act_set, as_activation  # noqa: F401  (act_set: the launchers' `acts`)
 from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, _input_precision, mma
@@ -1038,14 +1038,6 @@ def act_rows(cfg: NetConfig, p: int) -> int:
     """Rows per step of a heavy activation through the scratch: at most two elements per
     thread of the (rows, P) chunk."""
     return max(1, min(cfg.block_m, 64 * cfg.num_warps // p))
-
-
-def act_set(activations: Sequence[str | Activation]) -> int:
-    """The launchers' `acts`: the bitmask of the activations' codes (Activation.code)."""
-    bits = 0
-    for a in activations:
-        bits |= 1 << as_activation(a).code
-    return bits
 
 
 # Each kernel launched through the launch cache (kernels.launch), with a caller key built from

@@ -72,7 +72,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> LaunchCounter:
     return LaunchCounter(monkeypatch)
 
 
-def _model(sizes, acts, bias, dtype, device, fusion, seed=0):
+def _model(sizes, acts, bias, dtype, device, fusion="network", seed=0):
     torch.manual_seed(seed)
     model = fnn.FNN(sizes, activation=acts, bias=bias, dtype=dtype, device=device, fusion=fusion)
     with torch.no_grad():  # weights large enough that every activation leaves its linear range

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helpers import RTOL, assert_close, assert_close_lowp
 from test_activations import NEW_ACTS, NEW_IDS, _same, _saved_by
 from test_linear_act import _assert_same_specials
-from test_network import LaunchCounter
+from test_network import LaunchCounter, _model
 
 import fnn
 import kernels.network
@@ -52,15 +52,6 @@ def _products(form: str, monkeypatch) -> None:
     monkeypatch.setattr(kernels.network, "network_config", config)
     # the launch plans made from the configs are cached per shape: a fresh cache for the test
     monkeypatch.setattr(kernels.network, "_PLANS", {})
-
-
-def _model(sizes, acts, bias, dtype, device, fusion="network", seed=0):
-    torch.manual_seed(seed)
-    model = fnn.FNN(sizes, activation=acts, bias=bias, dtype=dtype, device=device, fusion=fusion)
-    with torch.no_grad():  # weights large enough that every activation leaves its linear range
-        for p in model.parameters():
-            p.mul_(2)
-    return model
 
 
 def _params(model):
