@@ -79,6 +79,9 @@ class HostCase:
     launches: int  # fnn's launches per call, read off the current code (the test checks it)
     goal: HostGoal | None = None
     gpu_goal: HostGoal | None = None  # the matching goal for the end-to-end GPU timing
+    # The same call through a Python autograd.Function that does nothing but allocate its
+    # output and its gradients (`_Floor`): what torch's autograd costs any such design.
+    floor: Callable[[torch.device], Call] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +179,53 @@ def _network_fwbw(sizes: Sequence[int], rows: int, bias: bool, fusion: str):
     return build
 
 
+class _Floor(torch.autograd.Function):
+    """A network as one autograd node that computes nothing: the forward allocates the output
+    (rows, n_out) and saves its inputs, the backward allocates a gradient for each input that
+    needs one. Timed as `torch.autograd.grad(_Floor.apply(n_out, x, *params), params, gy)`, it
+    is the autograd machinery's cost around any Python autograd.Function of the same inputs and
+    output, fnn's included: no design built on one can take less."""
+
+    @staticmethod
+    def forward(ctx, n_out: int, x: torch.Tensor, *params: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, *params)
+        return x.new_empty((x.shape[0], n_out))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return (None, *(torch.empty_like(t) if t is not None and need else None
+                        for t, need in zip(saved, needs[1:], strict=True)))
+
+
+def _linear_floor(k: int, n: int, x_grad: bool):
+    def build(device: torch.device) -> Call:
+        x, w = _linear_inputs(device, k, n, seed=k * 100 + n)
+        x.requires_grad_(x_grad)
+        w.requires_grad_(True)
+        inputs = (x, w) if x_grad else (w,)
+        gy = _randn(x.shape[0], n, seed=7).to(device)
+        return lambda: torch.autograd.grad(_Floor.apply(n, x, w), inputs, gy)
+
+    return build
+
+
+def _network_floor(sizes: Sequence[int], rows: int, bias: bool):
+    def build(device: torch.device) -> Call:
+        from fnn import FNN
+
+        torch.manual_seed(0)
+        model = FNN(list(sizes), bias=bias, device=device)
+        x = _randn(rows, sizes[0], seed=3).to(device)
+        gy = _randn(rows, sizes[-1], seed=4).to(device)
+        params = [t for layer in model.layers for t in (layer.weight, layer.bias)]
+        needed = tuple(t for t in params if t is not None)
+        return lambda: torch.autograd.grad(_Floor.apply(sizes[-1], x, *params), needed, gy)
+
+    return build
+
+
 def _trainer_seed000(device: torch.device) -> tuple[Call, Call]:
     from fnn import Trainer
     from fnn.cli import seed000_model
@@ -227,6 +277,7 @@ CASES: dict[str, HostCase] = {
             "torch.sigmoid(F.linear(x, w)), " + FWBW,
             _linear_fwbw(2, 32, x_grad=False),
             launches=2,  # forward, dW
+            floor=_linear_floor(2, 32, x_grad=False),
         ),
         HostCase(
             "linear_act_fwbw_32x1",
@@ -235,6 +286,7 @@ CASES: dict[str, HostCase] = {
             "torch.sigmoid(F.linear(x, w)), " + FWBW + " and x",
             _linear_fwbw(32, 1, x_grad=True),
             launches=3,  # forward, dX, dW
+            floor=_linear_floor(32, 1, x_grad=True),
         ),
         HostCase(
             "fnn_2_32_1_fwbw_layer",
@@ -246,6 +298,7 @@ CASES: dict[str, HostCase] = {
             # epilogue, dW of layer 1 (X needs no gradient: no dX of layer 1).
             launches=5,
             goal=HostGoal("eager/fnn", 1.0),
+            floor=_network_floor([2, 32, 1], 100, bias=False),
         ),
         HostCase(
             "fnn_2_32_1_fwbw_network",
@@ -256,6 +309,7 @@ CASES: dict[str, HostCase] = {
             launches=2,  # one forward, one backward (100 rows fit one program)
             goal=HostGoal("eager/fnn", 2.0),
             gpu_goal=HostGoal("eager/fnn", 4.0),
+            floor=_network_floor([2, 32, 1], 100, bias=False),
         ),
         HostCase(
             "trainer_step_seed000",
@@ -274,6 +328,7 @@ CASES: dict[str, HostCase] = {
             SEQ,
             _network_fwbw([64] * 5, 256, bias=True, fusion="layer"),
             launches=11,  # 4 forward; backward: 4 dW (+db), 3 dX with the delta
+            floor=_network_floor([64] * 5, 256, bias=True),
         ),
         HostCase(
             "fnn_64x5_fwbw_network",
@@ -282,6 +337,7 @@ CASES: dict[str, HostCase] = {
             SEQ,
             _network_fwbw([64] * 5, 256, bias=True, fusion="network"),
             launches=2,  # forward; backward (256 rows fit one program: kernels.network.SINGLE_PROGRAM_ROWS)
+            floor=_network_floor([64] * 5, 256, bias=True),
         ),
     ]
 }
@@ -338,29 +394,36 @@ def _stats(samples_s: list[float]) -> dict[str, float]:
     return {"median": statistics.median(us), "p20": q(0.2), "p80": q(0.8), "min": us[0], "batches": len(us)}
 
 
-def time_pair(fnn_call: Call, eager_call: Call, s: Settings) -> tuple[dict, dict, dict]:
-    """Time fnn and eager in alternating batches; returns their stats (us per call) and the
-    number of calls per batch. Garbage collection is off while the batches run."""
+def time_calls(fns: dict[str, Call], s: Settings) -> tuple[dict[str, dict], dict[str, int]]:
+    """Time the calls in alternating batches (the order reversed every other round); returns
+    each one's stats (us per call) and its number of calls per batch. Garbage collection is
+    off while the batches run."""
     for _ in range(s.warmup):
-        fnn_call()
-        eager_call()
+        for fn in fns.values():
+            fn()
     calls = {}
-    for name, fn in (("fnn", fnn_call), ("eager", eager_call)):
+    for name, fn in fns.items():
         probe = max(_batch(fn, 10), 1e-7)
         calls[name] = max(s.min_calls, int(s.batch_s / probe))
-    samples: dict[str, list[float]] = {"fnn": [], "eager": []}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     enabled = gc.isenabled()
     gc.collect()  # once: a full collection of this heap takes a fraction of a second
     gc.disable()
     try:
+        order = list(fns.items())
         for r in range(s.rounds):
-            order = (("fnn", fnn_call), ("eager", eager_call))
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 samples[name].append(_batch(fn, calls[name]))
     finally:
         if enabled:
             gc.enable()
-    return _stats(samples["fnn"]), _stats(samples["eager"]), calls
+    return {name: _stats(v) for name, v in samples.items()}, calls
+
+
+def time_pair(fnn_call: Call, eager_call: Call, s: Settings) -> tuple[dict, dict, dict]:
+    """time_calls for fnn and eager: (fnn's stats, eager's stats, calls per batch)."""
+    stats, calls = time_calls({"fnn": fnn_call, "eager": eager_call}, s)
+    return stats["fnn"], stats["eager"], calls
 
 
 @contextlib.contextmanager
@@ -449,19 +512,32 @@ def measure_host(
             eager_call()
             compile_s = time.perf_counter() - t0
             launches = count_launches(gpu, fnn_call)
+            fns = {"fnn": fnn_call, "eager": eager_call}
+            if case.floor is not None:
+                fns["floor"] = case.floor(device)
             before = gpu.count
-            fnn_stats, eager_stats, calls = time_pair(fnn_call, eager_call, settings)
+            stats, calls = time_calls(fns, settings)
             timed_calls = settings.warmup + 10 + settings.rounds * calls["fnn"]
             per_call_timed = (gpu.count - before) / timed_calls
-            row = _row(case, fnn_stats, eager_stats, launches, per_call_timed, calls, compile_s)
+            row = _row(case, stats["fnn"], stats["eager"], launches, per_call_timed, calls, compile_s,
+                       stats.get("floor"))
             log(_line(row))
             rows.append(row)
     return rows
 
 
-def _row(case, fnn_stats, eager_stats, launches, per_call_timed, calls, compile_s) -> dict[str, Any]:
+def _row(
+    case, fnn_stats, eager_stats, launches, per_call_timed, calls, compile_s, floor_stats=None
+) -> dict[str, Any]:
     n = launches[-1]
     total = fnn_stats["median"] + LAUNCH_US * n
+    floor = None
+    if floor_stats is not None:
+        # The best any Python-Function design with fnn's launches could do: the floor's time
+        # plus the same launches.
+        floor_total = floor_stats["median"] + LAUNCH_US * n
+        floor = {"us": floor_stats, "plus_launch_us": floor_total,
+                 "eager_over_floor": eager_stats["median"] / floor_total}
     row: dict[str, Any] = {
         "name": case.name,
         "what": case.what,
@@ -477,6 +553,7 @@ def _row(case, fnn_stats, eager_stats, launches, per_call_timed, calls, compile_
         "eager_over_fnn": eager_stats["median"] / total,
         "calls_per_batch": calls,
         "first_call_s": compile_s,
+        "floor": floor,
         "goal": None,
     }
     if case.goal is not None:
@@ -508,17 +585,19 @@ def _line(row: dict[str, Any]) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"| case | fnn host µs (p20-p80) | launches | fnn + {LAUNCH_US:g} µs/launch | eager µs (p20-p80) "
-        "| eager/fnn | goal | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| eager/fnn | floor µs | eager/(floor + launches) | goal | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        f, e, g = r["fnn_host_us"], r["eager_us"], r["goal"]
+        f, e, g, fl = r["fnn_host_us"], r["eager_us"], r["goal"], r.get("floor")
         goal = "-" if g is None else f"{g['text']}: {g['ratio']} = {g['value']:.2f}"
         verdict = "-" if g is None else ("PASS" if g["passed"] else "FAIL")
+        floor = "-" if fl is None else f"{fl['us']['median']:.1f}"
+        best = "-" if fl is None else f"{fl['eager_over_floor']:.2f}"
         lines.append(
             f"| {r['name']} | {f['median']:.1f} ({f['p20']:.1f}-{f['p80']:.1f}) | {r['launches']} "
             f"| {r['fnn_plus_launch_us']:.1f} | {e['median']:.1f} ({e['p20']:.1f}-{e['p80']:.1f}) "
-            f"| {r['eager_over_fnn']:.2f} | {goal} | {verdict} |"
+            f"| {r['eager_over_fnn']:.2f} | {floor} | {best} | {goal} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -745,6 +824,9 @@ def run_host(
             "rounds": settings.rounds,
             "batch_s": settings.batch_s,
             "warmup_calls": settings.warmup,
+            "floor": "forward + backward cases: the same call through bench.host._Floor, a Python "
+            "autograd.Function that only allocates its output and gradients, in the same "
+            "alternation; eager_over_floor = eager / (floor + launch_us_added per fnn launch)",
             "note": "a shared, noisy machine: compare ratios within one run, not across runs",
         },
         "cases": measure_host(cases, settings, log=log),
@@ -796,7 +878,11 @@ def _summary(results: dict[str, Any], table: str) -> str:
         "",
         "CPU host times: fnn's kernels compiled for sm_90a and their launches skipped, "
         f"{LAUNCH_US:g} µs added per launch; eager PyTorch on the CPU in the same run. "
-        "A shared, noisy machine: compare the ratios, not the absolute times across runs.",
+        "A shared, noisy machine: compare the ratios, not the absolute times across runs. "
+        "Floor: the same call through a Python autograd.Function that only allocates its output "
+        "and gradients (bench.host._Floor), timed in the same alternation; eager/(floor + "
+        "launches) is the best ratio any design built on a Python autograd.Function with "
+        "fnn's launches could reach.",
         "",
         table,
         "",

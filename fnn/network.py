@@ -21,15 +21,16 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch._C._functorch import unwrap_if_dead
 from torch.autograd.function import FunctionCtx
 
 from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
-from .dispatch import backend
-from .functional import _once_differentiable, fast_apply
+from .dispatch import backend, use_registered_ops
+from .functional import _C_APPLY, _grad_enabled, _once_differentiable, fast_apply
 from .network_ops import layer_sizes, padded_width
-from .plan import FNNPlan, flat_views, parameters, plan
+from .plan import FNNPlan, flat_views, plan
 
 __all__ = [
     "NetworkFunction",
@@ -262,10 +263,75 @@ class _PlannedNetwork(NetworkFunction):
 
 
 _planned_network = fast_apply(_PlannedNetwork, module_parameters=True)
+_K = None  # kernels.network, imported on first use (importing it imports triton)
+
+
+def _kernels():
+    global _K
+    if _K is None:
+        from kernels import network
+
+        _K = network
+    return _K
+
+
+class _EagerNetwork(NetworkFunction):
+    """NetworkFunction for an FNN in plain eager mode (`use_registered_ops()` False: no
+    torch.compile, dispatch mode or functorch transform) whose arguments fnn_network_forward
+    has checked, with a gradient needed: `apply(x, plan, flat, *params)`. The same kernels with
+    the same arguments as _PlannedNetwork, called straight from the plan, without
+    network_ops' routing; so is the backward, except under create_graph or a dispatch mode
+    (then NetworkFunction's)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, p: FNNPlan, flat: torch.Tensor | None, *params):
+        if flat is None:
+            flat = concat_parameters(params[0::2], params[1::2])
+        flat_x = x.dim() == 2
+        x2d = x if flat_x else x.reshape(-1, x.shape[-1])
+        device = x.device
+        mt, ap = p.kernel_tensors(x.dtype, device)
+        last = p.last_saves
+        K = _K or _kernels()
+        z = K.new((x2d.shape[0], p.sizes[-1]), x.dtype, device) if last == "z" else None
+        y, h = K.forward_unchecked(x2d, flat, mt, p.sizes, p.biased, True, ap, z, p.bits)
+        ctx.save_for_backward(x2d, z if last == "z" else (y if last == "y" else None), h, flat, *params)
+        ctx.plan = p
+        ctx.kernel_args = (mt, ap, p.bits)
+        ctx.x_shape = x.shape
+        return y if flat_x else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, dy: torch.Tensor):
+        p = ctx.plan
+        if _grad_enabled() or use_registered_ops():  # create_graph, a mode or a transform
+            ctx.sizes, ctx.activations, ctx.biased = p.sizes, p.acts, p.biased
+            return NetworkFunction.backward(ctx, dy)
+        x2d, s_out, h, flat = ctx.saved_tensors[:4]
+        needs = ctx.needs_input_grad
+        flat_dy = dy.dim() == 2
+        dy2d = dy if flat_dy else dy.reshape(-1, p.sizes[-1])
+        mt, ap, bits = ctx.kernel_args
+        s_out = dy2d if s_out is None else s_out  # identity: nothing saved, nothing read
+        dx, grads = (_K or _kernels()).backward_unchecked(
+            dy2d, s_out, h, x2d, flat, mt, p.sizes, p.biased, needs[0], ap, None, bits
+        )
+        views = network_ops.grad_list(grads, p.sizes, p.biased)  # w_1, b_1, ..., None for no bias
+        if False in needs[3:]:
+            views = [g if need else None for g, need in zip(views, needs[3:], strict=True)]
+        if dx is not None and not flat_dy:
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, *views)
+
+
+_eager_network = _C_APPLY.__get__(None, _EagerNetwork)
 
 
 def _any_requires_grad(tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def check_network_args(
@@ -319,7 +385,8 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
         return NetworkFunction.apply(x, tuple(activations), None, *params)
     if p is None:
         p = plan(model)
-    weights, biases = parameters(p)
+    params = p.parameters()  # w_1, b_1, ..., w_L, b_L
+    weights, biases = params[0::2], params[1::2]
     flat = model.__dict__.get("_flat")
     if not (
         flat_views(p, flat, weights, biases)
@@ -331,9 +398,10 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
     ):
         check_network_args(x, weights, biases, p.acts)  # raises where an argument is wrong
         flat = None  # the parameters are not the flat buffer's views: concatenate them
-    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    if torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(params)):
-        return _planned_network(x, p, flat, *params)
+    if _grad_enabled() and (x.requires_grad or _any_requires_grad(params)):
+        if use_registered_ops():
+            return _planned_network(x, p, flat, *params)
+        return _eager_network(unwrap_if_dead(x), p, flat, *params)
     # inference: no autograd node, nothing stored for a backward
     if flat is None:
         flat = concat_parameters(weights, biases)

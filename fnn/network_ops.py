@@ -471,3 +471,25 @@ def grad_views(
         weights = [flat.as_strided(shape, strides, base + off) for shape, strides, off in specs[0]]
         biases = [flat.as_strided(s[0], s[1], base + s[2]) if s is not None else None for s in specs[1]]
     return weights, biases
+
+
+_LISTS: dict[tuple, list] = {}
+
+
+def grad_list(
+    flat: torch.Tensor, sizes: tuple[int, ...], biased: tuple[bool, ...]
+) -> list[torch.Tensor | None]:
+    """The gradients in a flat buffer as [dW_1, db_1, ..., dW_L, db_L] (None for a layer
+    without bias), the autograd Function's order: `grad_views`, interleaved, for a flat
+    buffer of its own (storage offset 0, as the backward launcher allocates it)."""
+    key = (sizes, biased)
+    specs = _LISTS.get(key)
+    if specs is None:
+        blocks = iter(flat_layout(sizes, biased))
+        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        if len(_LISTS) >= 1024:
+            _LISTS.clear()
+        specs = _LISTS[key] = [s for pair in zip(ws, bs, strict=True) for s in pair]
+    view = flat.as_strided
+    return [view(s[0], s[1], s[2]) if s is not None else None for s in specs]

@@ -48,6 +48,8 @@ class FNNPlan:
         "shapes",
         "metas",
         "act_tensors",
+        "kernel_pairs",
+        "param_dicts",
     )
 
     def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
@@ -76,6 +78,8 @@ class FNNPlan:
         )
         self.metas: dict[torch.device, torch.Tensor] = {}
         self.act_tensors: dict[tuple, torch.Tensor] = {}
+        self.kernel_pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.param_dicts = tuple(layer._parameters for layer in layers)  # each layer's own dict
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""
@@ -96,6 +100,20 @@ class FNNPlan:
 
             t = self.act_tensors[key] = activation_params(self.acts, dtype, device)
         return t
+
+
+    def parameters(self) -> list[torch.Tensor | None]:
+        """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
+        as `parameters` reads them."""
+        return [d.get(name) for d in self.param_dicts for name in ("weight", "bias")]
+
+    def kernel_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(meta, act_params) for a `dtype` network on `device`, from one lookup."""
+        key = (dtype, device)
+        pair = self.kernel_pairs.get(key)
+        if pair is None:
+            pair = self.kernel_pairs[key] = (self.meta(device), self.act_params(dtype, device))
+        return pair
 
 
 def plan(model: nn.Module) -> FNNPlan:

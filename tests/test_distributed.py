@@ -92,8 +92,11 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
         results, paths = {}, {}
         # Which path each network-path forward took: "flat" (the FNN's flat buffer read as it
         # is) or "cat" (the parameters concatenated for the call).
+        # Every network-path forward ends in kernels.network.forward_unchecked.
+        import kernels.network
+
         calls, cats = [], []
-        real_cat, real_forward = fnn.network.concat_parameters, fnn.network_ops.network_forward
+        real_cat, real_forward = fnn.network.concat_parameters, kernels.network.forward_unchecked
         fnn.network.concat_parameters = lambda *a: cats.append(1) or real_cat(*a)
 
         def forward(*a):
@@ -101,7 +104,7 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
             cats.clear()
             return real_forward(*a)
 
-        fnn.network_ops.network_forward = forward
+        kernels.network.forward_unchecked = forward
         for wrapper, fusion, by in CONFIGS:
             calls.clear()
             model = _model(fusion, state)

@@ -32,6 +32,9 @@ EXPECTED_LAUNCHES = {
     "fnn_64x5_fwbw_layer": 11,  # 4 forward; 4 dW (with db), 3 dX with the delta
     "fnn_64x5_fwbw_network": 2,  # forward; backward (256 rows <= SINGLE_PROGRAM_ROWS: one program)
 }
+# The forward + backward cases: timed beside bench.host._Floor (autograd around a Python
+# Function that computes nothing).
+FLOORS = {name for name in EXPECTED_LAUNCHES if "fwbw" in name}
 GOALS = {
     "linear_act_fwd_2x32": ("fnn/eager", 3.0),
     "linear_act_fwd_32x1": ("fnn/eager", 3.0),
@@ -92,6 +95,14 @@ def test_host_json_structure(host_run):
             assert g["value"] == pytest.approx(value)
             assert g["passed"] == (value <= want[1] if want[0] == "fnn/eager" else value >= want[1])
         assert c["name"] in stdout and c["name"] in summary
+        floor = c["floor"]
+        if c["name"] in FLOORS:
+            assert 0 < floor["us"]["min"] <= floor["us"]["median"], c["name"]
+            assert floor["plus_launch_us"] == pytest.approx(floor["us"]["median"] + 4.0 * c["launches"])
+            best = c["eager_us"]["median"] / floor["plus_launch_us"]
+            assert floor["eager_over_floor"] == pytest.approx(best)
+        else:
+            assert floor is None, c["name"]
     goals = [c["goal"] for c in doc["cases"] if c["goal"]]
     assert doc["goals"] == {
         "passed": sum(g["passed"] for g in goals),
@@ -149,3 +160,14 @@ def test_end_to_end_timer_on_the_reference_backend(monkeypatch):
         assert r["eager_over_fnn"] == pytest.approx(r["eager_us"]["median"] / r["fnn_us"]["median"])
         has_goal = r["name"] in ("fnn_2_32_1_fwbw_network", "trainer_step_seed000")
         assert (r["goal"] is not None) == has_goal, r["name"]
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_floor_call_returns_the_cases_gradients(name):
+    """The floor of a forward + backward case differentiates what the case differentiates: one
+    gradient per tensor, each of that tensor's shape (so that autograd accepts it)."""
+    floor = CASES[name].floor(torch.device("cpu"))
+    fnn_call, _ = CASES[name].build(torch.device("cpu"))
+    want = [g.shape for g in fnn_call()]
+    got = [g.shape for g in floor()]
+    assert got == want

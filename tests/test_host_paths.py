@@ -121,6 +121,39 @@ def test_fnn_plan_and_traced_paths_agree(net, fusion, device, monkeypatch):
     _same([inference], [fast[0]], f"FNN {sizes} {fusion} inference")
 
 
+@pytest.mark.parametrize("route", ["dispatch_mode", "create_graph", "partial"])
+def test_eager_network_backward_routes_agree(route, device, monkeypatch):
+    """The network path's eager Function (fnn.network._EagerNetwork: forward and backward call
+    the launchers straight from the plan) == the full path bit for bit, for a 3-D input and a
+    Z-saving output layer, for some gradients only, and when its backward is not plain eager:
+    under a dispatch mode or with create_graph it hands over to NetworkFunction's backward
+    (the registered ops)."""
+    torch.manual_seed(0)
+    model = fnn.FNN([4, 8, 6, 3], activation=["tanh", "relu", "gelu"], device=device, fusion="network")
+    if route == "partial":  # neither x nor layer 1's weight needs a gradient
+        model.layers[1].weight.requires_grad_(False)
+    params = list(model.parameters())
+    x = _randn((2, 5, 4), 8, device=device).requires_grad_(route != "partial")
+    dy = _randn((2, 5, 3), 9, device=device)
+    inputs = [t for t in (x, *params) if t.requires_grad]
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_EagerNetworkBackward"
+    if route == "dispatch_mode":
+        with monkeypatch.context() as m:
+            m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+            other = torch.autograd.grad(out, inputs, dy)
+    elif route == "create_graph":
+        other = torch.autograd.grad(out, inputs, dy, create_graph=True)
+    else:
+        other = torch.autograd.grad(out, inputs, dy)
+    with monkeypatch.context() as m:
+        m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+        full_out = model._traced_forward(x)
+        assert type(full_out.grad_fn).__name__ != "_EagerNetworkBackward"
+        full = torch.autograd.grad(full_out, inputs, dy)
+    _same([out.detach(), *other], [full_out.detach(), *full], f"eager network Function, {route}")
+
+
 def test_fnn_plan_follows_the_model(device):
     """The plan is made again when a layer's activation, the fusion or a layer changes; a
     parameter replaced or re-laid out (same address, other strides) is read as it now is."""
