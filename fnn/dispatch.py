@@ -69,7 +69,14 @@ def _reference_call(name: str):
     return call
 
 
+def _keep(dy: torch.Tensor, s: torch.Tensor, activation: Any) -> tuple:
+    """`delta_once` where each backward call forms its own D (fnn.reference, the registered
+    ops): the arguments unchanged."""
+    return dy, s, activation
+
+
 _REFERENCE = SimpleNamespace(
+    delta_once=_keep,
     linear_act_forward=_reference_call("linear_act_forward"),
     linear_act_forward_z=_reference_call("linear_act_forward_z"),
     linear_act_backward_input=_reference_call("linear_act_backward_input"),
@@ -86,6 +93,7 @@ def _kernels() -> SimpleNamespace:
         from kernels import linear_act as k
 
         _KERNELS = SimpleNamespace(
+            delta_once=k.delta_once,
             linear_act_forward=k.forward_unchecked,
             linear_act_forward_z=k.forward_z_unchecked,
             linear_act_backward_input=k.backward_input_unchecked,
@@ -97,7 +105,8 @@ def _kernels() -> SimpleNamespace:
 def layer_ops(device: torch.device) -> Any:
     """The per-layer functions for tensors on `device`, with kernels.linear_act's launcher
     names and signatures (linear_act_forward, linear_act_forward_z, linear_act_backward_input,
-    linear_act_backward_weight), for arguments fnn has checked: fnn.ops (the registered ops)
+    linear_act_backward_weight, and delta_once: a heavy activation's D formed once for a
+    backward that launches both dX and dW), for arguments fnn has checked: fnn.ops (the registered ops)
     when `use_registered_ops()`, else the kernels' unchecked launchers or fnn.reference."""
     if _is_compiling() or _dispatch_modes() > 0 or _functorch_active():
         from . import ops

@@ -220,12 +220,15 @@ class LinearActFunction(torch.autograd.Function):
         else:
             s2d = saved if saved.dim() == 2 else saved.reshape(-1, n)
         dx = dw = db = None
+        act = ctx.activation
+        if need_x and (need_w or need_b):  # a heavy activation's D once for both launches
+            dy2d, s2d, act = ops.delta_once(dy2d, s2d, act)
         if need_x:
-            dx = ops.linear_act_backward_input(dy2d, s2d, weight, ctx.activation)
+            dx = ops.linear_act_backward_input(dy2d, s2d, weight, act)
             if dy.dim() != 2:
                 dx = dx.view(ctx.x_shape)
         if need_w or need_b:
-            dw, db = ops.linear_act_backward_weight(dy2d, s2d, x2d, ctx.activation, need_b)
+            dw, db = ops.linear_act_backward_weight(dy2d, s2d, x2d, act, need_b)
             dw = dw if need_w else None
         return dx, dw, db, None
 
@@ -318,6 +321,9 @@ class FNNFunction(torch.autograd.Function):
         for i in reversed(range(n_layers)):
             s_i, w_i = ss[i], weights[i]
             s_i = g if g_act.saves == "none" or s_i is None else s_i  # never read then
+            wants_dx = needs[0] or any(need_w[:i]) or any(need_b[:i])  # dX, or layer i-1's delta
+            if wants_dx and (need_w[i] or need_b[i]):  # a heavy activation's D once for both
+                g, s_i, g_act = ops.delta_once(g, s_i, g_act)
             if need_w[i] or need_b[i]:
                 if i == 0:
                     x_i, x_act = x2d, _IDENTITY
@@ -332,7 +338,7 @@ class FNNFunction(torch.autograd.Function):
                     dx = ops.linear_act_backward_input(g, s_i, w_i, g_act)
                     if not flat:
                         dx = dx.view(ctx.x_shape)
-            elif needs[0] or any(need_w[:i]) or any(need_b[:i]):
+            elif wants_dx:
                 prev = acts[i - 1]
                 g = ops.linear_act_backward_input(g, s_i, w_i, g_act, x=ss[i - 1], prev_activation=prev)
                 g_act = _IDENTITY  # g is now D_{i-1}: the delta is already applied

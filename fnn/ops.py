@@ -181,6 +181,13 @@ def _backward_weight_fake(
 # --- the launchers' signatures, calling the registered ops -----------------------------------
 
 
+def delta_once(dy: torch.Tensor, y: torch.Tensor, activation: str | Activation) -> tuple:
+    """kernels.linear_act.delta_once's signature: the arguments unchanged. Each registered op
+    forms its own D (an op's dy is in the layer's dtype, D in the accumulator's), so a compiled
+    backward with a heavy activation forms D once per op: twice where it needs dX and dW."""
+    return dy, y, activation
+
+
 def linear_act_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | Activation
 ) -> torch.Tensor:

@@ -324,9 +324,9 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
 # gelu, gelu_tanh, silu and the Z-reading elu and softplus (exp, log1p, erfc, erfcx on a whole
 # operand tile spilled hundreds of bytes). linear_act_delta_kernel forms D first, in the
 # accumulator dtype (the products then see exactly the D they would have formed), and the
-# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N) per
-# launcher (the dX and dW launchers each form their own D: forming it once for both, in the
-# autograd backward, is still to do).
+# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N). A
+# launcher called alone forms its own D; a backward that needs dX and dW forms it once for
+# both (`delta_once`, called by fnn's autograd Functions in eager mode).
 HEAVY_DELTA = frozenset(range(5, 12))
 # Register limit handed to ptxas for the GEMM kernels: every register it wants. Left to
 # itself (triton passes --regAllocOptLevel=2), ptxas held some kernels at 64-80 registers and
@@ -352,6 +352,22 @@ def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Te
             num_warps=4, num_stages=1,
         )
     return d
+
+
+def delta_once(
+    dy: torch.Tensor, s: torch.Tensor, activation: Activation
+) -> tuple[torch.Tensor, torch.Tensor, Activation]:
+    """For a backward about to launch both dX and dW of one layer (2-D dy, s as the launchers
+    take them): with a heavy activation (HEAVY_DELTA), D = dy * act'(Z) formed once and
+    returned as (D, D, identity), which both launchers then read as the D they would each have
+    formed (the same values, bit for bit); with any other activation the arguments unchanged
+    (the GEMM kernels form D on load)."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    if activation.kernel_args[0] in HEAVY_DELTA:
+        d = _delta_first(dy, s, activation)
+        return d, d, _IDENTITY
+    return dy, s, activation
 
 
 # (kind, sizes..., dtype) -> the launch plan: grid and every constexpr the shape decides. Plain
@@ -432,7 +448,7 @@ def forward_unchecked(
     """Y = act(x @ weight^T + bias) for a 2-D x whose arguments passed check_linear_args."""
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # sizes as ints: parsed faster than a tuple
     if memory.POISON:
         y.fill_(float("nan"))
     if M:

@@ -13,15 +13,14 @@ POISON = False
 
 def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised tensor on `like`'s device (NaN-filled when POISON is set)."""
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if POISON:
-        out.fill_(float("nan"))
-    return out
+    return new(shape, dtype or like.dtype, like.device)
 
 
 def new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`empty` with the dtype and device given (the launchers' hot path has them at hand)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    """`empty` with the dtype and device given (the launchers' hot path has them at hand).
+    The sizes go to torch.empty as separate ints: parsing them costs about 0.5 us less than
+    parsing a tuple (a 0-d shape, which has none, goes as the empty tuple)."""
+    out = torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty((), dtype=dtype, device=device)
     if POISON:
         out.fill_(float("nan"))
     return out

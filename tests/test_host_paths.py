@@ -418,3 +418,55 @@ def test_every_cached_launch_is_tritons_specialization(tmp_path):
     # The caller-keyed fast path served the hits: the sm_80 pass's entries (a new driver empties
     # the cache), one per distinct caller key, 38 for its 40 launches today.
     assert result["keyed_entries"] >= 30, result["keyed_entries"]
+
+
+DELTA_SCRIPT = """
+import json, torch, fnn
+from bench.fakecuda import compile_only
+
+out = {}
+with compile_only(90) as gpu:
+    def launches(fn):
+        fn()  # compiles
+        gpu.launches.clear()
+        fn()
+        return [launch.kernel for launch in gpu.launches]
+
+    def fwbw(act, x, w, dy, inputs):
+        return lambda: torch.autograd.grad(fnn.linear_act(x, w, None, act), inputs, dy)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, requires_grad=True)
+    w = torch.randn(16, 8, requires_grad=True)
+    dy = torch.randn(64, 16)
+    out["gelu"] = launches(fwbw("gelu", x, w, dy, (x, w)))
+    out["sigmoid"] = launches(fwbw("sigmoid", x, w, dy, (x, w)))
+    out["gelu, w only"] = launches(fwbw("gelu", x.detach(), w, dy, (w,)))
+    model = fnn.FNN([8, 16, 4], activation=["gelu", "silu"], fusion="layer")
+    dy2 = torch.randn(64, 4)
+    out["FNN"] = launches(lambda: torch.autograd.grad(model(x), [x, *model.parameters()], dy2))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_heavy_delta_formed_once_per_layer_backward(tmp_path):
+    """Compiled for sm_90a, launches recorded: a backward that launches both dX and dW of a
+    heavy-activation layer (gelu, silu: D comes from its own kernel, HEAVY_DELTA) forms D once
+    for both; a sigmoid layer (D formed on load by the GEMMs) launches no D kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [sys.executable, "-c", DELTA_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    fwd, d = "linear_act_fwd_kernel", "linear_act_delta_kernel"
+    dx, dw = "linear_act_bwd_input_kernel", "linear_act_bwd_weight_kernel"
+    assert out["gelu"] == [fwd, d, dx, dw], out
+    assert out["sigmoid"] == [fwd, dx, dw], out
+    assert out["gelu, w only"] == [fwd, d, dw], out
+    # Layer 2 (silu): one D for its dW and for the dX that carries layer 1's gelu delta; layer
+    # 1 then starts from that delta (identity): no D kernel of its own.
+    assert out["FNN"] == [fwd, fwd, d, dw, dx, dw, dx], out
