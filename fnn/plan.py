@@ -101,7 +101,6 @@ class FNNPlan:
             t = self.act_tensors[key] = activation_params(self.acts, dtype, device)
         return t
 
-
     def parameters(self) -> list[torch.Tensor | None]:
         """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
         as `parameters` reads them."""
