@@ -174,10 +174,3 @@ def compile_only(capability: int = 90, record: bool = True) -> Iterator[FakeCuda
         dispatch.FORCE_BACKEND = previous_backend
         _ACTIVE = None
 
-
-def compiled_kernels(jit_fn, capability: int) -> list[Any]:
-    """The CompiledKernels a @triton.jit function holds for the fake device `capability`."""
-    caches = getattr(jit_fn, "device_caches", {})
-    if capability not in caches:
-        return []
-    return [k for k in caches[capability][0].values() if k is not None]

@@ -48,12 +48,6 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     ]
 
 
-def _grad_needed(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether autograd will record the call: grad mode on and some tensor requiring grad.
-    (Inside a Function's forward, ctx.needs_input_grad ignores torch.no_grad.)"""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
 # Activations by name, made once (an Activation is immutable): the plain names need no parsing.
 _NAMED: dict[str, Activation] = {}
 

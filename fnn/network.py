@@ -290,7 +290,7 @@ class _EagerNetwork(NetworkFunction):
         flat_x = x.dim() == 2
         x2d = x if flat_x else x.reshape(-1, x.shape[-1])
         device = x.device
-        mt, ap = p.kernel_tensors(x.dtype, device)
+        mt, ap = p.meta(device), p.act_params(x.dtype, device)
         last = p.last_saves
         K = _K or _kernels()
         z = K.new((x2d.shape[0], p.sizes[-1]), x.dtype, device) if last == "z" else None

@@ -447,6 +447,22 @@ def network_backward(
 _VIEWS: dict[tuple, tuple] = {}
 
 
+def _view_specs(sizes: tuple[int, ...], biased: tuple[bool, ...]) -> tuple[list, list, list]:
+    """(shape, strides, offset) of each block of the flat layout, cached per network: the
+    weights', the biases' (None for a layer without bias), and both interleaved in the
+    autograd Functions' order (w_1, b_1, ..., w_L, b_L)."""
+    key = (sizes, biased)
+    specs = _VIEWS.get(key)
+    if specs is None:
+        blocks = iter(flat_layout(sizes, biased))
+        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
+        if len(_VIEWS) >= 1024:
+            _VIEWS.clear()
+        specs = _VIEWS[key] = (ws, bs, [s for pair in zip(ws, bs, strict=True) for s in pair])
+    return specs
+
+
 def grad_views(
     flat: torch.Tensor, sizes: Sequence[int], biased: Sequence[bool]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -454,42 +470,18 @@ def grad_views(
     cheapest view op); the same `unflatten` while torch.compile traces."""
     if torch.compiler.is_compiling():
         return unflatten(flat, sizes, biased)
-    key = (tuple(sizes), tuple(biased))
-    specs = _VIEWS.get(key)
-    if specs is None:  # ((shape, strides, offset) of each weight, the same or None per bias)
-        blocks = iter(flat_layout(sizes, biased))
-        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
-        if len(_VIEWS) >= 1024:
-            _VIEWS.clear()
-        specs = _VIEWS[key] = (ws, bs)
+    ws, bs, _ = _view_specs(tuple(sizes), tuple(biased))
     base = flat.storage_offset()
-    if base == 0:
-        weights = [flat.as_strided(shape, strides, off) for shape, strides, off in specs[0]]
-        biases = [flat.as_strided(s[0], s[1], s[2]) if s is not None else None for s in specs[1]]
-    else:
-        weights = [flat.as_strided(shape, strides, base + off) for shape, strides, off in specs[0]]
-        biases = [flat.as_strided(s[0], s[1], base + s[2]) if s is not None else None for s in specs[1]]
+    weights = [flat.as_strided(shape, strides, base + off) for shape, strides, off in ws]
+    biases = [flat.as_strided(s[0], s[1], base + s[2]) if s is not None else None for s in bs]
     return weights, biases
-
-
-_LISTS: dict[tuple, list] = {}
 
 
 def grad_list(
     flat: torch.Tensor, sizes: tuple[int, ...], biased: tuple[bool, ...]
 ) -> list[torch.Tensor | None]:
-    """The gradients in a flat buffer as [dW_1, db_1, ..., dW_L, db_L] (None for a layer
-    without bias), the autograd Function's order: `grad_views`, interleaved, for a flat
-    buffer of its own (storage offset 0, as the backward launcher allocates it)."""
-    key = (sizes, biased)
-    specs = _LISTS.get(key)
-    if specs is None:
-        blocks = iter(flat_layout(sizes, biased))
-        ws = [((o, i), (i, 1), next(blocks)[0]) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
-        bs = [((o,), (1,), next(blocks)[0]) if b else None for o, b in zip(sizes[1:], biased, strict=True)]
-        if len(_LISTS) >= 1024:
-            _LISTS.clear()
-        specs = _LISTS[key] = [s for pair in zip(ws, bs, strict=True) for s in pair]
+    """The gradients in a flat buffer of its own (storage offset 0, as the backward launcher
+    allocates it) as [dW_1, db_1, ..., dW_L, db_L], None for a layer without bias: the
+    autograd Function's order."""
     view = flat.as_strided
-    return [view(s[0], s[1], s[2]) if s is not None else None for s in specs]
+    return [view(s[0], s[1], s[2]) if s is not None else None for s in _view_specs(sizes, biased)[2]]

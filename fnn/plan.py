@@ -48,7 +48,6 @@ class FNNPlan:
         "shapes",
         "metas",
         "act_tensors",
-        "kernel_pairs",
         "param_dicts",
     )
 
@@ -78,7 +77,6 @@ class FNNPlan:
         )
         self.metas: dict[torch.device, torch.Tensor] = {}
         self.act_tensors: dict[tuple, torch.Tensor] = {}
-        self.kernel_pairs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.param_dicts = tuple(layer._parameters for layer in layers)  # each layer's own dict
 
     def meta(self, device: torch.device) -> torch.Tensor:
@@ -103,16 +101,9 @@ class FNNPlan:
 
     def parameters(self) -> list[torch.Tensor | None]:
         """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
-        as `parameters` reads them."""
+        from each layer's parameter dict, as nn.Module's attribute lookup finds them, without
+        its Python __getattr__."""
         return [d.get(name) for d in self.param_dicts for name in ("weight", "bias")]
-
-    def kernel_tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(meta, act_params) for a `dtype` network on `device`, from one lookup."""
-        key = (dtype, device)
-        pair = self.kernel_pairs.get(key)
-        if pair is None:
-            pair = self.kernel_pairs[key] = (self.meta(device), self.act_params(dtype, device))
-        return pair
 
 
 def plan(model: nn.Module) -> FNNPlan:
@@ -130,11 +121,9 @@ def plan(model: nn.Module) -> FNNPlan:
 
 
 def parameters(p: FNNPlan) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """The layers' current weights and biases (read from each layer's parameter dict, as
-    nn.Module's attribute lookup finds them, without its Python __getattr__)."""
-    weights = [layer._parameters["weight"] for layer in p.layers]
-    biases = [layer._parameters.get("bias") for layer in p.layers]
-    return weights, biases
+    """The layers' current weights and biases (FNNPlan.parameters, split)."""
+    params = p.parameters()
+    return params[0::2], params[1::2]
 
 
 def flat_views(

@@ -212,17 +212,7 @@ class Trainer:
             or not train_step_fits(p.sizes, dtype)
         ):
             return None
-        acc = torch.float64 if dtype is torch.float64 else torch.float32
-        hyper = self._hyper
-        if hyper is None or hyper[0] != (self.lr, self.momentum, acc, device):
-            key = (self.lr, self.momentum, acc, device)
-            hyper = self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=device))
-        buf = None
-        if self.momentum > 0:
-            state = self._momentum
-            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
-                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
-            buf = state[1]
+        hyper, buf = self._step_state(flat, device)
         from kernels.network import train_step_unchecked
 
         return train_step_unchecked(
@@ -233,12 +223,30 @@ class Trainer:
             p.sizes,
             p.biased,
             self.loss,
-            hyper[1],
+            hyper,
             buf,
             p.act_params(dtype, device),
             None,  # programs: the kernels' choice
             p.bits,
         )
+
+    def _step_state(
+        self, flat: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hyper, momentum buffer or None) for the fused step on `flat`: the (lr, momentum)
+        tensor in the accumulator dtype, built once per (lr, momentum, dtype, device) rather
+        than every step, and the momentum buffer, a new zero one for a new flat buffer."""
+        acc = torch.float64 if flat.dtype is torch.float64 else torch.float32
+        key = (self.lr, self.momentum, acc, device)
+        if self._hyper is None or self._hyper[0] != key:
+            self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=device))
+        buf = None
+        if self.momentum > 0:
+            state = self._momentum
+            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
+                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
+            buf = state[1]
+        return self._hyper[1], buf
 
     def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The one-launch step on the FNN's flat parameter buffer (flattening its parameters
@@ -254,16 +262,7 @@ class Trainer:
                 return None
             weights, biases = [la.weight for la in layers], [la.bias for la in layers]
             flat = flat_buffer(model, weights, biases)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        key = (self.lr, self.momentum, acc, x.device)
-        if self._hyper is None or self._hyper[0] != key:  # built once, not copied every step
-            self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=x.device))
-        buf = None
-        if self.momentum > 0:
-            state = self._momentum
-            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
-                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
-            buf = state[1]
+        hyper, buf = self._step_state(flat, x.device)
         sizes = network_ops.layer_sizes(weights)
         biased = tuple(b is not None for b in biases)
         with torch.no_grad():
@@ -275,7 +274,7 @@ class Trainer:
                 sizes,
                 biased,
                 self.loss,
-                self._hyper[1],
+                hyper,
                 buf,
                 network_ops.activation_params(model.activations, x.dtype, x.device),
                 acts=network_ops.act_set(model.activations),

@@ -107,6 +107,24 @@ def value_spec(a: object) -> Any:
     raise UnsupportedArgument(a)
 
 
+# The end of `launch` and `keyed` once they hold a cache entry `_hit` for device `_dev`:
+# Triton's check of the kernel's globals (by identity once passed), then its launcher.
+_RUN_HIT = """    _g = _fn.used_global_vals
+    if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
+        _seen = _state.seen_globals
+        if _seen[0] is not _g or len(_g) != _seen[1]:
+            _state.check_globals()
+        else:
+            for _gd, _name, _obj in _seen[2]:
+                if _gd.get(_name, _gd) is not _obj:
+                    _state.check_globals()
+                    break
+    _n = len(_grid)
+    _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
+            _d.get_current_stream(_dev), _hit[1], _hit[2], None, None, None, {args})
+    return _hit[3]
+"""
+
 _TEMPLATE = """
 def full_key(_d, {params}, num_warps=None, num_stages=None, maxnreg=None):
     return (_d.get_current_device(), {key}, num_warps, num_warps.__class__, num_stages,
@@ -131,20 +149,8 @@ def launch(_grid, {params}, num_warps=None, num_stages=None, maxnreg=None, **_op
         _key = None
     if _hit is None:
         return _slow(_key, _grid, ({args}), num_warps, num_stages, maxnreg, _options)
-    _g = _fn.used_global_vals
-    if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
-        _seen = _state.seen_globals
-        if _seen[0] is not _g or len(_g) != _seen[1]:
-            _state.check_globals()
-        else:
-            for _gd, _name, _obj in _seen[2]:
-                if _gd.get(_name, _gd) is not _obj:
-                    _state.check_globals()
-                    break
-    _n = len(_grid)
-    _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
-            _d.get_current_stream(_key[0]), _hit[1], _hit[2], None, None, None, {args})
-    return _hit[3]
+    _dev = _key[0]
+""" + _RUN_HIT + """
 
 
 def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None):
@@ -180,21 +186,7 @@ def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None)
         _hit = None
     if _hit is None:
         return launch(_grid, {args}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-    _g = _fn.used_global_vals
-    if _g:  # the globals the kernel read when compiled: still the objects that passed the check?
-        _seen = _state.seen_globals
-        if _seen[0] is not _g or len(_g) != _seen[1]:
-            _state.check_globals()
-        else:
-            for _gd, _name, _obj in _seen[2]:
-                if _gd.get(_name, _gd) is not _obj:
-                    _state.check_globals()
-                    break
-    _n = len(_grid)
-    _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
-            _d.get_current_stream(_dev), _hit[1], _hit[2], None, None, None, {args})
-    return _hit[3]
-"""
+""" + _RUN_HIT
 
 
 class CachedLauncher:

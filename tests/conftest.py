@@ -37,6 +37,17 @@ def poison_outputs():
     kernels.memory.POISON = False
 
 
+@pytest.fixture
+def fp32_matmul_precision():
+    """The test starts at "highest" (F.linear and the kernels in IEEE float32, for the float32
+    tolerances); the global setting is restored afterwards, whatever the test changed it to.
+    Modules that need it for every test say `pytestmark = pytest.mark.usefixtures(...)`."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the kernels run: the GPU when there is one, else the CPU (interpreter)."""

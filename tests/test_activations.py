@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close
+from helpers import DTYPES, assert_close, assert_fused_like_original
 from test_linear_act import SHAPES, _assert_same_specials, _gen, _randn, check_linear_act
 
 import fnn
@@ -56,12 +56,8 @@ NEW_IDS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fp32_matmul_precision():
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(saved)
+# IEEE float32 matmuls in every test (conftest).
+pytestmark = pytest.mark.usefixtures("fp32_matmul_precision")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,17 +591,7 @@ def test_fuse_converts_the_new_activation_modules(device):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 3).to(device)
     dy = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device)
-    results = []
-    for model in (original, fused):
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        y.backward(dy)
-        results.append((y.detach(), xi.grad, {k: p.grad for k, p in model.named_parameters()}))
-    (y0, dx0, g0), (y1, dx1, g1) = results
-    assert_close(y1, y0, rtol=1e-12, atol=1e-12, what="fused output")
-    assert_close(dx1, dx0, rtol=1e-12, atol=1e-12, what="fused dx")
-    for k in g0:
-        assert_close(g1[k], g0[k], rtol=1e-12, atol=1e-12, what=f"gradient of {k}")
+    assert_fused_like_original(original, fused, x, dy, "fused")
 
 
 def test_fuse_keeps_what_it_cannot_express():

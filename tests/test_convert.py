@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_fused_like_original
 from torch import nn
 
 import fnn
@@ -68,18 +68,7 @@ def test_fused_model_has_the_same_outputs_and_gradients(device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64).to(device)
     dy = torch.randn(4, 6, 3, generator=g, dtype=torch.float64).to(device)
-    results = []
-    for model in (original, fused):
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        y.backward(dy)
-        results.append((y.detach(), xi.grad, {k: p.grad for k, p in model.named_parameters()}))
-    (y0, dx0, g0), (y1, dx1, g1) = results
-    assert_close(y1, y0, rtol=1e-12, atol=1e-12, what="output")
-    assert_close(dx1, dx0, rtol=1e-12, atol=1e-12, what="dx")
-    assert g1.keys() == g0.keys()
-    for k in g0:
-        assert_close(g1[k], g0[k], rtol=1e-12, atol=1e-12, what=f"gradient of {k}")
+    assert_fused_like_original(original, fused, x, dy, "fused")
 
 
 def test_state_dict_keys_load_both_ways():

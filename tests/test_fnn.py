@@ -46,13 +46,8 @@ NETS = [
 NET_IDS = ["1layer", "2-32-1", "2-3-2-1", "3-3-32-1", "4layers", "new-4layers", "new-z-id-z"]
 
 
-@pytest.fixture(autouse=True)
-def fp32_matmul_precision():
-    """IEEE float32 matmuls (kernels and F.linear) for the float32 tolerance; restored after."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(saved)
+# IEEE float32 matmuls in every test (conftest).
+pytestmark = pytest.mark.usefixtures("fp32_matmul_precision")
 
 
 def _randn(shape, seed: int, dtype, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compiled_env
 
 from bench.cli import main
 from bench.host import CASES, HostGoal, Settings, gpu_end_to_end, one_thread
@@ -47,8 +48,7 @@ GOALS = {
 @pytest.fixture(scope="module")
 def host_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("host")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = compiled_env()
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--host", "--tiny", "--out", str(out)],
         cwd=ROOT,

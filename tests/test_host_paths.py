@@ -11,14 +11,11 @@ the specialization Triton's own path picks, whatever the dtype, layout, alignmen
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 from test_cuda_graphs import NoHostSync
 
 import fnn
@@ -398,15 +395,7 @@ def test_every_cached_launch_is_tritons_specialization(tmp_path):
     every launch takes Triton's own path; without, the launch cache's (first its misses, then
     its hits, every hit also checked against the full key). The kernels launched, their
     binaries and their grids are the same sequence in all three passes."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run(
-        [sys.executable, "-c", SPECIALIZATION_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
-        text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    result = run_script(SPECIALIZATION_SCRIPT, tmp_path, timeout=900)
     for capability in ("90", "80"):
         tritons, first, hits = result[capability]
         # sm_80 (one dtype, two layouts): linear_act 2 x 2 x 3, FNN layer 2 x 11, network 2 x 3
@@ -453,15 +442,7 @@ def test_heavy_delta_formed_once_per_layer_backward(tmp_path):
     """Compiled for sm_90a, launches recorded: a backward that launches both dX and dW of a
     heavy-activation layer (gelu, silu: D comes from its own kernel, HEAVY_DELTA) forms D once
     for both; a sigmoid layer (D formed on load by the GEMMs) launches no D kernel."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    run = subprocess.run(
-        [sys.executable, "-c", DELTA_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = run_script(DELTA_SCRIPT, tmp_path)
     fwd, d = "linear_act_fwd_kernel", "linear_act_delta_kernel"
     dx, dw = "linear_act_bwd_input_kernel", "linear_act_bwd_weight_kernel"
     assert out["gelu"] == [fwd, d, dx, dw], out

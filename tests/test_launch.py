@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from helpers import compiled_env
 from launch_probe import scaled_add_kernel
 from test_cuda_graphs import SYNCING_CALLS
 
@@ -54,8 +55,7 @@ def test_cached_launches_give_the_results_of_tritons_launches(device):
 
 
 def _probe(python_path: str, tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = python_path
+    env = compiled_env(python_path)
     out = tmp_path / "probe.json"
     proc = subprocess.run(
         [sys.executable, str(PROBE), str(out)],

@@ -27,14 +27,8 @@ SHAPES = [(1, 1, 1), (100, 2, 32), (100, 32, 1), (37, 19, 23), (123, 431, 17)]
 LOWP = (torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def fp32_matmul_precision():
-    """Every test starts at "highest" (F.linear and the kernels in IEEE float32); the global
-    setting is restored afterwards, whatever the test changed it to."""
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(saved)
+# IEEE float32 matmuls in every test (conftest).
+pytestmark = pytest.mark.usefixtures("fp32_matmul_precision")
 
 
 # ---------------------------------------------------------------------------------------------

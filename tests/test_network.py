@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, assert_close_lowp
+from helpers import RTOL, assert_close, assert_close_lowp, run_script
 
 import fnn
 import kernels.linear_act
@@ -81,17 +81,17 @@ def _model(sizes, acts, bias, dtype, device, fusion="network", seed=0):
     return model
 
 
-def _reference(model, x, dy):
-    """Output and gradients (x, then every parameter) by autograd on fnn.reference in float64."""
-    xr = x.detach().double().requires_grad_()
-    params = [p.detach().double().requires_grad_() for p in model.parameters()]
+def _reference(model, x, dy, dtype=torch.float64):
+    """Output and gradients (x, then every parameter) by autograd on fnn.reference in `dtype`."""
+    xr = x.detach().to(dtype).requires_grad_()
+    params = [p.detach().to(dtype).requires_grad_() for p in model.parameters()]
     it = iter(params)
     weights, biases = [], []
     for layer in model.layers:
         weights.append(next(it))
         biases.append(next(it) if layer.bias is not None else None)
     y = reference.fnn_forward(xr, weights, biases, model.activations)
-    y.backward(dy.double())
+    y.backward(dy.to(dtype))
     return y, [xr.grad, *(p.grad for p in params)]
 
 
@@ -272,22 +272,7 @@ def test_fast_path_launch_counts_compiled_for_sm90(tmp_path):
     the network path: forward + backward is exactly two launches and no other GPU work, the
     Trainer step exactly one; parameters replaced by load_state_dict(assign=True) cost one
     torch.cat per forward, until the Trainer's next step flattens them again."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    run = subprocess.run(
-        [sys.executable, "-c", FAST_PATH_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = run_script(FAST_PATH_SCRIPT, tmp_path)
     fwbw, bwd = ["network_fwd_kernel", "network_bwd_kernel"], ["network_bwd_kernel"]
     assert out["fwbw"] == {"launches": fwbw, "cats": 0,
                            "ops": ["fnn.network_forward", "fnn.network_backward"]}, out["fwbw"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helpers import RTOL, assert_close, assert_close_lowp
 from test_activations import NEW_ACTS, NEW_IDS, _same, _saved_by
 from test_linear_act import _assert_same_specials
-from test_network import LaunchCounter, _model
+from test_network import LaunchCounter, _model, _reference
 
 import fnn
 import kernels.network
@@ -31,12 +31,8 @@ from kernels.checks import ACTIVATION_VARIANTS, Activation, as_activation
 A = Activation
 
 
-@pytest.fixture(autouse=True)
-def fp32_matmul_precision():
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(saved)
+# IEEE float32 matmuls in every test (conftest).
+pytestmark = pytest.mark.usefixtures("fp32_matmul_precision")
 
 
 def _products(form: str, monkeypatch) -> None:
@@ -61,20 +57,6 @@ def _params(model):
         weights.append(next(it))
         biases.append(next(it) if layer.bias is not None else None)
     return weights, biases
-
-
-def _autograd(model, x, dy, dtype):
-    """Output and gradients (x, then every parameter) by autograd on fnn.reference in `dtype`."""
-    xr = x.detach().to(dtype).requires_grad_()
-    params = [p.detach().to(dtype).requires_grad_() for p in model.parameters()]
-    it = iter(params)
-    weights, biases = [], []
-    for layer in model.layers:
-        weights.append(next(it))
-        biases.append(next(it) if layer.bias is not None else None)
-    y = reference.fnn_forward(xr, weights, biases, model.activations)
-    y.backward(dy.to(dtype))
-    return y, [xr.grad, *(p.grad for p in params)]
 
 
 def _run(model, x, dy):
@@ -138,13 +120,13 @@ def test_network_matches_layer_and_reference(device, sizes, acts, bias, batch, d
     torch.manual_seed(1)
     x = torch.randn(batch, sizes[0], device=device).to(dtype)
     dy = torch.randn(batch, sizes[-1], device=device).to(dtype)
-    want = _all(_autograd(net, x, dy, torch.float64))
+    want = _all(_reference(net, x, dy, torch.float64))
     got = _all(_run(net, x, dy))
     lay = _all(_run(layer, x, dy))
     names = _names(net)
     if dtype in (torch.float16, torch.bfloat16):
         # Half precision: at most twice PyTorch's own error in the same dtype.
-        low = _all(_autograd(net, x, dy, dtype))
+        low = _all(_reference(net, x, dy, dtype))
         for path, out in (("network", got), ("layer", lay)):  # the same rule holds for both paths
             for what, g, lo, w in zip(names, out, low, want, strict=True):
                 assert g.dtype == dtype, what
@@ -184,7 +166,7 @@ def test_backward_programs_with_z_saving_layers(device, form, monkeypatch):
     runs = [network_backward(*args) for _ in range(2)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), "two identical backwards differ"
-    want_y, want = _autograd(net, x, dy, torch.float64)
+    want_y, want = _reference(net, x, dy, torch.float64)
     assert_close(y, want_y, 1e-5, 1e-5 * want_y.abs().max().item(), "y")
     dx, grads = runs[0]
     dws, dbs = network_ops.unflatten(grads, sizes, biased)
