@@ -21,7 +21,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from kernels.checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
 
-from . import dispatch
+from . import dispatch, programs
 from .dispatch import backend
 
 __all__ = ["FNNFunction", "LinearActFunction", "backend", "fnn_forward", "linear_act", "linear_sigmoid"]
@@ -350,9 +350,53 @@ class _PlannedFNN(FNNFunction):
         return _fnn_forward(ctx, x, p.acts, p.saves, p.biased, params)
 
 
+class _EagerLayers(FNNFunction):
+    """FNNFunction for an FNN on the layer path in plain eager mode (`use_registered_ops()`
+    False), the kernels serving its device, a non-empty batch, arguments FNN.forward has
+    checked: `apply(x, program, *params)`, `program` the plan's launch program for this call
+    (fnn.programs). The same launches with the same arguments as _PlannedFNN, each one's
+    arguments worked out once per program; so is the backward, except under create_graph or a
+    dispatch mode (then FNNFunction's, from the same saved tensors)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, prog, *params) -> torch.Tensor:
+        flat = x.dim() == 2
+        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        h, saved = prog.run_forward(x2d, params)
+        out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
+        if saved[-1] is h:
+            saved[-1] = out  # the output itself, as autograd expects a saved output to be
+        ctx.save_for_backward(x2d, *saved, *params[0::2])
+        ctx.program = prog
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, dy: torch.Tensor):
+        prog = ctx.program
+        p = prog.plan
+        if _grad_enabled() or dispatch.use_registered_ops():  # create_graph, a mode or a transform
+            ctx.activations, ctx.has_bias = p.acts, p.biased
+            return FNNFunction.backward(ctx, dy)
+        n_layers = len(p.acts)
+        saved = ctx.saved_tensors
+        ss = list(saved[1 : n_layers + 1])
+        flat = dy.dim() == 2
+        if not flat:
+            dy = dy.reshape(-1, p.sizes[-1])
+            if ss[-1] is not None:
+                ss[-1] = ss[-1].reshape(-1, p.sizes[-1])
+        steps = prog.backward(ctx.needs_input_grad, dy.stride())
+        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 :])
+        if dx is not None and not flat:
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, *grads)
+
+
 _IDENTITY = as_activation("identity")
 _fnn_apply = fast_apply(FNNFunction)
 _planned_fnn = fast_apply(_PlannedFNN, module_parameters=True)
+_eager_layers = _C_APPLY.__get__(None, _EagerLayers)
 
 
 def linear_act(
@@ -492,6 +536,21 @@ def run_layers(
     for w, b, a in zip(weights, biases, acts, strict=True):
         h = ops.linear_act_forward(h, w, b, a)
     return h if flat else h.view(*x.shape[:-1], h.shape[-1])
+
+
+def run_program(x: torch.Tensor, p) -> torch.Tensor | None:
+    """An FNN's layer path through its plan's launch program (fnn.programs.layer_call: plain
+    eager mode, the kernels serving x's device, a non-empty batch, plain tensors of one dtype
+    and device, the plan's shapes; x's width already checked): the output, or None where the
+    call is not such a one (then run_layers, or fnn_forward, serves it)."""
+    call = programs.layer_call(p, x)
+    if call is None:
+        return None
+    prog, x2d, params, need = call
+    if need:
+        return _eager_layers(unwrap_if_dead(x), prog, *params)
+    h = prog.run_forward(x2d, params)[0]  # inference: no autograd node, nothing saved
+    return h if x2d is x else h.view(*x.shape[:-1], h.shape[-1])
 
 
 def fnn_forward(

@@ -10,7 +10,7 @@ from torch import nn
 
 from kernels.checks import Activation, check_activation
 
-from .functional import _layers_ok, _linear_ok, backend, fnn_forward, linear_act, run_layers
+from .functional import _layers_ok, _linear_ok, backend, fnn_forward, linear_act, run_layers, run_program
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
 from .plan import parameters, plan
 
@@ -228,6 +228,10 @@ class FNN(nn.Module):
             and not _autocast_on(x)
         ):
             return fnn_network_forward(self, x, p)
+        if not _any_autocast():
+            y = run_program(x, p)  # the usual eager call: the plan's launch program (fnn.programs)
+            if y is not None:
+                return y
         weights, biases = parameters(p)
         if not _any_autocast() and _linear_ok(x, weights[0], biases[0]) and _layers_ok(weights, biases):
             return run_layers(x, weights, biases, p.acts, p)  # checked: the Function, or inference

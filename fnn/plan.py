@@ -46,9 +46,11 @@ class FNNPlan:
         "fits",
         "padded",
         "shapes",
+        "param_specs",
         "metas",
         "act_tensors",
         "param_dicts",
+        "programs",
     )
 
     def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
@@ -75,9 +77,18 @@ class FNNPlan:
             *((o, i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)),
             *((o,) for o, b in zip(sizes[1:], self.biased, strict=True) if b),
         )
+        self.param_dicts = tuple(layer._parameters for layer in layers)  # each layer's own dict
+        # Per parameter the layers have: (its index in [w_1, b_1, ..., w_L, b_L], its layer's
+        # parameter dict, its name there, its shape).
+        self.param_specs: tuple[tuple, ...] = tuple(
+            (2 * layer + j, self.param_dicts[layer], name, shape)
+            for layer, (i, o, b) in enumerate(zip(sizes[:-1], sizes[1:], self.biased, strict=True))
+            for j, (name, shape) in enumerate((("weight", (o, i)), ("bias", (o,) if b else None)))
+            if shape is not None
+        )
         self.metas: dict[torch.device, torch.Tensor] = {}
         self.act_tensors: dict[tuple, torch.Tensor] = {}
-        self.param_dicts = tuple(layer._parameters for layer in layers)  # each layer's own dict
+        self.programs: dict[tuple, object] = {}  # the layer path's launch programs (fnn.programs)
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""

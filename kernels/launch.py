@@ -273,7 +273,14 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
             state.fallbacks += 1
             return fn[grid](*args, **kwargs)
 
+        arg_names = getattr(fn, "arg_names", None)
+        n_args = len(arg_names) if arg_names is not None else None
+
         def passthrough_keyed(ukey, grid, *args, **kwargs):
+            if n_args is not None and len(args) > n_args:  # the launch options, given positionally
+                options = zip(("num_warps", "num_stages", "maxnreg"), args[n_args:], strict=False)
+                kwargs.update((name, v) for name, v in options if v is not None)
+                args = args[:n_args]
             return passthrough(grid, *args, **kwargs)
 
         passthrough.keyed = passthrough_keyed  # type: ignore[attr-defined]

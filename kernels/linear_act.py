@@ -305,7 +305,7 @@ _F32 = torch.float32
 _matmul_precision = torch.get_float32_matmul_precision
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 only when torch allows it, as F.linear does."""
     if dtype is _F32 and _matmul_precision() != "highest":
         return "tf32"
@@ -315,7 +315,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _dtype_flags(dtype: torch.dtype) -> dict:
     return {
         "ACC_DTYPE": _acc_dtype(dtype),
-        "INPUT_PRECISION": _input_precision(dtype),
+        "INPUT_PRECISION": input_precision(dtype),
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
     }
 
@@ -336,21 +336,160 @@ MAXNREG = 255
 _IDENTITY = as_activation("identity")
 
 
+# --- launch steps: what a launch needs besides its tensors, made once per key --------------------
+#
+# A step is `(launch, key, grid, args)`, launched as `launch(key, grid, *tensors, *args)`:
+# `launch` is the kernel's cached launcher's `keyed` entry (kernels.launch) and `key` its caller
+# key, which is also the step's cache key: the sizes, the strides, the activations' codes and
+# parameters, the flags, the dtypes and the matmul precision, everything that decides the
+# arguments. `args` holds every non-tensor argument in the kernel's order, then num_warps,
+# num_stages and maxnreg. Plain Python, made once per key (a workload cycling through more keys
+# starts a cache again empty). The launchers below build each call's key and launch its step;
+# fnn's layer programs (fnn.programs) build a whole network's steps once and launch them in a row.
+# The GEMM steps take the activation whose D the kernel forms on load: never a HEAVY_DELTA one
+# (whose D is formed first, by a delta step, and then read as an identity layer's dY).
+
+_FWD_STEPS: dict[tuple, tuple] = {}
+_BWD_INPUT_STEPS: dict[tuple, tuple] = {}
+_BWD_WEIGHT_STEPS: dict[tuple, tuple] = {}
+_DELTA_STEPS: dict[tuple, tuple] = {}
+
+
+def _light(code: int) -> None:
+    if code in HEAVY_DELTA:
+        raise ValueError(f"activation code {code} forms its delta first (kernels.linear_act.HEAVY_DELTA)")
+
+
+def _make_forward(key: tuple) -> tuple:
+    M, N, K, sxm, sxk, swn, swk, sb, code, a, b, store_z, dtype, prec = key
+    cfg = matmul_config(M, N, K, dtype)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    args = (
+        M, N, K,
+        sxm, sxk, swn, swk, 0 if sb is None else sb,
+        N, 1, N, 1,  # y and z: fresh (M, N) tensors
+        a, b,
+        code, sb is not None, store_z,  # ACTIVATION, HAS_BIAS, STORE_Z
+        _acc_dtype(dtype), prec, INTERPRETED and dtype == torch.bfloat16,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
+        cfg.num_warps, cfg.num_stages, MAXNREG,
+    )
+    return (_fwd.keyed, key, grid, args)
+
+
+def forward_step(
+    M: int, N: int, K: int, x_strides: tuple, w_strides: tuple, b_stride: int | None,
+    activation: Activation, store_z: bool, dtype: torch.dtype, prec: str,
+) -> tuple:
+    """The forward kernel's step (tensors: x, weight, bias or x, y, z or y), M > 0;
+    `b_stride` None for no bias."""
+    code, a, b = activation.kernel_args
+    key = (M, N, K, *x_strides, *w_strides, b_stride, code, a, b, store_z, dtype, prec)
+    return _FWD_STEPS.get(key) or cached_plan(_FWD_STEPS, key, lambda: _make_forward(key))
+
+
+def _make_backward_input(key: tuple) -> tuple:
+    M, N, K, sdm, sdn, sym, syn, swn, swk, sxm, sxk, code, a, b, pcode, pa, pb, dtype, _, prec = key
+    _light(code)
+    cfg = matmul_config(M, K, N, dtype)
+    grid = (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),)
+    args = (
+        M, N, K,
+        sdm, sdn, sym, syn, swn, swk, sxm, sxk,
+        K, 1,  # dx: a fresh (M, K) tensor
+        a, b, pa, pb,
+        code, pcode,  # ACTIVATION, PREV_ACTIVATION
+        _acc_dtype(dtype), prec, INTERPRETED and dtype == torch.bfloat16,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        cfg.block_m, cfg.block_k, cfg.block_n, cfg.group_m,  # BLOCK_M, BLOCK_N (the reduction), BLOCK_K, GROUP_M
+        cfg.num_warps, cfg.num_stages, MAXNREG,
+    )
+    return (_bwd_input.keyed, key, grid, args)
+
+
+def backward_input_step(
+    M: int, N: int, K: int, dy_strides: tuple, s_strides: tuple, w_strides: tuple,
+    x_strides: tuple | None, activation: Activation, prev_activation: Activation,
+    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
+) -> tuple:
+    """The input-gradient kernel's step (tensors: dy, s, weight, x or dx, dx), M > 0; `x_strides`
+    those of the previous layer's saved tensor, read only when `prev_activation` is not identity."""
+    code, a, b = activation.kernel_args
+    pcode, pa, pb = prev_activation.kernel_args
+    sxm, sxk = x_strides if pcode != 0 else (K, 1)  # x is then dx, never read
+    key = (M, N, K, *dy_strides, *s_strides, *w_strides, sxm, sxk, code, a, b, pcode, pa, pb, dtype, dy_dtype, prec)
+    return _BWD_INPUT_STEPS.get(key) or cached_plan(_BWD_INPUT_STEPS, key, lambda: _make_backward_input(key))
+
+
+def _make_backward_weight(key: tuple) -> tuple:
+    M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, a, b, xcode, xa, xb, need_bias, dtype, _, prec = key
+    _light(code)
+    cfg = matmul_config(N, K, M, dtype)  # rows N, cols K, reduced over M
+    if split is None:
+        split = weight_grad_split(M, N, K, cfg)
+    if split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    rows_per_split = cdiv(cdiv(M, split), cfg.block_k) * cfg.block_k
+    split = cdiv(M, rows_per_split)
+    grid = (cdiv(N, cfg.block_m) * cdiv(K, cfg.block_n), split)
+    args = (
+        M, N, K, rows_per_split,
+        sdm, sdn, sym, syn, sxm, sxk,
+        N * K, K, 1,  # dW: (N, K), or the partials (split, N, K), contiguous
+        N, 1,  # db: (N,), or the partials (split, N), contiguous
+        a, b, xa, xb,
+        code, xcode, need_bias,  # ACTIVATION, X_ACTIVATION, HAS_BIAS
+        _acc_dtype(dtype), prec, INTERPRETED and dtype == torch.bfloat16,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        cfg.block_k, cfg.block_m, cfg.block_n, cfg.group_m,  # BLOCK_M (the reduction over M), BLOCK_N, BLOCK_K, GROUP_N
+        cfg.num_warps, cfg.num_stages, MAXNREG,
+    )
+    return (_bwd_weight.keyed, key, grid, args, split)
+
+
+def backward_weight_step(
+    M: int, N: int, K: int, dy_strides: tuple, s_strides: tuple, x_strides: tuple,
+    activation: Activation, x_activation: Activation, need_bias: bool, split: int | None,
+    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
+) -> tuple:
+    """The weight-gradient kernel's step (tensors: dy, s, x, dW, db or dW), M > 0, with a fifth
+    entry: the number of batch slices (1: dW (N, K) and db (N,); more: float partials
+    (split, N, K) and (split, N), to be summed in order). `split` None: chosen from the shape."""
+    code, a, b = activation.kernel_args
+    xcode, xa, xb = x_activation.kernel_args
+    key = (M, N, K, split, *dy_strides, *s_strides, *x_strides, code, a, b, xcode, xa, xb, need_bias, dtype,
+           dy_dtype, prec)
+    return _BWD_WEIGHT_STEPS.get(key) or cached_plan(_BWD_WEIGHT_STEPS, key, lambda: _make_backward_weight(key))
+
+
+def _make_delta(key: tuple) -> tuple:
+    m, n, sdm, sdn, ssm, ssn, code, a, b, dy_dtype, _ = key
+    bm, bn = 16, 64
+    args = (m, n, sdm, sdn, ssm, ssn, a, b, code, _acc_dtype(dy_dtype), bm, bn, 4, 1, None)
+    return (_delta.keyed, key, (cdiv(m, bm), cdiv(n, bn)), args)  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
+
+
+def delta_step(
+    m: int, n: int, dy_strides: tuple, s_strides: tuple, activation: Activation,
+    dy_dtype: torch.dtype, s_dtype: torch.dtype,
+) -> tuple:
+    """The delta kernel's step (tensors: dy, s, D), m and n > 0; D is (m, n) contiguous in the
+    accumulator dtype (`delta_dtype`)."""
+    code, a, b = activation.kernel_args
+    key = (m, n, *dy_strides, *s_strides, code, a, b, dy_dtype, s_dtype)
+    return _DELTA_STEPS.get(key) or cached_plan(_DELTA_STEPS, key, lambda: _make_delta(key))
+
+
+def delta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a D formed first (the accumulator's)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Tensor:
     """D = dy * act'(Z) read off s, (M, N) contiguous in the accumulator dtype."""
     m, n = dy.shape
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    d = new((m, n), acc, dy.device)
+    d = new((m, n), delta_dtype(dy.dtype), dy.device)
     if m and n:
-        bm, bn = 16, 64
-        code, a, b = act.kernel_args
-        _delta.keyed(
-            (m, n, *dy.stride(), *s.stride(), code, dy.dtype, s.dtype),
-            (cdiv(m, bm), cdiv(n, bn)),
-            dy, s, d, m, n, *dy.stride(), *s.stride(), a, b,
-            code, _acc_dtype(dy.dtype), bm, bn,  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
-            num_warps=4, num_stages=1,
-        )
+        step = delta_step(m, n, dy.stride(), s.stride(), act, dy.dtype, s.dtype)
+        _delta.keyed(step[1], step[2], dy, s, d, *step[3])
     return d
 
 
@@ -370,24 +509,6 @@ def delta_once(
     return dy, s, activation
 
 
-# (kind, sizes..., dtype) -> the launch plan: grid and every constexpr the shape decides. Plain
-# Python, made once per shape (a workload cycling through more shapes starts it again empty).
-_PLANS: dict[tuple, tuple] = {}
-
-
-def _plan(key: tuple, make) -> tuple:
-    return cached_plan(_PLANS, key, make)  # _PLANS read at call time: tests may replace it
-
-
-def _mm_plan(rows: int, cols: int, red: int, dtype: torch.dtype, grid_rows: int, grid_cols: int) -> tuple:
-    """(grid, block_m, block_n, block_k, group_m, num_warps, num_stages, ACC_DTYPE, UPCAST) for
-    matmul_config(rows, cols, red); the grid tiles (grid_rows, grid_cols) by (block_m, block_n)."""
-    cfg = matmul_config(rows, cols, red, dtype)
-    grid = (cdiv(grid_rows, cfg.block_m) * cdiv(grid_cols, cfg.block_n),)
-    return (grid, cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, cfg.num_stages,
-            _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16)
-
-
 def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -402,44 +523,20 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Te
 # --- unchecked entries: the arguments are known good (fnn checks them once, at its public entry)
 
 
-def _fwd_plan(ukey: tuple) -> tuple:
-    M, N, K, dtype = ukey[0], ukey[1], ukey[2], ukey[11]
-    return _plan(ukey, lambda: _mm_plan(M, N, K, dtype, M, N))
-
-
 def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: int, K: int) -> None:
     """Launch the forward kernel for Y (and Z when given), M > 0."""
     if activation.__class__ is not Activation:
         activation = as_activation(activation)
     dtype = x.dtype
     prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
-    code, act_a, act_b = activation.kernel_args
+    code, a, b = activation.kernel_args
     sxm, sxk = x.stride()
     swn, swk = weight.stride()
-    if bias is None:
-        b, sb, has_bias = x, 0, False  # b unused without HAS_BIAS
-    else:
-        b, sb, has_bias = bias, bias.stride(0), True
-    store_z = z is not None
-    # The caller key: everything that decides the specialization and the plan.
-    ukey = (M, N, K, sxm, sxk, swn, swk, sb, code, has_bias, store_z, dtype, prec)
-    plan = _PLANS.get(ukey)
-    if plan is None:
-        plan = _fwd_plan(ukey)
-    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
-    _fwd.keyed(
-        ukey,
-        grid,
-        x, weight, b, y, z if store_z else y,  # z unused unless STORE_Z
-        M, N, K,
-        sxm, sxk, swn, swk, sb,
-        N, 1, N, 1,  # y and z: fresh (M, N) tensors
-        act_a, act_b,
-        code, has_bias, store_z,  # ACTIVATION, HAS_BIAS, STORE_Z
-        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
-        bm, bn, bk, gm,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
-        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
-    )
+    sb = None if bias is None else bias.stride(0)
+    key = (M, N, K, sxm, sxk, swn, swk, sb, code, a, b, z is not None, dtype, prec)
+    step = _FWD_STEPS.get(key) or cached_plan(_FWD_STEPS, key, lambda: _make_forward(key))
+    # bias unused without HAS_BIAS, z unless STORE_Z
+    _fwd.keyed(key, step[2], x, weight, x if bias is None else bias, y, y if z is None else z, *step[3])
 
 
 def forward_unchecked(
@@ -489,51 +586,16 @@ def backward_input_unchecked(
     if M == 0:
         return dx
     prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
-    code, act_a, act_b = activation.kernel_args
-    if code in HEAVY_DELTA:  # D first, then the product as for identity (see HEAVY_DELTA)
+    if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the product as for identity
         dy = y = _delta_first(dy, y, activation)
-        code, act_a, act_b = 0, 0.0, 0.0
-    plan = _PLANS.get(("bwd_input", M, N, K, dtype))
-    if plan is None:
-        plan = _plan(("bwd_input", M, N, K, dtype), lambda: _mm_plan(M, K, N, dtype, M, K))
-    grid, bm, bn, bk, gm, warps, stages, acc, upcast = plan
-    prev_code, prev_a, prev_b = prev_activation.kernel_args
-    sdm, sdn = dy.stride()
-    sym, syn = y.stride()
-    swn, swk = weight.stride()
-    if prev_code != 0:
-        xp, (sxm, sxk) = x, x.stride()
-    else:
-        xp, sxm, sxk = dx, K, 1  # never read when prev is identity
-    _bwd_input.keyed(
-        (M, N, K, sdm, sdn, sym, syn, swn, swk, sxm, sxk, code, prev_code, dtype, dy.dtype, prec),
-        grid,
-        dy, y, weight, xp, dx,
-        M, N, K,
-        sdm, sdn, sym, syn, swn, swk, sxm, sxk,
-        K, 1,  # dx: a fresh (M, K) tensor
-        act_a, act_b, prev_a, prev_b,
-        code, prev_code,  # ACTIVATION, PREV_ACTIVATION
-        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
-        bm, bk, bn, gm,  # BLOCK_M, BLOCK_N (the reduction: the config's block_k), BLOCK_K, GROUP_M
-        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+        activation = _IDENTITY
+    step = backward_input_step(
+        M, N, K, dy.stride(), y.stride(), weight.stride(), None if x is None else x.stride(),
+        activation, prev_activation, dtype, dy.dtype, prec,
     )
+    xp = dx if prev_activation.kernel_args[0] == 0 else x  # x read only for a prev activation
+    _bwd_input.keyed(step[1], step[2], dy, y, weight, xp, dx, *step[3])
     return dx
-
-
-def _weight_plan(M: int, N: int, K: int, dtype: torch.dtype, split: int | None) -> tuple:
-    """(grid, split, rows_per_split, block_m, block_n, block_k, group_n, num_warps, num_stages,
-    ACC_DTYPE, UPCAST) of the weight-gradient kernel."""
-    cfg = matmul_config(N, K, M, dtype)  # rows N, cols K, reduced over M
-    if split is None:
-        split = weight_grad_split(M, N, K, cfg)
-    if split < 1:
-        raise ValueError(f"split must be >= 1, got {split}")
-    rows_per_split = cdiv(cdiv(M, split), cfg.block_k) * cfg.block_k
-    split = cdiv(M, rows_per_split)
-    grid = (cdiv(N, cfg.block_m) * cdiv(K, cfg.block_n), split)
-    return (grid, split, rows_per_split, cfg.block_k, cfg.block_m, cfg.block_n, cfg.group_m, cfg.num_warps,
-            cfg.num_stages, _acc_dtype(dtype), INTERPRETED and dtype == torch.bfloat16)
 
 
 def backward_weight_unchecked(
@@ -556,44 +618,37 @@ def backward_weight_unchecked(
     if M == 0:
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         return dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
-    plan = _PLANS.get(("bwd_weight", M, N, K, dtype, split))
-    if plan is None:
-        plan = _plan(("bwd_weight", M, N, K, dtype, split), lambda: _weight_plan(M, N, K, dtype, split))
-    grid, split, rows_per_split, bm, bn, bk, gn, warps, stages, acc, upcast = plan
-    if split == 1:
-        dws = dw = new((N, K), dtype, device)
-        dbs = db = new((N,), dtype, device) if need_bias else None
-    else:
-        acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-        dws = new((split, N, K), acc_t, device)
-        dbs = new((split, N), acc_t, device) if need_bias else None
     prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
-    code, act_a, act_b = activation.kernel_args
-    if code in HEAVY_DELTA:  # D first, then the product as for identity (see HEAVY_DELTA)
+    if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the product as for identity
         dy = y = _delta_first(dy, y, activation)
-        code, act_a, act_b = 0, 0.0, 0.0
-    xcode, x_a, x_b = x_activation.kernel_args
-    sdm, sdn = dy.stride()
-    sym, syn = y.stride()
-    sxm, sxk = x.stride()
-    _bwd_weight.keyed(
-        (M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, xcode, need_bias, dtype, dy.dtype, prec),
-        grid,
-        dy, y, x, dws, dbs if need_bias else dws,  # db unused without HAS_BIAS
-        M, N, K, rows_per_split,
-        sdm, sdn, sym, syn, sxm, sxk,
-        N * K, K, 1,  # dW: (N, K), or the partials (split, N, K), contiguous
-        N, 1,  # db: (N,), or the partials (split, N), contiguous
-        act_a, act_b, x_a, x_b,
-        code, xcode, need_bias,  # ACTIVATION, X_ACTIVATION, HAS_BIAS
-        acc, prec, upcast,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
-        bm, bn, bk, gn,  # BLOCK_M (the reduction over M), BLOCK_N, BLOCK_K, GROUP_N
-        num_warps=warps, num_stages=stages, maxnreg=MAXNREG,
+        activation = _IDENTITY
+    step = backward_weight_step(
+        M, N, K, dy.stride(), y.stride(), x.stride(), activation, x_activation, need_bias, split,
+        dtype, dy.dtype, prec,
     )
-    if split == 1:
+    dw, db = weight_grad_outputs(step[4], N, K, dtype, device, need_bias)
+    _bwd_weight.keyed(step[1], step[2], dy, y, x, dw, dw if db is None else db, *step[3])  # db unused without HAS_BIAS
+    if step[4] == 1:
         return dw, db
-    dw = dws.sum(0).to(dtype)
-    return dw, (dbs.sum(0).to(dtype) if need_bias else None)
+    return sum_partials(dw, db, dtype)
+
+
+def weight_grad_outputs(
+    split: int, N: int, K: int, dtype: torch.dtype, device: torch.device, need_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the weight-gradient kernel writes: dW (N, K) and db (N,) in `dtype` for one slice,
+    else float partials (split, N, K) and (split, N) (db None without a bias)."""
+    if split == 1:
+        return new((N, K), dtype, device), (new((N,), dtype, device) if need_bias else None)
+    acc = delta_dtype(dtype)
+    return new((split, N, K), acc, device), (new((split, N), acc, device) if need_bias else None)
+
+
+def sum_partials(
+    dws: torch.Tensor, dbs: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight-gradient kernel's partials summed over the slices, in order, cast to `dtype`."""
+    return dws.sum(0).to(dtype), (None if dbs is None else dbs.sum(0).to(dtype))
 
 
 # --- the launchers: check the arguments, then the unchecked entries above ----------------------

@@ -81,7 +81,7 @@ from .activations import (
 from .checks import Activation, act_set, as_activation  # noqa: F401  (act_set: the launchers' `acts`)
 from .configs import cached_plan, cdiv
 from .launch import launcher
-from .linear_act import INTERPRETED, _acc_dtype, _input_precision, mma
+from .linear_act import INTERPRETED, _acc_dtype, input_precision, mma
 from .memory import empty, new
 
 LOSSES: dict[str, int] = {"bce": 0, "mse": 1, "sse": 2}
@@ -1181,7 +1181,7 @@ def forward_unchecked(
         return y, h
     store_z = z_out is not None
     asc = _scratch("asc", (grid[0], cfg.block_m, p), acc_t, device, _stream()) if acts & HEAVY_BITS else y
-    prec = _input_precision(dtype)
+    prec = input_precision(dtype)
     sxm, sxk = x.stride()
     _fwd.keyed(
         (pkey, has_bias, store, store_z, acts, sxm, sxk, prec),
@@ -1231,7 +1231,7 @@ def backward_unchecked(
         False, g, n_layers, p, cfg, has_bias, acts, acc_t, dtype, device, _stream()
     )
     grads = new(params.shape, dtype, device)
-    prec = _input_precision(dtype)
+    prec = input_precision(dtype)
     dxa = dx if need_dx else x
     sxm, sxk = x.stride()
     sym, syn = y.stride()
@@ -1308,7 +1308,7 @@ def train_step_unchecked(
     momentum = buf is not None
     bufa = buf if momentum else params
     loss_code = LOSSES[loss]
-    prec = _input_precision(dtype)
+    prec = input_precision(dtype)
     sxm, sxk = x.stride()
     stm, stn = target.stride()
     bmp = cfg.block_m * p

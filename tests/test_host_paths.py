@@ -151,6 +151,129 @@ def test_eager_network_backward_routes_agree(route, device, monkeypatch):
     _same([out.detach(), *other], [full_out.detach(), *full], f"eager network Function, {route}")
 
 
+@pytest.mark.parametrize("route", ["plain", "dispatch_mode", "create_graph", "partial"])
+def test_layer_program_routes_agree(route, device, monkeypatch):
+    """The layer path's launch program (fnn.programs, applied by fnn.functional._EagerLayers)
+    == the full path bit for bit: a 3-D input, a heavy Z-saving output layer (its D formed
+    first), an identity hidden layer, some gradients only, and a backward that is not plain
+    eager (a dispatch mode or create_graph hands it over to FNNFunction's, the registered ops)."""
+    torch.manual_seed(0)
+    model = fnn.FNN([4, 8, 6, 5, 3], activation=["tanh", "identity", "relu", "gelu"], device=device,
+                    fusion="layer")
+    if route == "partial":  # neither x nor layer 1's parameters need a gradient
+        model.layers[1].weight.requires_grad_(False)
+        model.layers[1].bias.requires_grad_(False)
+    params = list(model.parameters())
+    x = _randn((2, 5, 4), 8, device=device).requires_grad_(route != "partial")
+    dy = _randn((2, 5, 3), 9, device=device)
+    inputs = [t for t in (x, *params) if t.requires_grad]
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "_EagerLayersBackward"
+    if route == "dispatch_mode":
+        with monkeypatch.context() as m:
+            m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+            other = torch.autograd.grad(out, inputs, dy)
+    else:
+        other = torch.autograd.grad(out, inputs, dy, create_graph=route == "create_graph")
+    with monkeypatch.context() as m:
+        m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+        full_out = model._traced_forward(x)
+        assert type(full_out.grad_fn).__name__ == "FNNFunctionBackward"
+        full = torch.autograd.grad(full_out, inputs, dy)
+    _same([out.detach(), *other], [full_out.detach(), *full], f"layer program, {route}")
+
+
+def test_layer_program_takes_its_own_program(device, monkeypatch):
+    """A call that differs in anything that decides a launch gets its own program, never a
+    stale one: another batch, x's layout, the dtype, a parameter re-laid out, the float32
+    matmul precision (also between forward and backward), no gradient, dY's layout. Each call
+    == the full path bit for bit; a parameter of another dtype still raises the full path's
+    error; an empty batch and a dispatch mode take the full path."""
+    torch.manual_seed(0)
+    model = fnn.FNN([5, 7, 3], activation=["relu", "sigmoid"], device=device, fusion="layer")
+    p = plan(model)
+
+    def check(x, what, dy=None, precision=None):
+        params = [t for t in model.parameters() if t.requires_grad]
+        dy = _randn((x.shape[0], 3), 11, x.dtype, device) if dy is None else dy
+        out = model(x)
+        with monkeypatch.context() as m:
+            m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+            full_out = model._traced_forward(x)
+        start = torch.get_float32_matmul_precision()
+        if precision is not None:  # the backwards at another precision than the forwards
+            torch.set_float32_matmul_precision(precision)
+        try:
+            grads = torch.autograd.grad(out, params, dy)
+            with monkeypatch.context() as m:
+                m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+                full = torch.autograd.grad(full_out, params, dy)
+        finally:
+            torch.set_float32_matmul_precision(start)
+        _same([out.detach(), *grads], [full_out.detach(), *full], what)
+
+    x = _randn((13, 5), 1, device=device)
+    check(x, "first")
+    programs = [(key, id(prog)) for key, prog in p.programs.items()]
+    assert len(programs) == 1
+    check(x, "again")
+    assert [(key, id(prog)) for key, prog in p.programs.items()] == programs, "the program was made again"
+    check(_randn((4, 5), 2, device=device), "another batch")
+    check(_randn((5, 13), 3, device=device).t(), "x transposed")
+    check(x, "dy expanded", dy=torch.ones(1, 3, device=device).expand(13, 3))
+    w = model.layers[1].weight
+    w.data = w.data.t().contiguous().t()  # same shape, other strides
+    check(x, "weight transposed")
+    assert len(p.programs) == 4, len(p.programs)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model._traced_forward(x), rtol=0, atol=0)
+    assert len(p.programs) == 5  # inference: nothing saved, no Z
+    start = torch.get_float32_matmul_precision()
+    other = "highest" if start != "highest" else "high"
+    check(x, "precision changed for the backward", precision=other)
+    torch.set_float32_matmul_precision(other)
+    try:
+        check(x, "precision changed")
+    finally:
+        torch.set_float32_matmul_precision(start)
+    model.double()
+    check(x.double(), "float64")
+    keys = list(p.programs)
+    assert len({k[2] for k in keys}) == 2 and len({k[4] for k in keys}) == 2, keys  # dtypes, precisions
+    backwards = [list(prog.backwards) for prog in p.programs.values()]  # (needs, dy strides, precision)
+    assert any(len({k[1] for k in keys}) == 2 for keys in backwards), backwards  # dy contiguous, expanded
+    assert any(len({k[2] for k in keys}) == 2 for keys in backwards), backwards  # the backward's precision
+    with torch.no_grad():
+        model.layers[0].bias.data = model.layers[0].bias.data.float()
+    with pytest.raises(TypeError, match="bias"):
+        model(x.double())
+    model.layers[0].bias.data = model.layers[0].bias.data.double()
+    before = len(p.programs)
+    empty = model(x.double()[:0])
+    assert empty.shape == (0, 3) and len(p.programs) == before
+    with monkeypatch.context() as m:
+        m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+        assert type(model(x.double()).grad_fn).__name__ == "_PlannedFNNBackward"
+
+
+def test_layer_program_weight_gradient_in_slices(device):
+    """A long batch with few weight tiles: the program's weight-gradient steps reduce the batch
+    in slices (float partials summed after, as the launchers do), == the full path."""
+    torch.manual_seed(0)
+    model = fnn.FNN([3, 4, 2], activation=["tanh", "sigmoid"], device=device, fusion="layer")
+    x = _randn((4500, 3), 4, device=device).requires_grad_()
+    dy = _randn((4500, 2), 5, device=device)
+    params = [x, *model.parameters()]
+    fast = _grads(lambda: model(x), params, dy)
+    (prog,) = plan(model).programs.values()
+    (steps,) = prog.backwards.values()
+    assert [layer[3][4] for layer in steps] == [2, 2], "the weight gradients were not split"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
+        full = _grads(lambda: model._traced_forward(x), params, dy)
+    _same(fast, full, "layer program, weight gradient in slices")
+
+
 def test_fnn_plan_follows_the_model(device):
     """The plan is made again when a layer's activation, the fusion or a layer changes; a
     parameter replaced or re-laid out (same address, other strides) is read as it now is."""
@@ -255,6 +378,8 @@ def _skip_launches(monkeypatch) -> None:
             if isinstance(getattr(obj, "state", None), CachedLauncher):
                 monkeypatch.setattr(module, name, NoLaunch())
                 patched += 1
+            elif name.endswith("_STEPS"):  # a launch step holds the launcher it was made with
+                monkeypatch.setattr(module, name, {})
     assert patched >= 6, patched  # forward, backward input and weight; the network's three
 
 

@@ -137,7 +137,7 @@ def test_float32_high_precision(device):
     tl.dot exactly whatever the precision, so on the CPU the float32 tolerance holds; on a GPU
     tf32 rounds operands to 10 mantissa bits, hence a tf32-sized tolerance there."""
     torch.set_float32_matmul_precision("high")
-    assert ops._input_precision(torch.float32) == "tf32"
+    assert ops.input_precision(torch.float32) == "tf32"
     g = _gen(7)
     M, K, N = 37, 19, 23
     x = _randn((M, K), g, torch.float32, device).requires_grad_()
