@@ -13,8 +13,10 @@ results bit for bit.
 A forward program is keyed on everything that decides its launches: the batch, x's strides,
 the dtype and device, the float32 matmul precision, whether a gradient is needed (then a
 Z-saving layer stores Z) and every parameter's strides; the FNN's plan (fnn.plan) keeps the
-programs, as it keeps everything else that depends only on the layers. The launch cache
-still checks each pointer's alignment, the launch hooks and the driver on every launch.
+programs, as it keeps everything else that depends only on the layers. A forward's or a
+backward's launches share one launch session (kernels.launch.session: the launch hooks, the
+device and the stream read once); the launch cache still checks each pointer's alignment, the
+kernel's globals and the driver on every launch.
 
 fnn.functional applies programs in plain eager mode (no torch.compile, dispatch mode or
 functorch transform) where the kernels serve the device and the batch is not empty.
@@ -89,22 +91,24 @@ class LayerProgram:
         backward (Z, its output, or None). `params`: (w_1, b_1, ..., w_L, b_L)."""
         m, dtype, device = self.m, self.dtype, self.device
         poison = _K.memory.POISON
+        session = _K.session()
         h = x2d
         saved = []
         i = 0
-        for launch, key, grid, args, n, store_z, keep in self.forward:
+        for launcher, key, grid, args, n, store_z, keep in self.forward:
             w, b = params[i], params[i + 1]
             y = _empty(m, n, dtype=dtype, device=device)
             if store_z:
                 z = _empty(m, n, dtype=dtype, device=device)
                 if poison:
                     y.fill_(_NAN), z.fill_(_NAN)
-                launch(key, grid, h, w, h if b is None else b, y, z, *args)  # b unused without a bias
+                # b unused without a bias
+                launcher.direct(session, key, grid, h, w, h if b is None else b, y, z, *args)
                 saved.append(z)
             else:
                 if poison:
                     y.fill_(_NAN)
-                launch(key, grid, h, w, h if b is None else b, y, y, *args)  # z unused
+                launcher.direct(session, key, grid, h, w, h if b is None else b, y, y, *args)  # z unused
                 saved.append(y if keep else None)
             h = y
             i += 2
@@ -183,6 +187,7 @@ class LayerProgram:
         output's gradient, `saved` what run_forward kept (the last as a 2-D tensor)."""
         K = _K
         new = K.memory.new
+        session = K.session()
         m, dtype, device = self.m, self.dtype, self.device
         sizes = self.plan.sizes
         grads: list[torch.Tensor | None] = [None] * (2 * len(weights))
@@ -193,7 +198,7 @@ class LayerProgram:
             s = saved[i] if s_saved else g
             if delta is not None:
                 d = new((m, n), K.delta_dtype(dtype), device)
-                delta[0](delta[1], delta[2], g, s, d, *delta[3])
+                delta[0].direct(session, delta[1], delta[2], g, s, d, *delta[3])
                 g = s = d
             if weight is not None:
                 split = weight[4]
@@ -202,16 +207,17 @@ class LayerProgram:
                     db = new((n,), dtype, device) if need_b else None
                 else:
                     dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)
-                weight[0](weight[1], weight[2], g, s, x2d if i == 0 else saved[i - 1], dw,
-                          dw if db is None else db, *weight[3])  # db unused without a bias
+                weight[0].direct(session, weight[1], weight[2], g, s, x2d if i == 0 else saved[i - 1], dw,
+                                 dw if db is None else db, *weight[3])  # db unused without a bias
                 if split != 1:
                     dw, db = K.sum_partials(dw, db, dtype)
                 grads[2 * i] = dw if need_w else None
                 grads[2 * i + 1] = db
             if step_in is not None:
                 out = new((m, k), dtype, device)
-                step_in[0](step_in[1], step_in[2], g, s, weights[i], saved[i - 1] if prev_read else out, out,
-                           *step_in[3])  # the previous layer's S read only for its delta
+                step_in[0].direct(session, step_in[1], step_in[2], g, s, weights[i],
+                                  saved[i - 1] if prev_read else out, out,
+                                  *step_in[3])  # the previous layer's S read only for its delta
                 if i == 0:
                     dx = out
                 g = out

@@ -64,7 +64,7 @@ import triton
 from triton import knobs
 from triton.runtime.driver import driver
 
-__all__ = ["CachedLauncher", "UnsupportedArgument", "launcher", "value_spec", "verify_keys"]
+__all__ = ["CachedLauncher", "UnsupportedArgument", "launcher", "session", "value_spec", "verify_keys"]
 
 # A cache holds at most this many specializations; past it, it starts again empty (a
 # workload that cycles through more than this many is served, only slower).
@@ -121,7 +121,7 @@ _RUN_HIT = """    _g = _fn.used_global_vals
                     break
     _n = len(_grid)
     _hit[0](_grid[0], _grid[1] if _n > 1 else 1, _grid[2] if _n > 2 else 1,
-            _d.get_current_stream(_dev), _hit[1], _hit[2], None, None, None, {args})
+            _STREAM_, _hit[1], _hit[2], None, None, None, {args})
     return _hit[3]
 """
 
@@ -150,7 +150,7 @@ def launch(_grid, {params}, num_warps=None, num_stages=None, maxnreg=None, **_op
     if _hit is None:
         return _slow(_key, _grid, ({args}), num_warps, num_stages, maxnreg, _options)
     _dev = _key[0]
-""" + _RUN_HIT + """
+""" + _RUN_HIT.replace("_STREAM_", "_d.get_current_stream(_dev)") + """
 
 
 def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None):
@@ -186,7 +186,22 @@ def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None)
         _hit = None
     if _hit is None:
         return launch(_grid, {args}, num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
-""" + _RUN_HIT
+""" + _RUN_HIT.replace("_STREAM_", "_d.get_current_stream(_dev)") + """
+
+
+def direct(_session, _ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None):
+    if _session is None:
+        return keyed(_ukey, _grid, {args}, num_warps, num_stages, maxnreg)
+    _d, _dev, _stream = _session
+    _hit = _ucache.get((_dev, _ukey))
+    if (
+        _hit is None or _state.driver is not _d or ({align}) & 15 or _fn.debug or _fn.pre_run_hooks
+        or _grid.__class__ is not tuple
+    ):
+        return keyed(_ukey, _grid, {args}, num_warps, num_stages, maxnreg)
+    if _state.verify:
+        _state.verify_direct(_session, _ukey, _hit, full_key(_d, {args}, num_warps, num_stages, maxnreg))
+""" + _RUN_HIT.replace("_STREAM_", "_stream")
 
 
 class CachedLauncher:
@@ -213,6 +228,18 @@ class CachedLauncher:
         _check_globals(self.fn)
         self.seen_globals = (g, len(g), tuple((gd, name, gd.get(name, gd)) for (name, _), (_, gd) in g.items()))
 
+    def verify_direct(self, session: tuple, ukey: Any, entry: tuple, key: tuple) -> None:
+        """The caller-key check for a `direct` launch: the session is still the driver's
+        current device and stream, and the caller key maps to its arguments' specialization."""
+        d, device, stream = session
+        if d.get_current_device() != device or d.get_current_stream(device) != stream:
+            raise AssertionError(f"kernels.launch: a session of {self.fn.__name__} outlived its device or stream")
+        if self.cache.get(key) is not entry:
+            raise AssertionError(
+                f"kernels.launch: caller key {ukey!r} of {self.fn.__name__} maps to a specialization "
+                "its arguments do not have"
+            )
+
     def use_driver(self, driver: Any) -> None:
         """Start an empty cache for another active Triton driver."""
         self.clear()
@@ -230,12 +257,35 @@ class CachedLauncher:
         self.ucache.clear()
 
 
+def session() -> tuple | None:
+    """What the launches of one call share, read once for all of them: (driver, device,
+    stream) for `launch.direct`, or None when a launch must take `keyed`'s path (a debug or
+    instrumentation mode, a launch hook or a stage-inspection hook is set). Valid for launches
+    made right after it, in a row, by the thread that made it: fnn uses one per forward or
+    backward of a layer program. A kernel's own debug flag and pre-run hooks, its cache's
+    driver, the pointers' alignment and the globals are still checked on every launch."""
+    rt = knobs.runtime
+    if (
+        rt.debug or knobs.compilation.instrumentation_mode or rt.launch_enter_hook.calls
+        or rt.launch_exit_hook.calls or rt.add_stages_inspection_hook is not None
+    ):
+        return None
+    d = driver.active
+    device = d.get_current_device()
+    return (d, device, d.get_current_stream(device))
+
+
 def verify_keys(flag: bool) -> None:
     """Turn the caller-key check (CachedLauncher.verify) on or off for every launcher."""
     global VERIFY
     VERIFY = flag
     for state in _STATES:
         state.verify = flag
+
+
+def _no_session() -> None:
+    """`session` of a launcher that Triton's path serves on every call (the interpreter)."""
+    return None
 
 
 def _check_globals(fn: Any) -> None:
@@ -283,7 +333,12 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
                 args = args[:n_args]
             return passthrough(grid, *args, **kwargs)
 
+        def passthrough_direct(session, ukey, grid, *args, **kwargs):
+            return passthrough_keyed(ukey, grid, *args, **kwargs)
+
         passthrough.keyed = passthrough_keyed  # type: ignore[attr-defined]
+        passthrough.direct = passthrough_direct  # type: ignore[attr-defined]
+        passthrough.session = _no_session  # type: ignore[attr-defined]
         passthrough.state = state  # type: ignore[attr-defined]
         return passthrough
 
@@ -361,6 +416,8 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
     exec(compile(src, f"<kernels.launch: {getattr(fn, '__name__', fn)}>", "exec"), namespace)
     launch = namespace["launch"]
     launch.keyed = namespace["keyed"]
+    launch.direct = namespace["direct"]
+    launch.session = session
     launch.state = state
     launch.__doc__ = f"Launch {getattr(fn, '__name__', fn)} through its launch cache (kernels.launch)."
     return launch

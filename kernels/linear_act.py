@@ -338,9 +338,10 @@ _IDENTITY = as_activation("identity")
 
 # --- launch steps: what a launch needs besides its tensors, made once per key --------------------
 #
-# A step is `(launch, key, grid, args)`, launched as `launch(key, grid, *tensors, *args)`:
-# `launch` is the kernel's cached launcher's `keyed` entry (kernels.launch) and `key` its caller
-# key, which is also the step's cache key: the sizes, the strides, the activations' codes and
+# A step is `(launcher, key, grid, args)`, launched as `launcher.keyed(key, grid, *tensors, *args)`
+# or, in a row of launches, `launcher.direct(session, key, grid, *tensors, *args)` (kernels.launch;
+# `session()` below): `launcher` is the kernel's cached launcher (the one the step was made with)
+# and `key` its caller key, which is also the step's cache key: the sizes, the strides, the activations' codes and
 # parameters, the flags, the dtypes and the matmul precision, everything that decides the
 # arguments. `args` holds every non-tensor argument in the kernel's order, then num_warps,
 # num_stages and maxnreg. Plain Python, made once per key (a workload cycling through more keys
@@ -374,7 +375,7 @@ def _make_forward(key: tuple) -> tuple:
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_fwd.keyed, key, grid, args)
+    return (_fwd, key, grid, args)
 
 
 def forward_step(
@@ -403,7 +404,7 @@ def _make_backward_input(key: tuple) -> tuple:
         cfg.block_m, cfg.block_k, cfg.block_n, cfg.group_m,  # BLOCK_M, BLOCK_N (the reduction), BLOCK_K, GROUP_M
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_bwd_input.keyed, key, grid, args)
+    return (_bwd_input, key, grid, args)
 
 
 def backward_input_step(
@@ -442,7 +443,7 @@ def _make_backward_weight(key: tuple) -> tuple:
         cfg.block_k, cfg.block_m, cfg.block_n, cfg.group_m,  # BLOCK_M (the reduction over M), BLOCK_N, BLOCK_K, GROUP_N
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_bwd_weight.keyed, key, grid, args, split)
+    return (_bwd_weight, key, grid, args, split)
 
 
 def backward_weight_step(
@@ -464,7 +465,7 @@ def _make_delta(key: tuple) -> tuple:
     m, n, sdm, sdn, ssm, ssn, code, a, b, dy_dtype, _ = key
     bm, bn = 16, 64
     args = (m, n, sdm, sdn, ssm, ssn, a, b, code, _acc_dtype(dy_dtype), bm, bn, 4, 1, None)
-    return (_delta.keyed, key, (cdiv(m, bm), cdiv(n, bn)), args)  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
+    return (_delta, key, (cdiv(m, bm), cdiv(n, bn)), args)  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
 
 
 def delta_step(
@@ -481,6 +482,12 @@ def delta_step(
 def delta_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a D formed first (the accumulator's)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def session() -> tuple | None:
+    """kernels.launch.session for this module's launchers (None under the interpreter, whose
+    launches all take Triton's path): what a row of `direct` launches shares."""
+    return _fwd.session()
 
 
 def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Tensor:

@@ -187,6 +187,31 @@ def main(out_path: str) -> None:
         keyed[label] = [first["hash"], hit["hash"]]
     report["keyed"] = keyed
 
+    # Direct launches (launch.direct, in a session): the same launcher arguments as keyed's hit;
+    # a misaligned pointer takes its own kernel; under a launch hook there is no session, and a
+    # direct launch without one takes keyed's path (the hook runs).
+    from kernels.launch import session
+
+    direct = {}
+    call, options = variants["base"]
+    ukey = ("probe", "direct")
+    _, direct["keyed"] = launched(fast.keyed, ukey, grid, *args_of(call), 128, True, **options)
+    _, direct["keyed_hit"] = launched(fast.keyed, ukey, grid, *args_of(call), 128, True, **options)
+    _, direct["direct"] = launched(fast.direct, session(), ukey, grid, *args_of(call), 128, True, **options)
+    mis, mis_options = variants["x misaligned (x[1:])"]
+    _, direct["misaligned"] = launched(fast.direct, session(), ("probe", "direct"), grid, *args_of(mis), 128, True,
+                                       **mis_options)
+    hooked = []
+    knobs.runtime.launch_enter_hook.add(hooked.append)
+    try:
+        direct["session_under_hook"] = session()
+        _, r = launched(fast.direct, None, ukey, grid, *args_of(call), 128, True, **options)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hooked.append)
+    direct["hooked_calls"] = len(hooked)
+    direct["misaligned_hash"] = report["calls"][2]["normal"]["hash"]
+    report["direct"] = direct
+
     # Fallbacks: a callable grid, an option the key does not cover, a launch hook.
     base_hash = report["calls"][0]["normal"]["hash"] if report["calls"] else None
     fallbacks = fast.state.fallbacks

@@ -104,6 +104,14 @@ def test_cached_launch_matches_tritons_launch_under_compile_only(version, tmp_pa
     assert report["keyed"]["base"] == [base, base]
     maxnreg = calls["maxnreg = 128"]["normal"]["hash"]
     assert report["keyed"]["maxnreg"] == [maxnreg, maxnreg] and maxnreg != base
+    # launch.direct in a session: what keyed's hit hands the launcher; a misaligned pointer
+    # takes the misaligned kernel; no session under a hook, and then keyed's path (hook run).
+    direct = report["direct"]
+    for key in same:
+        assert direct["keyed"][key] == direct["keyed_hit"][key] == direct["direct"][key], f"direct: {key}"
+    assert direct["direct"]["hash"] == base
+    assert direct["misaligned"]["hash"] == direct["misaligned_hash"] != base
+    assert direct["session_under_hook"] is None and direct["hooked_calls"] == 1
     # Fallbacks to Triton's path: a callable grid, an option outside the key, a launch hook.
     assert report["fallbacks_taken"] == 3
     assert report["callable_grid"] == {"hash": base, "grid": [8, 1, 1]}
