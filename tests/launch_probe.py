@@ -199,8 +199,10 @@ def main(out_path: str) -> None:
     _, direct["keyed_hit"] = launched(fast.keyed, ukey, grid, *args_of(call), 128, True, **options)
     _, direct["direct"] = launched(fast.direct, session(), ukey, grid, *args_of(call), 128, True, **options)
     mis, mis_options = variants["x misaligned (x[1:])"]
-    _, direct["misaligned"] = launched(fast.direct, session(), ("probe", "direct"), grid, *args_of(mis), 128, True,
-                                       **mis_options)
+    # the same caller key: its entry is the aligned kernel's, which a misaligned x must not take
+    _, direct["misaligned"] = launched(
+        fast.direct, session(), ukey, grid, *args_of(mis), 128, True, **mis_options
+    )
     hooked = []
     knobs.runtime.launch_enter_hook.add(hooked.append)
     try:

@@ -118,48 +118,27 @@ def test_fnn_plan_and_traced_paths_agree(net, fusion, device, monkeypatch):
     _same([inference], [fast[0]], f"FNN {sizes} {fusion} inference")
 
 
-@pytest.mark.parametrize("route", ["dispatch_mode", "create_graph", "partial"])
-def test_eager_network_backward_routes_agree(route, device, monkeypatch):
-    """The network path's eager Function (fnn.network._EagerNetwork: forward and backward call
-    the launchers straight from the plan) == the full path bit for bit, for a 3-D input and a
-    Z-saving output layer, for some gradients only, and when its backward is not plain eager:
-    under a dispatch mode or with create_graph it hands over to NetworkFunction's backward
-    (the registered ops)."""
-    torch.manual_seed(0)
-    model = fnn.FNN([4, 8, 6, 3], activation=["tanh", "relu", "gelu"], device=device, fusion="network")
-    if route == "partial":  # neither x nor layer 1's weight needs a gradient
-        model.layers[1].weight.requires_grad_(False)
-    params = list(model.parameters())
-    x = _randn((2, 5, 4), 8, device=device).requires_grad_(route != "partial")
-    dy = _randn((2, 5, 3), 9, device=device)
-    inputs = [t for t in (x, *params) if t.requires_grad]
-    out = model(x)
-    assert type(out.grad_fn).__name__ == "_EagerNetworkBackward"
-    if route == "dispatch_mode":
-        with monkeypatch.context() as m:
-            m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
-            other = torch.autograd.grad(out, inputs, dy)
-    elif route == "create_graph":
-        other = torch.autograd.grad(out, inputs, dy, create_graph=True)
-    else:
-        other = torch.autograd.grad(out, inputs, dy)
-    with monkeypatch.context() as m:
-        m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
-        full_out = model._traced_forward(x)
-        assert type(full_out.grad_fn).__name__ != "_EagerNetworkBackward"
-        full = torch.autograd.grad(full_out, inputs, dy)
-    _same([out.detach(), *other], [full_out.detach(), *full], f"eager network Function, {route}")
+# fusion -> (sizes, activations, the eager Function's backward node, the full path's)
+EAGER_FUNCTIONS = {
+    "network": ([4, 8, 6, 3], ["tanh", "relu", "gelu"], "_EagerNetworkBackward", "_PlannedNetworkBackward"),
+    "layer": ([4, 8, 6, 5, 3], ["tanh", "identity", "relu", "gelu"], "_EagerLayersBackward",
+              "FNNFunctionBackward"),
+}
 
 
 @pytest.mark.parametrize("route", ["plain", "dispatch_mode", "create_graph", "partial"])
-def test_layer_program_routes_agree(route, device, monkeypatch):
-    """The layer path's launch program (fnn.programs, applied by fnn.functional._EagerLayers)
-    == the full path bit for bit: a 3-D input, a heavy Z-saving output layer (its D formed
-    first), an identity hidden layer, some gradients only, and a backward that is not plain
-    eager (a dispatch mode or create_graph hands it over to FNNFunction's, the registered ops)."""
+@pytest.mark.parametrize("fusion", ["network", "layer"])
+def test_eager_functions_routes_agree(fusion, route, device, monkeypatch):
+    """The eager Functions == the full path bit for bit: the network path's (fnn.network.
+    _EagerNetwork: forward and backward call the launchers straight from the plan) and the
+    layer path's launch program (fnn.programs, applied by fnn.functional._EagerLayers). A 3-D
+    input, a heavy Z-saving output layer (its D formed first; an identity hidden layer on the
+    layer path), some gradients only, and a backward that is not plain eager: under a dispatch
+    mode or with create_graph it hands over to the full Function's backward (the registered
+    ops)."""
+    sizes, acts, eager_node, full_node = EAGER_FUNCTIONS[fusion]
     torch.manual_seed(0)
-    model = fnn.FNN([4, 8, 6, 5, 3], activation=["tanh", "identity", "relu", "gelu"], device=device,
-                    fusion="layer")
+    model = fnn.FNN(sizes, activation=acts, device=device, fusion=fusion)
     if route == "partial":  # neither x nor layer 1's parameters need a gradient
         model.layers[1].weight.requires_grad_(False)
         model.layers[1].bias.requires_grad_(False)
@@ -168,7 +147,7 @@ def test_layer_program_routes_agree(route, device, monkeypatch):
     dy = _randn((2, 5, 3), 9, device=device)
     inputs = [t for t in (x, *params) if t.requires_grad]
     out = model(x)
-    assert type(out.grad_fn).__name__ == "_EagerLayersBackward"
+    assert type(out.grad_fn).__name__ == eager_node
     if route == "dispatch_mode":
         with monkeypatch.context() as m:
             m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
@@ -178,9 +157,9 @@ def test_layer_program_routes_agree(route, device, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
         full_out = model._traced_forward(x)
-        assert type(full_out.grad_fn).__name__ == "FNNFunctionBackward"
+        assert type(full_out.grad_fn).__name__ == full_node
         full = torch.autograd.grad(full_out, inputs, dy)
-    _same([out.detach(), *other], [full_out.detach(), *full], f"layer program, {route}")
+    _same([out.detach(), *other], [full_out.detach(), *full], f"eager {fusion} Function, {route}")
 
 
 def test_layer_program_takes_its_own_program(device, monkeypatch):
