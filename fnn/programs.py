@@ -202,11 +202,7 @@ class LayerProgram:
                 g = s = d
             if weight is not None:
                 split = weight[4]
-                if split == 1:
-                    dw = new((n, k), dtype, device)
-                    db = new((n,), dtype, device) if need_b else None
-                else:
-                    dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)
+                dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)
                 weight[0].direct(session, weight[1], weight[2], g, s, x2d if i == 0 else saved[i - 1], dw,
                                  dw if db is None else db, *weight[3])  # db unused without a bias
                 if split != 1:

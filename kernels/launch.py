@@ -42,6 +42,17 @@ ever maps to a specialization its arguments do not have (the tests run with it).
 The globals a kernel read when it was compiled are checked as Triton checks them, on every
 launch, but by identity once a full comparison has passed (a rebound global is compared again).
 
+A row of caller-keyed launches made in one go (fnn's layer programs: a network's forward or
+backward) can share what does not change between them:
+
+    s = session()                                   # launch hooks checked, device, stream read
+    fwd.direct(s, key, (grid_x,), x, w, y, M, N, 64, 4)   # keyed's hit, without those reads
+
+`session()` is None when a launch hook, a debug or instrumentation mode or a stage-inspection
+hook is set; `direct` with None, or on a key not cached yet, a misaligned pointer, another
+driver, a kernel's own debug flag or pre-run hooks, takes `keyed`'s path. Launch options may
+follow the arguments positionally (num_warps, num_stages, maxnreg), in `keyed` and `direct`.
+
 The normal path serves every call, uncached, when anything the key does not cover is in
 play: Triton's interpreter (TRITON_INTERPRET=1), launch enter/exit hooks, pre-run hooks,
 TRITON_DEBUG or a kernel's debug flag, an instrumentation mode, a pipeline-inspection hook,
@@ -310,6 +321,8 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
 
     `launch.keyed(key, grid, *args, num_warps=None, num_stages=None, maxnreg=None)` launches the
     same way with the caller's key (see the module docstring); it takes no other option.
+    `launch.direct(session, key, grid, *args, ...)` is `keyed` inside a `session()`, and
+    `launch.session` that function (None under the interpreter: Triton's path every time).
 
     The returned function carries `.state` (a CachedLauncher: the cache, counters, clear()).
     Under Triton's interpreter (or for anything that is not a JITFunction: an autotuner,

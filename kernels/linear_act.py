@@ -11,7 +11,9 @@ Backward  dX = D @ W          (optionally times act'_prev: the previous layer's 
 The activation's kind is a constexpr code (Activation.code); its parameters are two float64
 runtime arguments (Activation.args), so a new parameter value compiles nothing.
 
-Each launcher checks its inputs, allocates its outputs and launches on a `lambda META` grid.
+Each launcher checks its inputs, allocates its outputs and launches its kernel's step (the
+launch's arguments, made once per key: see "launch steps") through the launch cache
+(kernels.launch); the unchecked entries do the same for arguments fnn has checked.
 """
 
 from __future__ import annotations
@@ -338,12 +340,12 @@ _IDENTITY = as_activation("identity")
 
 # --- launch steps: what a launch needs besides its tensors, made once per key --------------------
 #
-# A step is `(launcher, key, grid, args)`, launched as `launcher.keyed(key, grid, *tensors, *args)`
-# or, in a row of launches, `launcher.direct(session, key, grid, *tensors, *args)` (kernels.launch;
-# `session()` below): `launcher` is the kernel's cached launcher (the one the step was made with)
-# and `key` its caller key, which is also the step's cache key: the sizes, the strides, the activations' codes and
-# parameters, the flags, the dtypes and the matmul precision, everything that decides the
-# arguments. `args` holds every non-tensor argument in the kernel's order, then num_warps,
+# A step is `(launcher, key, grid, args)`, launched as `launcher.keyed(key, grid, *tensors,
+# *args)` or, in a row of launches, `launcher.direct(session, key, grid, *tensors, *args)`
+# (kernels.launch; `session()` below): `launcher` is the kernel's cached launcher (the one the
+# step was made with) and `key` its caller key, which is also the step's cache key: the sizes,
+# the strides, the activations' codes and parameters, the flags, the dtypes and the matmul
+# precision, everything that decides the arguments. `args` holds every non-tensor argument in the kernel's order, then num_warps,
 # num_stages and maxnreg. Plain Python, made once per key (a workload cycling through more keys
 # starts a cache again empty). The launchers below build each call's key and launch its step;
 # fnn's layer programs (fnn.programs) build a whole network's steps once and launch them in a row.
