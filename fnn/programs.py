@@ -92,10 +92,11 @@ class LayerProgram:
         m, dtype, device = self.m, self.dtype, self.device
         poison = _K.memory.POISON
         session = _K.session()
+        launcher = _K._fwd  # looked up per call, as the launchers do (tests wrap it)
         h = x2d
         saved = []
         i = 0
-        for launcher, key, grid, args, n, store_z, keep in self.forward:
+        for key, grid, args, n, store_z, keep in self.forward:
             w, b = params[i], params[i + 1]
             y = _empty(m, n, dtype=dtype, device=device)
             if store_z:
@@ -188,6 +189,7 @@ class LayerProgram:
         K = _K
         new = K.memory.new
         session = K.session()
+        delta_launcher, weight_launcher, input_launcher = K._delta, K._bwd_weight, K._bwd_input
         m, dtype, device = self.m, self.dtype, self.device
         sizes = self.plan.sizes
         grads: list[torch.Tensor | None] = [None] * (2 * len(weights))
@@ -198,22 +200,22 @@ class LayerProgram:
             s = saved[i] if s_saved else g
             if delta is not None:
                 d = new((m, n), K.delta_dtype(dtype), device)
-                delta[0].direct(session, delta[1], delta[2], g, s, d, *delta[3])
+                delta_launcher.direct(session, delta[0], delta[1], g, s, d, *delta[2])
                 g = s = d
             if weight is not None:
-                split = weight[4]
+                split = weight[3]
                 dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)
-                weight[0].direct(session, weight[1], weight[2], g, s, x2d if i == 0 else saved[i - 1], dw,
-                                 dw if db is None else db, *weight[3])  # db unused without a bias
+                weight_launcher.direct(session, weight[0], weight[1], g, s, x2d if i == 0 else saved[i - 1],
+                                       dw, dw if db is None else db, *weight[2])  # db unused without a bias
                 if split != 1:
                     dw, db = K.sum_partials(dw, db, dtype)
                 grads[2 * i] = dw if need_w else None
                 grads[2 * i + 1] = db
             if step_in is not None:
                 out = new((m, k), dtype, device)
-                step_in[0].direct(session, step_in[1], step_in[2], g, s, weights[i],
-                                  saved[i - 1] if prev_read else out, out,
-                                  *step_in[3])  # the previous layer's S read only for its delta
+                input_launcher.direct(session, step_in[0], step_in[1], g, s, weights[i],
+                                      saved[i - 1] if prev_read else out, out,
+                                      *step_in[2])  # the previous layer's S read only for its delta
                 if i == 0:
                     dx = out
                 g = out

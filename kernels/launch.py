@@ -294,11 +294,6 @@ def verify_keys(flag: bool) -> None:
         state.verify = flag
 
 
-def _no_session() -> None:
-    """`session` of a launcher that Triton's path serves on every call (the interpreter)."""
-    return None
-
-
 def _check_globals(fn: Any) -> None:
     """Triton's check that the globals a kernel read when it was compiled are unchanged."""
     missing = object()
@@ -321,8 +316,8 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
 
     `launch.keyed(key, grid, *args, num_warps=None, num_stages=None, maxnreg=None)` launches the
     same way with the caller's key (see the module docstring); it takes no other option.
-    `launch.direct(session, key, grid, *args, ...)` is `keyed` inside a `session()`, and
-    `launch.session` that function (None under the interpreter: Triton's path every time).
+    `launch.direct(session, key, grid, *args, ...)` is `keyed` inside a `session()` (under the
+    interpreter, Triton's path every time, as `keyed`).
 
     The returned function carries `.state` (a CachedLauncher: the cache, counters, clear()).
     Under Triton's interpreter (or for anything that is not a JITFunction: an autotuner,
@@ -351,7 +346,6 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
 
         passthrough.keyed = passthrough_keyed  # type: ignore[attr-defined]
         passthrough.direct = passthrough_direct  # type: ignore[attr-defined]
-        passthrough.session = _no_session  # type: ignore[attr-defined]
         passthrough.state = state  # type: ignore[attr-defined]
         return passthrough
 
@@ -430,7 +424,6 @@ def launcher(fn: Any, tensor_params: Iterable[str] | None = None) -> Callable[..
     launch = namespace["launch"]
     launch.keyed = namespace["keyed"]
     launch.direct = namespace["direct"]
-    launch.session = session
     launch.state = state
     launch.__doc__ = f"Launch {getattr(fn, '__name__', fn)} through its launch cache (kernels.launch)."
     return launch

@@ -27,6 +27,7 @@ from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
 from .configs import cached_plan, cdiv, matmul_config, weight_grad_split
 from .launch import launcher
+from .launch import session as launch_session
 from .memory import new
 
 # ---------------------------------------------------------------------------------------------
@@ -340,15 +341,16 @@ _IDENTITY = as_activation("identity")
 
 # --- launch steps: what a launch needs besides its tensors, made once per key --------------------
 #
-# A step is `(launcher, key, grid, args)`, launched as `launcher.keyed(key, grid, *tensors,
-# *args)` or, in a row of launches, `launcher.direct(session, key, grid, *tensors, *args)`
-# (kernels.launch; `session()` below): `launcher` is the kernel's cached launcher (the one the
-# step was made with) and `key` its caller key, which is also the step's cache key: the sizes,
-# the strides, the activations' codes and parameters, the flags, the dtypes and the matmul
-# precision, everything that decides the arguments. `args` holds every non-tensor argument in the kernel's order, then num_warps,
-# num_stages and maxnreg. Plain Python, made once per key (a workload cycling through more keys
-# starts a cache again empty). The launchers below build each call's key and launch its step;
-# fnn's layer programs (fnn.programs) build a whole network's steps once and launch them in a row.
+# A step is `(key, grid, args)`, launched as `launcher.keyed(key, grid, *tensors, *args)` or, in
+# a row of launches, `launcher.direct(session, key, grid, *tensors, *args)` (kernels.launch;
+# `session()` below), `launcher` being the step's kernel's cached launcher (_fwd, _bwd_input,
+# _bwd_weight or _delta, looked up when it launches). `key` is that launcher's caller key and
+# the step's cache key: the sizes, the strides, the activations' codes and parameters, the
+# flags, the dtypes and the matmul precision, everything that decides the arguments. `args`
+# holds every non-tensor argument in the kernel's order, then num_warps, num_stages and
+# maxnreg. Plain Python, made once per key (a workload cycling through more keys starts a
+# cache again empty). The launchers below build each call's key and launch its step; fnn's
+# layer programs (fnn.programs) build a whole network's steps once and launch them in a row.
 # The GEMM steps take the activation whose D the kernel forms on load: never a HEAVY_DELTA one
 # (whose D is formed first, by a delta step, and then read as an identity layer's dY).
 
@@ -377,7 +379,7 @@ def _make_forward(key: tuple) -> tuple:
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m,  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_fwd, key, grid, args)
+    return (key, grid, args)
 
 
 def forward_step(
@@ -406,7 +408,7 @@ def _make_backward_input(key: tuple) -> tuple:
         cfg.block_m, cfg.block_k, cfg.block_n, cfg.group_m,  # BLOCK_M, BLOCK_N (the reduction), BLOCK_K, GROUP_M
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_bwd_input, key, grid, args)
+    return (key, grid, args)
 
 
 def backward_input_step(
@@ -445,7 +447,7 @@ def _make_backward_weight(key: tuple) -> tuple:
         cfg.block_k, cfg.block_m, cfg.block_n, cfg.group_m,  # BLOCK_M (the reduction over M), BLOCK_N, BLOCK_K, GROUP_N
         cfg.num_warps, cfg.num_stages, MAXNREG,
     )
-    return (_bwd_weight, key, grid, args, split)
+    return (key, grid, args, split)
 
 
 def backward_weight_step(
@@ -453,7 +455,7 @@ def backward_weight_step(
     activation: Activation, x_activation: Activation, need_bias: bool, split: int | None,
     dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
 ) -> tuple:
-    """The weight-gradient kernel's step (tensors: dy, s, x, dW, db or dW), M > 0, with a fifth
+    """The weight-gradient kernel's step (tensors: dy, s, x, dW, db or dW), M > 0, with a fourth
     entry: the number of batch slices (1: dW (N, K) and db (N,); more: float partials
     (split, N, K) and (split, N), to be summed in order). `split` None: chosen from the shape."""
     code, a, b = activation.kernel_args
@@ -466,8 +468,9 @@ def backward_weight_step(
 def _make_delta(key: tuple) -> tuple:
     m, n, sdm, sdn, ssm, ssn, code, a, b, dy_dtype, _ = key
     bm, bn = 16, 64
+    # ..., ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N; num_warps, num_stages, maxnreg
     args = (m, n, sdm, sdn, ssm, ssn, a, b, code, _acc_dtype(dy_dtype), bm, bn, 4, 1, None)
-    return (_delta, key, (cdiv(m, bm), cdiv(n, bn)), args)  # ACTIVATION, ACC_DTYPE, BLOCK_M, BLOCK_N
+    return (key, (cdiv(m, bm), cdiv(n, bn)), args)
 
 
 def delta_step(
@@ -487,9 +490,9 @@ def delta_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def session() -> tuple | None:
-    """kernels.launch.session for this module's launchers (None under the interpreter, whose
-    launches all take Triton's path): what a row of `direct` launches shares."""
-    return _fwd.session()
+    """kernels.launch.session, for a row of `direct` launches of this module's kernels; None
+    under the interpreter, whose launches all take Triton's path."""
+    return None if INTERPRETED else launch_session()
 
 
 def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Tensor:
@@ -498,7 +501,7 @@ def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Te
     d = new((m, n), delta_dtype(dy.dtype), dy.device)
     if m and n:
         step = delta_step(m, n, dy.stride(), s.stride(), act, dy.dtype, s.dtype)
-        _delta.keyed(step[1], step[2], dy, s, d, *step[3])
+        _delta.keyed(step[0], step[1], dy, s, d, *step[2])
     return d
 
 
@@ -545,7 +548,7 @@ def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: in
     key = (M, N, K, sxm, sxk, swn, swk, sb, code, a, b, z is not None, dtype, prec)
     step = _FWD_STEPS.get(key) or cached_plan(_FWD_STEPS, key, lambda: _make_forward(key))
     # bias unused without HAS_BIAS, z unless STORE_Z
-    _fwd.keyed(key, step[2], x, weight, x if bias is None else bias, y, y if z is None else z, *step[3])
+    _fwd.keyed(key, step[1], x, weight, x if bias is None else bias, y, y if z is None else z, *step[2])
 
 
 def forward_unchecked(
@@ -603,7 +606,7 @@ def backward_input_unchecked(
         activation, prev_activation, dtype, dy.dtype, prec,
     )
     xp = dx if prev_activation.kernel_args[0] == 0 else x  # x read only for a prev activation
-    _bwd_input.keyed(step[1], step[2], dy, y, weight, xp, dx, *step[3])
+    _bwd_input.keyed(step[0], step[1], dy, y, weight, xp, dx, *step[2])
     return dx
 
 
@@ -635,9 +638,9 @@ def backward_weight_unchecked(
         M, N, K, dy.stride(), y.stride(), x.stride(), activation, x_activation, need_bias, split,
         dtype, dy.dtype, prec,
     )
-    dw, db = weight_grad_outputs(step[4], N, K, dtype, device, need_bias)
-    _bwd_weight.keyed(step[1], step[2], dy, y, x, dw, dw if db is None else db, *step[3])  # db unused without HAS_BIAS
-    if step[4] == 1:
+    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias)
+    _bwd_weight.keyed(step[0], step[1], dy, y, x, dw, dw if db is None else db, *step[2])  # db unused without HAS_BIAS
+    if step[3] == 1:
         return dw, db
     return sum_partials(dw, db, dtype)
 

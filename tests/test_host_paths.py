@@ -246,7 +246,7 @@ def test_layer_program_weight_gradient_in_slices(device):
     fast = _grads(lambda: model(x), params, dy)
     (prog,) = plan(model).programs.values()
     (steps,) = prog.backwards.values()
-    assert [layer[3][4] for layer in steps] == [2, 2], "the weight gradients were not split"
+    assert [layer[3][3] for layer in steps] == [2, 2], "the weight gradients were not split"
     with pytest.MonkeyPatch.context() as m:
         m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
         full = _grads(lambda: model._traced_forward(x), params, dy)
@@ -354,17 +354,12 @@ def _skip_launches(monkeypatch) -> None:
         def direct(self, *args, **kwargs):
             return None
 
-        def session(self):
-            return None
-
     patched = 0
     for module in (kernels.linear_act, kernels.network):
         for name, obj in list(vars(module).items()):
             if isinstance(getattr(obj, "state", None), CachedLauncher):
                 monkeypatch.setattr(module, name, NoLaunch())
                 patched += 1
-            elif name.endswith("_STEPS"):  # a launch step holds the launcher it was made with
-                monkeypatch.setattr(module, name, {})
     assert patched >= 6, patched  # forward, backward input and weight; the network's three
 
 

@@ -64,6 +64,10 @@ class LaunchCounter:
                 counter.calls.append(name)
                 return launch.keyed(ukey, grid, *args, **kwargs)
 
+            def direct(self, session, ukey, grid, *args, **kwargs):
+                counter.calls.append(name)
+                return launch.direct(session, ukey, grid, *args, **kwargs)
+
         return Counted()
 
 
