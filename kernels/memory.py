@@ -18,9 +18,9 @@ def empty(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None 
 
 def new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`empty` with the dtype and device given (the launchers' hot path has them at hand).
-    The sizes go to torch.empty as separate ints: parsing them costs about 0.5 us less than
-    parsing a tuple (a 0-d shape, which has none, goes as the empty tuple)."""
-    out = torch.empty(*shape, dtype=dtype, device=device) if shape else torch.empty((), dtype=dtype, device=device)
+    The sizes go to torch.empty as its `size` keyword: parsed as fast as separate ints, about
+    0.4 us faster than a positional tuple (0.6 us for a 0-d shape)."""
+    out = torch.empty(size=shape, dtype=dtype, device=device)
     if POISON:
         out.fill_(float("nan"))
     return out
