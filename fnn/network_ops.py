@@ -145,7 +145,7 @@ def meta(
 
 
 def act_set(activations: Sequence[str | Activation]) -> int:
-    """The kernels' `acts` (kernels.network.act_set): the bitmask of the activations' codes,
+    """The kernels' `acts` (kernels.checks.act_set): the bitmask of the activations' codes,
     for which the network kernels are compiled; cached per activations."""
     key = tuple(activations)
     bits = _ACT_SET.get(key)

@@ -38,8 +38,6 @@ __all__ = ["LayerProgram", "layer_call"]
 
 MAX_PROGRAMS = 64  # per plan (and backward programs per forward program); past it, start again
 _K: Any = None  # kernels.linear_act, imported on first use (importing it imports triton)
-_empty = torch.empty  # sizes as ints: parsed faster than a tuple (kernels.memory.new)
-_NAN = float("nan")  # kernels.memory.POISON: outputs start as NaN
 _Parameter, _Tensor = nn.Parameter, torch.Tensor
 _FLOATS = frozenset(FLOAT_DTYPES)
 _grad_enabled = torch.is_grad_enabled
@@ -89,8 +87,8 @@ class LayerProgram:
     def run_forward(self, x2d: torch.Tensor, params) -> tuple[torch.Tensor, list]:
         """(output, saved): the network's output (m, N_L) and, per layer, what it keeps for the
         backward (Z, its output, or None). `params`: (w_1, b_1, ..., w_L, b_L)."""
+        new = _K.memory.new
         m, dtype, device = self.m, self.dtype, self.device
-        poison = _K.memory.POISON
         session = _K.session()
         launcher = _K._fwd  # looked up per call, as the launchers do (tests wrap it)
         h = x2d
@@ -98,19 +96,11 @@ class LayerProgram:
         i = 0
         for key, grid, args, n, store_z, keep in self.forward:
             w, b = params[i], params[i + 1]
-            y = _empty(m, n, dtype=dtype, device=device)
-            if store_z:
-                z = _empty(m, n, dtype=dtype, device=device)
-                if poison:
-                    y.fill_(_NAN), z.fill_(_NAN)
-                # b unused without a bias
-                launcher.direct(session, key, grid, h, w, h if b is None else b, y, z, *args)
-                saved.append(z)
-            else:
-                if poison:
-                    y.fill_(_NAN)
-                launcher.direct(session, key, grid, h, w, h if b is None else b, y, y, *args)  # z unused
-                saved.append(y if keep else None)
+            y = new((m, n), dtype, device)
+            z = new((m, n), dtype, device) if store_z else y  # z unused unless STORE_Z
+            # b unused without a bias
+            launcher.direct(session, key, grid, h, w, h if b is None else b, y, z, *args)
+            saved.append(z if store_z else (y if keep else None))
             h = y
             i += 2
         return h, saved

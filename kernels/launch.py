@@ -187,12 +187,8 @@ def keyed(_ukey, _grid, {params}, num_warps=None, num_stages=None, maxnreg=None)
                         _state.remember(_dev, _ukey, _hit)
                     return _kernel
                 _state.remember(_dev, _ukey, _hit)
-            elif (_state.verify
-                  and _cache.get(full_key(_d, {args}, num_warps, num_stages, maxnreg)) is not _hit):
-                raise AssertionError(
-                    f"kernels.launch: caller key {{_ukey!r}} of {{_fn.__name__}} maps to a specialization "
-                    "its arguments do not have"
-                )
+            elif _state.verify:
+                _state.check_caller_key(_ukey, _hit, full_key(_d, {args}, num_warps, num_stages, maxnreg))
     except (AttributeError, TypeError, UnsupportedArgument):
         _hit = None
     if _hit is None:
@@ -245,6 +241,11 @@ class CachedLauncher:
         d, device, stream = session
         if d.get_current_device() != device or d.get_current_stream(device) != stream:
             raise AssertionError(f"kernels.launch: a session of {self.fn.__name__} outlived its device or stream")
+        self.check_caller_key(ukey, entry, key)
+
+    def check_caller_key(self, ukey: Any, entry: tuple, key: tuple) -> None:
+        """The caller-key check (`verify`): caller key `ukey`'s entry is the one its arguments'
+        full key `key` maps to, else AssertionError."""
         if self.cache.get(key) is not entry:
             raise AssertionError(
                 f"kernels.launch: caller key {ukey!r} of {self.fn.__name__} maps to a specialization "

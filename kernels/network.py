@@ -33,8 +33,8 @@ Train     forward, loss and its gradient, backward and the SGD update in the sam
 
 Activation codes are dispatched at run time by chains of ifs (activation_rt, delta_rt; see
 there for why chains), compiled only for the set of codes the network uses (ACTS, a bitmask:
-`act_set`). elu, softplus, gelu, gelu_tanh and silu (`heavy_rt`) are too heavy in registers
-for a whole (rows, P) tile: they run through a per-program scratch, ACT_ROWS rows at a time
+kernels.checks.act_set). elu, softplus, gelu, gelu_tanh and silu (`heavy_rt`) are too heavy
+in registers for a whole (rows, P) tile: they run through a per-program scratch, ACT_ROWS rows at a time
 (`_act_tile`, `_delta_tile`); identity, sigmoid, relu, tanh and leaky_relu act on the tile in
 registers.
 
@@ -78,7 +78,7 @@ from .activations import (
     tanh,
     tanh_grad,
 )
-from .checks import Activation, act_set, as_activation  # noqa: F401  (act_set: the launchers' `acts`)
+from .checks import Activation, as_activation
 from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, input_precision, mma
