@@ -286,7 +286,7 @@ CASES: dict[str, HostCase] = {
             "fnn.linear_act(x, w), " + FWBW + " and x",
             "torch.sigmoid(F.linear(x, w)), " + FWBW + " and x",
             _linear_fwbw(32, 1, x_grad=True),
-            launches=3,  # forward, dX, dW
+            launches=2,  # forward; dX, dW from the fused backward kernel
             floor=_linear_floor(32, 1, x_grad=True),
         ),
         HostCase(
@@ -295,9 +295,9 @@ CASES: dict[str, HostCase] = {
             'FNN(fusion="layer"), ' + FWBW,
             SEQ,
             _network_fwbw([2, 32, 1], 100, bias=False, fusion="layer"),
-            # 2 forward; backward: dW of layer 2, dX of layer 2 with layer 1's delta in its
-            # epilogue, dW of layer 1 (X needs no gradient: no dX of layer 1).
-            launches=5,
+            # 2 forward; backward: layer 2's fused kernel (its dW, and its dX with layer 1's delta
+            # in the epilogue), dW of layer 1 (X needs no gradient: no dX of layer 1).
+            launches=4,
             goal=HostGoal("eager/fnn", 1.0),
             floor=_network_floor([2, 32, 1], 100, bias=False),
         ),
@@ -328,7 +328,7 @@ CASES: dict[str, HostCase] = {
             'FNN(fusion="layer"), ' + FWBW,
             SEQ,
             _network_fwbw([64] * 5, 256, bias=True, fusion="layer"),
-            launches=11,  # 4 forward; backward: 4 dW (+db), 3 dX with the delta
+            launches=8,  # 4 forward; backward: 3 fused (dW, db, dX with the delta), layer 1's dW (+db)
             floor=_network_floor([64] * 5, 256, bias=True),
         ),
         HostCase(

@@ -81,6 +81,7 @@ _REFERENCE = SimpleNamespace(
     linear_act_forward_z=_reference_call("linear_act_forward_z"),
     linear_act_backward_input=_reference_call("linear_act_backward_input"),
     linear_act_backward_weight=_reference_call("linear_act_backward_weight"),
+    linear_act_backward=_reference_call("linear_act_backward"),
 )
 _KERNELS: SimpleNamespace | None = None
 
@@ -98,6 +99,7 @@ def _kernels() -> SimpleNamespace:
             linear_act_forward_z=k.forward_z_unchecked,
             linear_act_backward_input=k.backward_input_unchecked,
             linear_act_backward_weight=k.backward_weight_unchecked,
+            linear_act_backward=k.backward_unchecked,
         )
     return _KERNELS
 
@@ -105,9 +107,11 @@ def _kernels() -> SimpleNamespace:
 def layer_ops(device: torch.device) -> Any:
     """The per-layer functions for tensors on `device`, with kernels.linear_act's launcher
     names and signatures (linear_act_forward, linear_act_forward_z, linear_act_backward_input,
-    linear_act_backward_weight, and delta_once: a heavy activation's D formed once for a
-    backward that launches both dX and dW), for arguments fnn has checked: fnn.ops (the registered ops)
-    when `use_registered_ops()`, else the kernels' unchecked launchers or fnn.reference."""
+    linear_act_backward_weight, linear_act_backward (dX, dW and db from one kernel, for the
+    layers kernels.configs.fused_backward_fits), and delta_once: a heavy activation's D formed
+    once for a backward that launches both dX and dW), for arguments fnn has checked: fnn.ops
+    (the registered ops) when `use_registered_ops()`, else the kernels' unchecked launchers or
+    fnn.reference."""
     if _is_compiling() or _dispatch_modes() > 0 or _functorch_active():
         from . import ops
 

@@ -20,6 +20,7 @@ from torch._C._functorch import unwrap_if_dead
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from kernels.checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
+from kernels.configs import fused_backward_fits
 
 from . import dispatch, programs
 from .dispatch import backend
@@ -180,7 +181,9 @@ class LinearActFunction(torch.autograd.Function):
     """Y = act(Z), Z = X W^T + b, saving no more than the backward needs.
 
     Backward, with D = dY * act'(Z) read off the saved tensor S:
-        dX = D W,   dW = D^T X,   db = sum over rows of D.
+        dX = D W,   dW = D^T X,   db = sum over rows of D,
+    from one kernel when all are needed and W fits its tile (kernels.configs.fused_backward_fits:
+    in and out features up to 64, 32 in float64), else from two.
     S is Y for activations whose derivative the output tells (sigmoid, relu, tanh, leaky_relu,
     elu, softplus at their usual parameters), Z for gelu, gelu_tanh and silu (and elu with
     alpha < 0, leaky_relu with a negative slope, softplus with threshold < 17: see
@@ -215,8 +218,13 @@ class LinearActFunction(torch.autograd.Function):
             s2d = saved if saved.dim() == 2 else saved.reshape(-1, n)
         dx = dw = db = None
         act = ctx.activation
-        if need_x and (need_w or need_b):  # a heavy activation's D once for both launches
-            dy2d, s2d, act = ops.delta_once(dy2d, s2d, act)
+        if need_x and (need_w or need_b):
+            if fused_backward_fits(n, weight.shape[1], weight.dtype):  # dX, dW, db from one kernel
+                dx, dw, db = ops.linear_act_backward(dy2d, s2d, weight, x2d, act, need_b)
+                if dy.dim() != 2:
+                    dx = dx.view(ctx.x_shape)
+                return dx, (dw if need_w else None), db, None
+            dy2d, s2d, act = ops.delta_once(dy2d, s2d, act)  # a heavy activation's D once for both
         if need_x:
             dx = ops.linear_act_backward_input(dy2d, s2d, weight, act)
             if dy.dim() != 2:
@@ -279,7 +287,9 @@ class FNNFunction(torch.autograd.Function):
         dW_l = D_l^T h_{l-1},   db_l = sum over rows of D_l,
         D_{l-1} = (D_l W_l) * act_{l-1}'(Z_{l-1}), read off S_{l-1} (in the epilogue of the dX kernel),
         dX = D_1 W_1.
-    No elementwise kernel runs between layers. Call as
+    A layer whose W fits the fused kernel's tile, below a layer whose derivative its output
+    tells (kernels.configs.fused_backward_fits), takes dW_l, db_l and D_{l-1} (or dX) from one
+    kernel. No elementwise kernel runs between layers. Call as
     `FNNFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be None; an
     activation is a name or an fnn.Activation); `fnn_forward` checks the arguments first.
     """
@@ -316,8 +326,18 @@ class FNNFunction(torch.autograd.Function):
             s_i, w_i = ss[i], weights[i]
             s_i = g if g_act.saves == "none" or s_i is None else s_i  # never read then
             wants_dx = needs[0] or any(need_w[:i]) or any(need_b[:i])  # dX, or layer i-1's delta
-            if wants_dx and (need_w[i] or need_b[i]):  # a heavy activation's D once for both
-                g, s_i, g_act = ops.delta_once(g, s_i, g_act)
+            prev = _IDENTITY if i == 0 else acts[i - 1]
+            if wants_dx and (need_w[i] or need_b[i]):
+                if fused_backward_fits(w_i.shape[0], w_i.shape[1], w_i.dtype, prev):  # one kernel
+                    x_i = x2d if i == 0 else ss[i - 1]  # layer i's input: prev saves its output
+                    g, dw, db = ops.linear_act_backward(g, s_i, w_i, x_i, g_act, need_b[i], prev)
+                    grads[2 * i] = dw if need_w[i] else None
+                    grads[2 * i + 1] = db
+                    if i == 0:
+                        dx = g if flat else g.view(ctx.x_shape)
+                    g_act = _IDENTITY  # g is now D_{i-1}: the delta is already applied
+                    continue
+                g, s_i, g_act = ops.delta_once(g, s_i, g_act)  # a heavy activation's D once for both
             if need_w[i] or need_b[i]:
                 if i == 0:
                     x_i, x_act = x2d, _IDENTITY
@@ -333,7 +353,6 @@ class FNNFunction(torch.autograd.Function):
                     if not flat:
                         dx = dx.view(ctx.x_shape)
             elif wants_dx:
-                prev = acts[i - 1]
                 g = ops.linear_act_backward_input(g, s_i, w_i, g_act, x=ss[i - 1], prev_activation=prev)
                 g_act = _IDENTITY  # g is now D_{i-1}: the delta is already applied
             else:

@@ -1,4 +1,4 @@
-"""The three kernels as PyTorch operators: `torch.ops.fnn.*`, registered with torch.library.
+"""The layer kernels as PyTorch operators: `torch.ops.fnn.*`, registered with torch.library.
 
     torch.ops.fnn.linear_act_forward(x, weight, bias, activation, act_params) -> y
     torch.ops.fnn.linear_act_forward_z(x, weight, bias, activation, act_params) -> (y, z)
@@ -6,6 +6,8 @@
                                             act_params, prev_params) -> dx
     torch.ops.fnn.linear_act_backward_weight(dy, y, x, activation, need_bias, split, act_params,
                                              x_activation, x_params) -> (dw, db)
+    torch.ops.fnn.linear_act_backward(dy, y, weight, x, activation, need_bias, prev_activation,
+                                      act_params, prev_params, split) -> (dx, dw, db)
 
 An activation travels as its name and its parameter values in order (`float[]`, empty for the
 defaults; kernels.checks.PARAMETERS); `y` (and `x` for a previous layer) is what the forward
@@ -33,6 +35,7 @@ import torch
 from kernels.checks import Activation, as_activation
 
 __all__ = [
+    "linear_act_backward",
     "linear_act_backward_input",
     "linear_act_backward_weight",
     "linear_act_forward",
@@ -178,6 +181,46 @@ def _backward_weight_fake(
     return x.new_empty((n, k)), x.new_empty((n,) if need_bias else (0,))
 
 
+# --- the whole backward of a narrow layer, from one kernel ------------------------------------
+
+
+@torch.library.custom_op(
+    "fnn::linear_act_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor dy, Tensor y, Tensor weight, Tensor x, str activation, bool need_bias,"
+        " str prev_activation='identity', float[] act_params=[], float[] prev_params=[],"
+        " SymInt? split=None) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _backward_op(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    activation: str,
+    need_bias: bool,
+    prev_activation: str = "identity",
+    act_params: Sequence[float] = (),
+    prev_params: Sequence[float] = (),
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act, prev = _act(activation, act_params), _act(prev_activation, prev_params)
+    dx, dw, db = _run("linear_act_backward", x, dy, y, weight, x, act, need_bias, prev, split)
+    if db is None:  # as in linear_act_backward_weight: empty for "no bias gradient"
+        db = x.new_empty((0,))
+    return dx, dw, db
+
+
+@_backward_op.register_fake
+def _backward_fake(
+    dy, y, weight, x, activation, need_bias, prev_activation="identity", act_params=(), prev_params=(),
+    split=None,
+):
+    n, k = weight.shape
+    return x.new_empty((dy.shape[0], k)), x.new_empty((n, k)), x.new_empty((n,) if need_bias else (0,))
+
+
 # --- the launchers' signatures, calling the registered ops -----------------------------------
 
 
@@ -237,3 +280,24 @@ def linear_act_backward_weight(
         dy, y, x, name, need_bias, split, params, x_name, x_params
     )
     return dw, (db if need_bias else None)
+
+
+def linear_act_backward(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    activation: str | Activation,
+    need_bias: bool,
+    prev_activation: str | Activation = "identity",
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dX, dW, db) of a layer the fused kernel serves (kernels.configs.fused_backward_fits), from
+    one kernel: `torch.ops.fnn.linear_act_backward`. `x` is the layer input (the previous
+    layer's output where `prev_activation` is given: dX is then that layer's delta)."""
+    name, params = _spec(activation)
+    prev_name, prev_params = _spec(prev_activation, "prev_activation")
+    dx, dw, db = torch.ops.fnn.linear_act_backward(
+        dy, y, weight, x, name, need_bias, prev_name, params, prev_params, split
+    )
+    return dx, dw, (db if need_bias else None)

@@ -1,7 +1,8 @@
 """An FNN's layer path as launch programs: every launch's arguments worked out once per shape.
 
 On the layer path an FNN's forward launches one kernel per layer, its backward up to three per
-layer (a heavy activation's D, dW and db, dX or the previous layer's delta). FNNFunction works
+layer (a heavy activation's D, dW and db, dX or the previous layer's delta; dX, dW and db come
+from one kernel for a narrow layer: kernels.configs.fused_backward_fits). FNNFunction works
 out each launch's arguments on every call (which tensors, the launchers' keys, strides, tile
 plans); for a small network that Python is most of the host time. A program holds those
 arguments for one forward, as kernels.linear_act's steps (`forward_step`, ...), and launches
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from kernels.checks import FLOAT_DTYPES
+from kernels.configs import fused_backward_fits as fits
 
 from .dispatch import backend, use_registered_ops
 from .plan import FNNPlan
@@ -119,9 +121,10 @@ class LayerProgram:
 
     def _backward_steps(self, needs: tuple, dy_strides: tuple, prec: str) -> tuple:
         """FNNFunction.backward's launches, layer by layer from the last: per layer
-        (i, s_saved, delta, weight, need_w, need_b, input, prev_read), where s_saved says
+        (i, s_saved, delta, weight, need_w, need_b, input, prev_read, fused), where s_saved says
         whether the layer's S is its saved tensor (else the incoming gradient), `delta`,
-        `weight` and `input` are steps or None, and prev_read whether the input-gradient
+        `weight`, `input` and `fused` are steps or None (`fused`: dX, dW and db from one
+        kernel, and then `weight` and `input` None), and prev_read whether the input-gradient
         kernel reads the previous layer's saved tensor."""
         K = _kernels()
         p, m, dtype = self.plan, self.m, self.dtype
@@ -148,6 +151,16 @@ class LayerProgram:
                 g_strides = s_strides = (n, 1)
                 g_dtype = s_dtype = K.delta_dtype(dtype)
                 g_act = identity  # run_backward then reads D as both dY and S
+            prev = identity if i == 0 else acts[i - 1]
+            if wants_w and wants_dx and fits(n, k, dtype, prev):  # dX (or D_{i-1}), dW, db: one kernel
+                x_strides = self.x_strides if i == 0 else (k, 1)
+                fused = K.backward_fused_step(
+                    m, n, k, g_strides, s_strides, self.param_strides[2 * i], x_strides, g_act, prev,
+                    need_b[i], None, dtype, g_dtype, prec,
+                )
+                layers.append((i, s_saved, delta, None, need_w[i], need_b[i], None, False, fused))
+                g_strides, g_dtype, g_act = (k, 1), dtype, identity
+                continue
             weight = None
             if wants_w:
                 if i == 0:
@@ -161,14 +174,13 @@ class LayerProgram:
                 )
             step_in, prev_read = None, False
             if wants_dx:
-                prev = identity if i == 0 else acts[i - 1]
                 step_in = K.backward_input_step(
                     m, n, k, g_strides, s_strides, self.param_strides[2 * i], (k, 1), g_act, prev,
                     dtype, g_dtype, prec,
                 )
                 prev_read = prev.kernel_args[0] != 0
                 g_strides, g_dtype, g_act = (k, 1), dtype, identity  # g is D_{i-1} (or dX)
-            layers.append((i, s_saved, delta, weight, need_w[i], need_b[i], step_in, prev_read))
+            layers.append((i, s_saved, delta, weight, need_w[i], need_b[i], step_in, prev_read, None))
         return tuple(layers)
 
     def run_backward(
@@ -180,18 +192,34 @@ class LayerProgram:
         new = K.memory.new
         session = K.session()
         delta_launcher, weight_launcher, input_launcher = K._delta, K._bwd_weight, K._bwd_input
+        fused_launcher = K._bwd_fused
         m, dtype, device = self.m, self.dtype, self.device
         sizes = self.plan.sizes
         grads: list[torch.Tensor | None] = [None] * (2 * len(weights))
         g = dy2d
         dx = None
-        for i, s_saved, delta, weight, need_w, need_b, step_in, prev_read in steps:
+        for i, s_saved, delta, weight, need_w, need_b, step_in, prev_read, fused in steps:
             k, n = sizes[i], sizes[i + 1]
             s = saved[i] if s_saved else g
             if delta is not None:
                 d = new((m, n), K.delta_dtype(dtype), device)
                 delta_launcher.direct(session, delta[0], delta[1], g, s, d, *delta[2])
                 g = s = d
+            if fused is not None:
+                out = new((m, k), dtype, device)
+                split = fused[3]
+                dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)
+                x = x2d if i == 0 else saved[i - 1]
+                fused_launcher.direct(session, fused[0], fused[1], g, s, weights[i], x, out, dw,
+                                      dw if db is None else db, *fused[2])  # db unused without a bias
+                if split != 1:
+                    dw, db = K.sum_partials(dw, db, dtype)
+                grads[2 * i] = dw if need_w else None
+                grads[2 * i + 1] = db
+                if i == 0:
+                    dx = out
+                g = out
+                continue
             if weight is not None:
                 split = weight[3]
                 dw, db = K.weight_grad_outputs(split, n, k, dtype, device, need_b)

@@ -3,9 +3,10 @@
 Two layers of it:
 - `linear_act` and `fnn_forward` are plain differentiable PyTorch (autograd does the
   backward); tests run them in float64 as the ground truth.
-- `linear_act_forward`, `linear_act_backward_input` and `linear_act_backward_weight` have
-  the signatures of the Triton launchers in kernels.linear_act and implement the same
-  delta rule with PyTorch ops; the autograd Functions call them on CPU tensors.
+- `linear_act_forward`, `linear_act_backward_input`, `linear_act_backward_weight` and
+  `linear_act_backward` have the signatures of the Triton launchers in kernels.linear_act and
+  implement the same delta rule with PyTorch ops; the autograd Functions call them on CPU
+  tensors.
 """
 
 from __future__ import annotations
@@ -164,3 +165,20 @@ def linear_act_backward_weight(
     d = delta(dy, y, activation)
     xs = apply_activation(x, x_activation)
     return d.t() @ xs, (d.sum(0) if need_bias else None)
+
+
+def linear_act_backward(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    activation: str | Activation,
+    need_bias: bool,
+    prev_activation: str | Activation = "identity",
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dX, dW, db): linear_act_backward_input(dy, y, weight, activation, x, prev_activation)
+    and linear_act_backward_weight(dy, y, x, activation, need_bias), `x` being the layer input
+    (the previous layer's output where `prev_activation` is given). `split` is ignored."""
+    dx = linear_act_backward_input(dy, y, weight, activation, x, prev_activation)
+    return (dx, *linear_act_backward_weight(dy, y, x, activation, need_bias))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import Activation
+
 
 @dataclass(frozen=True)
 class TileConfig:
@@ -95,3 +97,49 @@ def cached_plan(cache: dict, key: tuple, make: Callable[[], tuple], limit: int =
             cache.clear()
         plan = cache[key] = make()
     return plan
+
+
+# Activation codes whose derivative the backward GEMMs do not form on load: elu, softplus,
+# gelu, gelu_tanh, silu and the Z-reading elu and softplus (exp, log1p, erfc, erfcx on a whole
+# operand tile spilled hundreds of bytes). kernels.linear_act.linear_act_delta_kernel forms D first, in the
+# accumulator dtype (the products then see exactly the D they would have formed), and the
+# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N). A
+# launcher called alone forms its own D; a backward that needs dX and dW forms it once for
+# both (`delta_once`, called by fnn's autograd Functions in eager mode).
+HEAVY_DELTA = frozenset(range(5, 12))
+
+# The fused backward (kernels.linear_act.linear_act_bwd_fused_kernel) holds W whole in one
+# tile, and dW's accumulator beside it: it serves layers whose out_features and in_features
+# are both at most this. Wider layers take the two backward GEMM kernels.
+FUSED_BACKWARD_MAX = {torch.float64: 32, torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
+# Rows per program of the fused backward before the batch is split across programs (whose float
+# partials of dW and db are then summed in order, as the weight-gradient kernel's are).
+FUSED_BACKWARD_ROWS = 4096
+FUSED_BACKWARD_MAX_SPLIT = 128
+
+
+def fused_backward_fits(n: int, k: int, dtype: torch.dtype, prev: Activation | None = None) -> bool:
+    """Whether one layer's backward (dX, dW, db) takes the fused kernel: W of (n, k) one tile,
+    and `prev`, the previous layer's activation whose delta the kernel applies to dX (None:
+    identity), a light one read off that layer's output. A HEAVY_DELTA one's derivative on the
+    dX tile, beside dW's accumulator and W, spilled hundreds of bytes, and so did recomputing
+    the layer input from a saved Z: those layers take the two GEMM kernels."""
+    cap = FUSED_BACKWARD_MAX.get(dtype, 0)
+    if n > cap or k > cap:
+        return False
+    return prev is None or (prev.saves != "z" and prev.code not in HEAVY_DELTA)
+
+
+@functools.lru_cache(maxsize=1024)
+def fused_backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[TileConfig, int]:
+    """(tile, slices of the batch) for the fused backward of an (m, n, k) layer that fits:
+    block_m rows per step, block_n >= n and block_k >= k."""
+    wide = dtype in (torch.float32, torch.float64)
+    block_m = 16 if wide else 32
+    block_n, block_k = _fit(n, 64), _fit(k, 64)
+    # A 64 x 64 W and dW's accumulator take 8 warps. 32- and 64-bit types take one stage: the
+    # loads of the next rows in flight beside them spilled 32 B in float32 "highest" (sm_90a).
+    num_warps = 8 if block_n * block_k >= 64 * 64 else 4
+    cfg = TileConfig(block_m, block_n, block_k, group_m=1, num_warps=num_warps, num_stages=1 if wide else 2)
+    split = 1 if m <= FUSED_BACKWARD_ROWS else min(cdiv(m, FUSED_BACKWARD_ROWS), FUSED_BACKWARD_MAX_SPLIT)
+    return cfg, split

@@ -7,6 +7,8 @@ Delta     D  = dY * act'(Z), read off S              formed in the load path, ne
 Backward  dX = D @ W          (optionally times act'_prev: the previous layer's delta)
           dW = D^T @ X,  db = sum_m D                 one kernel, the same reduction over M
                               (X optionally recomputed on load as act_prev(Z_prev))
+Fused     dX, dW and db from one kernel, one read of dY, S and X, for a narrow layer (W one
+          tile: kernels.configs.fused_backward_fits); each program takes a slice of the batch
 
 The activation's kind is a constexpr code (Activation.code); its parameters are two float64
 runtime arguments (Activation.args), so a new parameter value compiles nothing.
@@ -25,7 +27,15 @@ import triton.language as tl
 from . import memory
 from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
-from .configs import cached_plan, cdiv, matmul_config, weight_grad_split
+from .configs import (
+    HEAVY_DELTA,
+    cached_plan,
+    cdiv,
+    fused_backward_config,
+    fused_backward_fits,
+    matmul_config,
+    weight_grad_split,
+)
 from .launch import launcher
 from .launch import session as launch_session
 from .memory import new
@@ -282,6 +292,87 @@ def linear_act_delta_kernel(
     tl.store(d_ptr + offs_m[:, None] * N + offs_n[None, :], d, mask=mask)
 
 
+@triton.jit
+def linear_act_bwd_fused_kernel(
+    dy_ptr,  # dY (M, N), any strides
+    s_ptr,  # S (M, N), what the forward saved (Y, or Z); not read when ACTIVATION is identity
+    w_ptr,  # W (N, K)
+    x_ptr,  # X (M, K), the layer input (with PREV_ACTIVATION: the previous layer's output)
+    dx_ptr,  # dX (M, K), written: D @ W, times act'_prev when PREV_ACTIVATION is set
+    dw_ptr,  # dW (N, K), or float partials (SPLIT, N, K) when the grid has more than one program
+    db_ptr,  # db (N,), or partials (SPLIT, N); written only when HAS_BIAS
+    M, N, K,
+    rows_per_split,  # rows of the batch each program takes (a multiple of BLOCK_M)
+    stride_dym, stride_dyn,
+    stride_sm, stride_sn,
+    stride_wn, stride_wk,
+    stride_xm, stride_xk,
+    stride_dxm, stride_dxk,
+    stride_dws, stride_dwn, stride_dwk,
+    stride_dbs, stride_dbn,
+    act_a: tl.float64, act_b: tl.float64,  # this layer's activation parameters
+    prev_a: tl.float64, prev_b: tl.float64,  # the previous layer's activation parameters
+    ACTIVATION: tl.constexpr,  # this layer's Activation.code: D = dY * act'(Z), read off S
+    PREV_ACTIVATION: tl.constexpr,  # the previous layer's Activation.code (identity: none), one that saves its output
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per step
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # >= N and >= K: W is one tile
+):
+    """The whole backward of one narrow layer from one read of dY, S and X: each program takes
+    a slice of the batch, BLOCK_M rows at a time; per step it forms D once and computes that
+    step's dX rows (D @ W, W held in registers), and adds D^T @ X and D's column sums to the
+    slice's dW and db."""
+    split = tl.program_id(0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_nk = mask_n[:, None] & mask_k[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=mask_nk, other=0)
+    m_start = split * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+
+    a, b = param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE)
+    pa, pb = param(prev_a, ACC_DTYPE), param(prev_b, ACC_DTYPE)
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    acc_b = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + offs_r
+        mask_m = offs_m < m_end
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        mask_mk = mask_m[:, None] & mask_k[None, :]
+        d = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                    mask=mask_mn, other=0).to(ACC_DTYPE)
+        if ACTIVATION != 0:
+            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                        mask=mask_mn, other=0).to(ACC_DTYPE)
+            d = apply_delta(d, s, ACTIVATION, a, b)
+        dc = cast(d, w.dtype, UPCAST)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0)
+
+        # dX rows: D @ W, then the previous layer's delta read off the same X tile
+        dx = mma(dc, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), INPUT_PRECISION, UPCAST)
+        if PREV_ACTIVATION != 0:
+            dx = apply_delta(dx, x.to(ACC_DTYPE), PREV_ACTIVATION, pa, pb)
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 cast(dx, dx_ptr.dtype.element_ty, UPCAST), mask=mask_mk)
+
+        # dW and db: this step's rows added to the slice's sums
+        acc_w = mma(tl.trans(dc), x, acc_w, INPUT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            acc_b += tl.sum(d, axis=0)
+
+    tl.store(dw_ptr + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+             cast(acc_w, dw_ptr.dtype.element_ty, UPCAST), mask=mask_nk)
+    if HAS_BIAS:
+        tl.store(db_ptr + split * stride_dbs + offs_n * stride_dbn,
+                 cast(acc_b, db_ptr.dtype.element_ty, UPCAST), mask=mask_n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +389,7 @@ _fwd = launcher(linear_act_fwd_kernel)
 _bwd_input = launcher(linear_act_bwd_input_kernel)
 _bwd_weight = launcher(linear_act_bwd_weight_kernel)
 _delta = launcher(linear_act_delta_kernel)
+_bwd_fused = launcher(linear_act_bwd_fused_kernel)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -323,14 +415,6 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     }
 
 
-# Activation codes whose derivative the backward GEMMs do not form on load: elu, softplus,
-# gelu, gelu_tanh, silu and the Z-reading elu and softplus (exp, log1p, erfc, erfcx on a whole
-# operand tile spilled hundreds of bytes). linear_act_delta_kernel forms D first, in the
-# accumulator dtype (the products then see exactly the D they would have formed), and the
-# GEMMs read it as an identity layer's dY: one more launch and one more pass over (M, N). A
-# launcher called alone forms its own D; a backward that needs dX and dW forms it once for
-# both (`delta_once`, called by fnn's autograd Functions in eager mode).
-HEAVY_DELTA = frozenset(range(5, 12))
 # Register limit handed to ptxas for the GEMM kernels: every register it wants. Left to
 # itself (triton passes --regAllocOptLevel=2), ptxas held some kernels at 64-80 registers and
 # spilled 8-24 B there; with the limit they use 150-215 and spill nothing. The occupancy this
@@ -358,6 +442,7 @@ _FWD_STEPS: dict[tuple, tuple] = {}
 _BWD_INPUT_STEPS: dict[tuple, tuple] = {}
 _BWD_WEIGHT_STEPS: dict[tuple, tuple] = {}
 _DELTA_STEPS: dict[tuple, tuple] = {}
+_FUSED_STEPS: dict[tuple, tuple] = {}
 
 
 def _light(code: int) -> None:
@@ -482,6 +567,51 @@ def delta_step(
     code, a, b = activation.kernel_args
     key = (m, n, *dy_strides, *s_strides, code, a, b, dy_dtype, s_dtype)
     return _DELTA_STEPS.get(key) or cached_plan(_DELTA_STEPS, key, lambda: _make_delta(key))
+
+
+def _make_backward_fused(key: tuple, prev: Activation) -> tuple:
+    M, N, K, split, sdm, sdn, ssm, ssn, swn, swk, sxm, sxk, code, a, b, pcode, pa, pb, need_bias, dtype, _, prec = key
+    _light(code)
+    if not fused_backward_fits(N, K, dtype, prev):
+        raise ValueError(f"the fused backward does not serve ({N}, {K}) in {dtype} after {prev!r}")
+    cfg, auto_split = fused_backward_config(M, N, K, dtype)
+    if split is None:
+        split = auto_split
+    if split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    rows_per_split = cdiv(cdiv(M, split), cfg.block_m) * cfg.block_m
+    split = cdiv(M, rows_per_split)
+    args = (
+        M, N, K, rows_per_split,
+        sdm, sdn, ssm, ssn, swn, swk, sxm, sxk,
+        K, 1,  # dx: a fresh (M, K) tensor
+        N * K, K, 1,  # dW: (N, K), or the partials (split, N, K), contiguous
+        N, 1,  # db: (N,), or the partials (split, N), contiguous
+        a, b, pa, pb,
+        code, pcode, need_bias,  # ACTIVATION, PREV_ACTIVATION, HAS_BIAS
+        _acc_dtype(dtype), prec, INTERPRETED and dtype == torch.bfloat16,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        cfg.block_m, cfg.block_n, cfg.block_k,
+        cfg.num_warps, cfg.num_stages, MAXNREG,
+    )
+    return (key, (split,), args, split)
+
+
+def backward_fused_step(
+    M: int, N: int, K: int, dy_strides: tuple, s_strides: tuple, w_strides: tuple, x_strides: tuple,
+    activation: Activation, prev_activation: Activation, need_bias: bool, split: int | None,
+    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
+) -> tuple:
+    """The fused backward kernel's step (tensors: dy, s, weight, x, dx, dW, db or dW), M > 0,
+    `fused_backward_fits(N, K, dtype, prev_activation)`, with a fourth entry: the number of batch
+    slices (1: dW (N, K) and db (N,); more: float partials, as backward_weight_step's). `x` is
+    the layer input (with a `prev_activation`: the previous layer's output)."""
+    code, a, b = activation.kernel_args
+    pcode, pa, pb = prev_activation.kernel_args
+    key = (M, N, K, split, *dy_strides, *s_strides, *w_strides, *x_strides, code, a, b, pcode, pa, pb,
+           need_bias, dtype, dy_dtype, prec)
+    return _FUSED_STEPS.get(key) or cached_plan(
+        _FUSED_STEPS, key, lambda: _make_backward_fused(key, prev_activation)
+    )
 
 
 def delta_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -645,6 +775,44 @@ def backward_weight_unchecked(
     return sum_partials(dw, db, dtype)
 
 
+def backward_unchecked(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    activation: Activation,
+    need_bias: bool,
+    prev_activation: Activation | str = "identity",
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """linear_act_backward for arguments known good (2-D, matching shapes, one dtype, and
+    `fused_backward_fits`)."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    if prev_activation.__class__ is not Activation:
+        prev_activation = as_activation(prev_activation)
+    N, K = weight.shape
+    M = dy.shape[0]
+    dtype, device = weight.dtype, weight.device
+    dx = new((M, K), dtype, device)
+    if M == 0:
+        dw = torch.zeros((N, K), dtype=dtype, device=device)
+        return dx, dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
+    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the products as for identity
+        dy = y = _delta_first(dy, y, activation)
+        activation = _IDENTITY
+    step = backward_fused_step(
+        M, N, K, dy.stride(), y.stride(), weight.stride(), x.stride(), activation, prev_activation,
+        need_bias, split, dtype, dy.dtype, prec,
+    )
+    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias)
+    _bwd_fused.keyed(step[0], step[1], dy, y, weight, x, dx, dw, dw if db is None else db, *step[2])
+    if step[3] == 1:
+        return dx, dw, db
+    return (dx, *sum_partials(dw, db, dtype))
+
+
 def weight_grad_outputs(
     split: int, N: int, K: int, dtype: torch.dtype, device: torch.device, need_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -730,6 +898,49 @@ def linear_act_backward_input(
             )
         _check_2d("x", x, (M, K), weight)
     return backward_input_unchecked(dy, y, weight, act, x, prev)
+
+
+def linear_act_backward(
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    activation: str | Activation,
+    need_bias: bool,
+    prev_activation: str | Activation = "identity",
+    split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dX, dW, db) of one layer from one kernel that reads dy, `y` and `x` once: what
+    linear_act_backward_input and linear_act_backward_weight return, for a layer whose weight
+    (N, K) fits the fused kernel's tile (kernels.configs.fused_backward_fits: N and K up to 64,
+    32 in float64). D = dy * act'(Z) read off `y` (what the forward saved); db is None unless
+    `need_bias`.
+
+    `x` is the layer input. With `prev_activation` other than identity, dX is the previous
+    layer's delta (D @ W) * prev_act'(Z_prev), read off `x`, that layer's output, as the FNN
+    backward chains layers (prev_activation one whose derivative its output tells: see
+    fused_backward_fits). `split` slices the batch as in linear_act_backward_weight (default:
+    chosen from the shape).
+    """
+    act = as_activation(activation)
+    prev = as_activation(prev_activation, "prev_activation")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("linear_act_backward: weight must be a 2-D tensor")
+    N, K = weight.shape
+    M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+    _check_2d("dy", dy, (M, N), weight)
+    _check_2d("y", y, (M, N), weight)
+    _check_2d("x", x, (M, K), weight)
+    if not fused_backward_fits(N, K, weight.dtype, prev):
+        raise ValueError(
+            f"linear_act_backward: the fused kernel does not serve weight {tuple(weight.shape)} in "
+            f"{weight.dtype} with prev_activation {prev.name!r} (kernels.configs.fused_backward_fits: "
+            "N and K up to FUSED_BACKWARD_MAX, a light prev_activation that saves its output); use "
+            "linear_act_backward_input and linear_act_backward_weight"
+        )
+    if split is not None and split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    return backward_unchecked(dy, y, weight, x, act, need_bias, prev, split)
 
 
 def linear_act_backward_weight(

@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 
 import fnn  # noqa: E402
 from bench.compilecheck import GEMM_TILES, Call, compile_calls  # noqa: E402
-from kernels.configs import matmul_config  # noqa: E402
+from kernels.configs import fused_backward_config, matmul_config  # noqa: E402
 
 
 @triton.jit
@@ -82,6 +82,7 @@ def fnn_call(m: int, k: int, n: int, offset: int) -> None:
 
 def main(out: str) -> None:
     m, k, n = 37, 19, 23
+    wide = 70  # out_features past the fused backward's tile: dX and dW from two kernels
     calls90 = [
         Call("spill", spill),
         Call("shared", lambda: dot(torch.float16, 4, 5, k=1024, bk=256)),
@@ -90,6 +91,7 @@ def main(out: str) -> None:
         Call("broken then fine", broken_then_fine),
         Call("fnn aligned", lambda: fnn_call(m, k, n, 0)),
         Call("fnn misaligned x", lambda: fnn_call(m, k, n, 1)),
+        Call("fnn wide", lambda: fnn_call(m, k, wide, 0)),
         Call("raises", lambda: fnn.linear_act(torch.empty(2, 3), torch.empty(4, 5))),
     ]
     calls80 = [
@@ -101,10 +103,11 @@ def main(out: str) -> None:
         results[cap] = compile_calls(calls, cap).to_json()
     configs = {
         "fwd": matmul_config(m, n, k, torch.float16).__dict__,
-        "bwd_input": matmul_config(m, k, n, torch.float16).__dict__,
-        "bwd_weight": matmul_config(n, k, m, torch.float16).__dict__,
+        "bwd_fused": fused_backward_config(m, n, k, torch.float16)[0].__dict__,
+        "bwd_input": matmul_config(m, k, wide, torch.float16).__dict__,
+        "bwd_weight": matmul_config(wide, k, m, torch.float16).__dict__,
     }
-    Path(out).write_text(json.dumps({"results": results, "configs": configs, "shape": [m, k, n]}))
+    Path(out).write_text(json.dumps({"results": results, "configs": configs, "shape": [m, k, n, wide]}))
 
 
 if __name__ == "__main__":

@@ -151,15 +151,25 @@ def test_explain_linear_act_forward_and_backward_has_no_graph_break(device):
     assert explained.graph_count == 1
 
 
-def test_compiled_graphs_call_the_fnn_ops(device):
-    """Forward and backward graphs hold the three opaque fnn ops and no decomposed matmul."""
-    model = fnn.FNN([5, 16, 3], ["relu", "sigmoid"], device=device, dtype=torch.float64, fusion="layer")
+@pytest.mark.parametrize(
+    ("sizes", "backward_ops"),
+    [
+        ([5, 16, 3], {"fnn.linear_act_backward.default"}),  # narrow: dX, dW, db from one op per layer
+        ([5, 40, 3], {"fnn.linear_act_backward_input.default", "fnn.linear_act_backward_weight.default"}),
+    ],
+    ids=["fused", "wide"],
+)
+def test_compiled_graphs_call_the_fnn_ops(device, sizes, backward_ops):
+    """Forward and backward graphs hold the opaque fnn ops and no decomposed matmul: the fused
+    backward op for layers whose weight fits its tile (40 > 32 in float64 does not)."""
+    model = fnn.FNN(sizes, ["relu", "sigmoid"], device=device, dtype=torch.float64, fusion="layer")
     rec = _RecordingBackend()
     x = _random((7, 5), device, 2).requires_grad_(True)
     torch.compile(model, backend=rec.backend, fullgraph=True)(x).sum().backward()
     fw, bw = _targets(rec.fw), _targets(rec.bw)
     assert "fnn.linear_act_forward.default" in fw, fw
-    assert {"fnn.linear_act_backward_input.default", "fnn.linear_act_backward_weight.default"} <= bw, bw
+    fnn_bw = {t for t in bw if t.startswith("fnn.")}
+    assert fnn_bw == backward_ops, bw
     assert not any("mm" in t or "sigmoid" in t for t in fw | bw), fw | bw
 
 
@@ -341,6 +351,18 @@ def _op_samples(device):
             (
                 torch.ops.fnn.linear_act_backward_weight.default,
                 (dy, x @ w.T, x, "elu", True, None, [-0.5], "gelu_tanh", []),
+            ),
+            # The fused backward: bias or not, a previous layer's delta, a split batch, a
+            # heavy activation (D formed first), parameters.
+            (torch.ops.fnn.linear_act_backward.default, (dy, y, w, x, "sigmoid", True)),
+            (torch.ops.fnn.linear_act_backward.default, (dy, y, w, torch.tanh(x), "sigmoid", False, "tanh")),
+            (
+                torch.ops.fnn.linear_act_backward.default,
+                (dy, y, w, x, "sigmoid", True, "identity", [], [], 2),
+            ),
+            (
+                torch.ops.fnn.linear_act_backward.default,
+                (dy, x @ w.T, w, torch.relu(x), "softplus", True, "leaky_relu", [1.5, 1.0], [0.3]),
             ),
         ]
     return out

@@ -150,13 +150,14 @@ def test_nothing_is_launched(probe):
         assert target["launches_skipped"] == target["kernel_runs"] == compiled, (cap, target)
         assert target["launches_skipped"] > 0
         assert target["cuda_initialized"] is False
-    # fnn.linear_act forward + backward (dX, dW with db) twice: 6 launches, all skipped.
+    # fnn.linear_act forward + backward: twice narrow (dX, dW and db from the fused kernel), once
+    # wide (dX, then dW with db): 7 launches, all skipped.
     fnn_launches = sum(
         r["launches"]
         for r in probe["results"][90]["records"]
         if r["kernel"].startswith("linear_act_") and r["calls"][0].startswith("fnn ")
     )
-    assert fnn_launches == 6
+    assert fnn_launches == 7
 
 
 def test_fnn_specialization_is_the_launchers(probe):
@@ -174,15 +175,24 @@ def test_fnn_specialization_is_the_launchers(probe):
     # Arguments: 16-byte aligned pointers, odd sizes not divisible by 16, unit strides folded.
     assert fwd["args"]["x_ptr"] == "*fp16 %16" and fwd["args"]["M"] == "i32"
     assert fwd["args"]["stride_xk"] == "=1" and fwd["args"]["stride_wk"] == "=1"
+    c = cfg["bwd_fused"]
+    both = _record(target, "linear_act_bwd_fused_kernel", "fnn aligned")
+    assert (both["constexprs"]["BLOCK_M"], both["constexprs"]["BLOCK_N"], both["constexprs"]["BLOCK_K"]) == (
+        c["block_m"],
+        c["block_n"],
+        c["block_k"],
+    )
+    assert (both["num_warps"], both["num_stages"]) == (c["num_warps"], c["num_stages"])
+    assert both["constexprs"]["ACTIVATION"] == ACTIVATIONS["tanh"] and both["constexprs"]["HAS_BIAS"] is True
     c = cfg["bwd_input"]
-    dx = _record(target, "linear_act_bwd_input_kernel", "fnn aligned")
+    dx = _record(target, "linear_act_bwd_input_kernel", "fnn wide")
     assert (dx["constexprs"]["BLOCK_M"], dx["constexprs"]["BLOCK_N"], dx["constexprs"]["BLOCK_K"]) == (
         c["block_m"],
         c["block_k"],
         c["block_n"],
     )
     c = cfg["bwd_weight"]
-    dw = _record(target, "linear_act_bwd_weight_kernel", "fnn aligned")
+    dw = _record(target, "linear_act_bwd_weight_kernel", "fnn wide")
     assert (dw["constexprs"]["BLOCK_M"], dw["constexprs"]["BLOCK_N"], dw["constexprs"]["BLOCK_K"]) == (
         c["block_k"],
         c["block_m"],

@@ -19,6 +19,7 @@ import fnn
 import fnn.functional
 from fnn import reference
 from kernels.checks import Activation, as_activation
+from kernels.configs import fused_backward_fits
 
 LOWP = (torch.float16, torch.bfloat16)
 
@@ -248,10 +249,12 @@ LAUNCH_CASES = [
 
 @pytest.mark.parametrize("net,x_grad,frozen_first", LAUNCH_CASES)
 def test_fnn_backward_launches(net, x_grad, frozen_first, device, monkeypatch):
-    """An L-layer backward is L weight-gradient calls and L - 1 input-gradient calls (each
-    applying the previous layer's activation derivative in its epilogue), one more dX call
-    when x requires grad, fewer when the first layer is frozen; and no other tensor work
-    than views between them."""
+    """Per layer from the last, a layer that needs both its weight gradient and a dX (layer
+    0's, or the previous layer's delta) makes one fused call (dX, dW, db) where its weight fits
+    the fused kernel's tile and the layer below saves its output with a light derivative (see
+    kernels.configs.fused_backward_fits); else a weight-gradient call and an input-gradient call
+    applying the previous layer's activation derivative in its epilogue. Fewer when the first
+    layer is frozen; and no other tensor work than views between them."""
     sizes, act, bias = net
     n_layers = len(sizes) - 1
     model = _model(sizes, act, bias, torch.float32, device)
@@ -274,27 +277,32 @@ def test_fnn_backward_launches(net, x_grad, frozen_first, device, monkeypatch):
     monkeypatch.setattr(fnn.FNNFunction, "backward", staticmethod(recorded_backward))
     y.backward(_randn(y.shape, 8, torch.float32, device))
 
-    # delta_once before each layer that launches both its dW and a dX (a pass-through for
-    # these activations, whose D the GEMMs form on load)
+    acts = [as_activation(a) for a in model.activations]
+    identity = as_activation("identity")
     need_w = [not (frozen_first and i == 0) for i in range(n_layers)]
-    both = sum(1 for i in range(n_layers) if need_w[i] and (x_grad or any(need_w[:i])))
-    assert [name for name, _ in counting.calls].count("delta_once") == both
-    names = [name for name, _ in counting.calls if name != "delta_once"]
-    n_weight = n_layers - (1 if frozen_first else 0)
-    n_input = n_layers - 1 - (1 if frozen_first else 0) + (1 if x_grad else 0)
-    assert names.count("linear_act_backward_weight") == n_weight, names
-    assert names.count("linear_act_backward_input") == n_input, names
-    assert len(names) == n_weight + n_input, f"unexpected calls: {names}"
-    inputs = [kw for name, kw in counting.calls if name == "linear_act_backward_input"]
-    chained = inputs[: n_layers - 1 - (1 if frozen_first else 0)]  # layers L-1, ..., 1 (or 2)
-    for j, kw in enumerate(chained):  # each applies the activation derivative of the layer below
-        layer = n_layers - 1 - j
-        prev = as_activation(kw["prev_activation"])
-        assert prev == as_activation(model.activations[layer - 1]), (layer, prev)
-        assert kw["x"] is not None and kw["x"].shape == (17, sizes[layer]), f"layer {layer}: no input given"
-    if x_grad:  # the last call, layer 0's dX, has no layer below
-        assert as_activation(inputs[-1]["prev_activation"]).name == "identity"
-        assert len(inputs) == len(chained) + 1
+    expected = []  # (call, the previous layer's activation it applies, layer), in order
+    for i in reversed(range(n_layers)):
+        wants_dx = x_grad or any(need_w[:i])
+        prev = identity if i == 0 else acts[i - 1]
+        if need_w[i] and wants_dx and fused_backward_fits(sizes[i + 1], sizes[i], torch.float32, prev):
+            expected.append(("linear_act_backward", prev, i))
+            continue
+        if need_w[i] and wants_dx:  # a pass-through for light activations, D formed for heavy ones
+            expected.append(("delta_once", None, i))
+        if need_w[i]:
+            expected.append(("linear_act_backward_weight", None, i))
+        if wants_dx:
+            expected.append(("linear_act_backward_input", prev, i))
+    assert [name for name, _ in counting.calls] == [name for name, _, _ in expected]
+    fused = sum(1 for name, _, _ in expected if name == "linear_act_backward")
+    if net in (NETS[1], NETS[4]):  # narrow sigmoid/relu/tanh networks: every such layer fused
+        assert fused == sum(1 for i in range(n_layers) if need_w[i] and (x_grad or any(need_w[:i])))
+    for (name, kw), (_, prev, i) in zip(counting.calls, expected, strict=True):
+        if name in ("linear_act_backward", "linear_act_backward_input"):
+            # the activation derivative of the layer below, read off what it saved
+            assert as_activation(kw["prev_activation"]) == prev, (i, kw["prev_activation"])
+            if prev.name != "identity" or name == "linear_act_backward":
+                assert kw["x"] is not None and kw["x"].shape == (17, sizes[i]), f"layer {i}: no input given"
     other = [str(f) for f in recorder.ops if not (f.is_view or f.overloadpacket.__name__ == "_unsafe_view")]
     assert not other, f"FNN backward ran tensor work outside the fnn kernels: {other}"
     # The grads are still right with the spies in place.

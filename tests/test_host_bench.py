@@ -24,13 +24,13 @@ EXPECTED_LAUNCHES = {
     "linear_act_fwd_2x32": 1,
     "linear_act_fwd_32x1": 1,
     "linear_act_fwbw_2x32": 2,  # forward; dW (x is data: no dX)
-    "linear_act_fwbw_32x1": 3,  # forward; dX; dW
-    # 2 forward; dW of layer 2, dX of layer 2 with layer 1's delta in its epilogue, dW of
-    # layer 1 (the input needs no gradient: no dX of layer 1).
-    "fnn_2_32_1_fwbw_layer": 5,
+    "linear_act_fwbw_32x1": 2,  # forward; dX and dW from the fused backward kernel
+    # 2 forward; layer 2's fused backward (dW, and dX with layer 1's delta in its epilogue), dW
+    # of layer 1 (the input needs no gradient: no dX of layer 1).
+    "fnn_2_32_1_fwbw_layer": 4,
     "fnn_2_32_1_fwbw_network": 2,  # forward; backward (100 rows fit one program)
     "trainer_step_seed000": 1,  # the whole step in one kernel
-    "fnn_64x5_fwbw_layer": 11,  # 4 forward; 4 dW (with db), 3 dX with the delta
+    "fnn_64x5_fwbw_layer": 8,  # 4 forward; 3 fused (dW, db, dX with the delta); layer 1's dW (with db)
     "fnn_64x5_fwbw_network": 2,  # forward; backward (256 rows <= SINGLE_PROGRAM_ROWS: one program)
 }
 # The forward + backward cases: timed beside bench.host._Floor (autograd around a Python

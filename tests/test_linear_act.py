@@ -21,6 +21,8 @@ import fnn
 import kernels.memory
 from fnn import reference
 from kernels import linear_act as ops
+from kernels.checks import Activation, as_activation
+from kernels.configs import fused_backward_fits
 
 ACTS = ["identity", "sigmoid", "relu", "tanh"]
 SHAPES = [(1, 1, 1), (100, 2, 32), (100, 32, 1), (37, 19, 23), (123, 431, 17)]
@@ -404,6 +406,135 @@ def test_weight_grad_split_bounds(device):
     assert_close(db, db64.cpu(), 1e-5, 1e-5 * db64.abs().max().item(), "split=1000 db")
     with pytest.raises(ValueError, match="split"):
         ops.linear_act_backward_weight(dy, y, x, "sigmoid", True, split=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused backward kernel: dX, dW and db from one read of dY, S and X
+# ---------------------------------------------------------------------------------------------
+
+# (M, K, N, activation, previous layer's activation): odd sizes up to the tile (64; float64 32),
+# light and heavy activations (a heavy one's D formed first), Z-saving ones (S is Z), parameters.
+FUSED_CASES = [
+    (1, 1, 1, "sigmoid", "identity"),
+    (100, 32, 1, "sigmoid", "sigmoid"),  # seed 000's second layer, chained to its first
+    (37, 19, 23, "tanh", "relu"),
+    (53, 3, 17, "identity", "tanh"),
+    (45, 31, 7, "gelu", "leaky_relu"),
+    (26, 11, 6, Activation("leaky_relu", negative_slope=-0.2), "identity"),
+    (70, 9, 30, Activation("elu", alpha=0.5), Activation("leaky_relu", negative_slope=0.1)),
+    (29, 32, 32, Activation("softplus", beta=2.0, threshold=1.0), "sigmoid"),
+    (33, 64, 64, "relu", "sigmoid"),  # the widest tile (not float64)
+]
+
+
+def _fused_inputs(m, k, n, act, prev, dtype, device, seed):
+    """(dy, s, w, x) as a network's backward hands them to the fused kernel: s what the
+    forward saved for `act` (Y or Z; never read for identity), x the layer input, the output of
+    a `prev` layer (a fresh input for identity)."""
+    g = _gen(seed)
+    x = _randn((m, k), g, torch.float64, "cpu")
+    if as_activation(prev).name != "identity":
+        x = reference.apply_activation(x, prev)
+    w = _randn((n, k), g, torch.float64, "cpu", scale=1 / math.sqrt(k))
+    z = x @ w.T
+    s = z if as_activation(act).saves == "z" else reference.apply_activation(z, act)
+    dy = _randn((m, n), g, torch.float64, "cpu")
+    return [t.to(device=device, dtype=dtype) for t in (dy, s, w, x)]
+
+
+def _fused_reference(dy, s, w, x, act, prev, need_bias):
+    """(dX, dW, db) by the two backward functions of fnn.reference, in the inputs' dtype."""
+    dx = reference.linear_act_backward_input(dy, s, w, act, x, prev)
+    return (dx, *reference.linear_act_backward_weight(dy, s, x, act, need_bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:3])))
+def test_fused_backward_matches_float64(case, dtype, device):
+    m, k, n, act, prev = case
+    if not fused_backward_fits(n, k, dtype, as_activation(prev)):
+        assert dtype == torch.float64 and max(n, k) > 32, "a case that should fit does not"
+        return
+    for need_bias in (True, False):
+        dy, s, w, x = _fused_inputs(m, k, n, act, prev, dtype, device, seed=m + n)
+        before = [t.clone() for t in (dy, s, w, x)]
+        dx, dw, db = ops.linear_act_backward(dy, s, w, x, act, need_bias, prev)
+        assert all(torch.equal(a, b) for a, b in zip(before, (dy, s, w, x), strict=True)), "an input changed"
+        expected = _fused_reference(*(t.cpu().double() for t in (dy, s, w, x)), act, prev, need_bias)
+        in_dtype = _fused_reference(dy, s, w, x, act, prev, need_bias)
+        tag = f"fused {case} {dtype} bias={need_bias}"
+        _assert_result(dx, expected[0], in_dtype[0], f"{tag} dX")
+        _assert_result(dw, expected[1], in_dtype[1], f"{tag} dW")
+        if need_bias:
+            _assert_result(db, expected[2], in_dtype[2], f"{tag} db")
+        else:
+            assert db is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_backward_split(dtype, device, monkeypatch):
+    """split=3 slices the batch over 3 programs, whose float partials of dW and db are summed
+    in order after: the same dX, and dW and db as split=1 and the float64 reference."""
+    m, k, n = 300, 13, 21
+    dy, s, w, x = _fused_inputs(m, k, n, "tanh", "sigmoid", dtype, device, seed=41)
+    allocated = []
+    real_new = ops.new
+    monkeypatch.setattr(
+        ops, "new", lambda shape, *a, **kw: allocated.append(tuple(shape)) or real_new(shape, *a, **kw)
+    )
+    dx3, dw3, db3 = ops.linear_act_backward(dy, s, w, x, "tanh", True, "sigmoid", split=3)
+    assert (3, n, k) in allocated and (3, n) in allocated, f"split=3 made no partials: {allocated}"
+    dx1, dw1, db1 = ops.linear_act_backward(dy, s, w, x, "tanh", True, "sigmoid", split=1)
+    assert torch.equal(dx3, dx1), "dX depends on the split"
+    expected = _fused_reference(*(t.cpu().double() for t in (dy, s, w, x)), "tanh", "sigmoid", True)
+    in_dtype = _fused_reference(dy, s, w, x, "tanh", "sigmoid", True)
+    for split, dw, db in [(3, dw3, db3), (1, dw1, db1)]:
+        _assert_result(dw, expected[1], in_dtype[1], f"split={split} {dtype} dW")
+        _assert_result(db, expected[2], in_dtype[2], f"split={split} {dtype} db")
+
+
+def test_fused_backward_agrees_with_the_two_kernels(device):
+    """float64: the fused kernel and the input- and weight-gradient kernels give the same
+    gradients to rounding."""
+    dy, s, w, x = _fused_inputs(61, 27, 19, "sigmoid", "tanh", torch.float64, device, seed=43)
+    dx, dw, db = ops.linear_act_backward(dy, s, w, x, "sigmoid", True, "tanh")
+    dx2 = ops.linear_act_backward_input(dy, s, w, "sigmoid", x, "tanh")
+    dw2, db2 = ops.linear_act_backward_weight(dy, s, x, "sigmoid", True)
+    for a, b, what in [(dx, dx2, "dX"), (dw, dw2, "dW"), (db, db2, "db")]:
+        assert_close(a, b, 1e-12, 1e-12 * b.abs().max().item(), f"fused vs two kernels: {what}")
+
+
+def test_fused_backward_empty_batch(device):
+    w = torch.randn(5, 3, device=device)
+    e = torch.empty(0, 5, device=device)
+    dx, dw, db = ops.linear_act_backward(e, e, w, torch.empty(0, 3, device=device), "sigmoid", True)
+    assert dx.shape == (0, 3)
+    assert torch.equal(dw, torch.zeros(5, 3, device=device))
+    assert torch.equal(db, torch.zeros(5, device=device))
+
+
+def test_fused_backward_refuses_what_it_does_not_serve(device, monkeypatch):
+    """Named errors before any launch, inputs untouched: a weight past the tile, a heavy or
+    Z-saving previous activation, mismatched shapes and dtypes, split < 1."""
+    launched = []
+    monkeypatch.setattr(ops._bwd_fused, "keyed", lambda *a, **kw: launched.append(a))
+    dy, s, w, x = _fused_inputs(9, 5, 4, "sigmoid", "identity", torch.float32, device, seed=47)
+    before = [t.clone() for t in (dy, s, w, x)]
+    wide = torch.randn(65, 5, device=device)
+    with pytest.raises(ValueError, match="fused kernel does not serve weight"):
+        ops.linear_act_backward(torch.randn(9, 65, device=device), torch.randn(9, 65, device=device),
+                                wide, x, "sigmoid", True)
+    for prev in ("gelu", "elu", Activation("leaky_relu", negative_slope=-0.1)):
+        with pytest.raises(ValueError, match="prev_activation"):
+            ops.linear_act_backward(dy, s, w, x, "sigmoid", True, prev)
+    with pytest.raises(ValueError, match="x must have shape"):
+        ops.linear_act_backward(dy, s, w, x[:, :4], "sigmoid", True)
+    with pytest.raises(TypeError, match="y is torch.float64"):
+        ops.linear_act_backward(dy, s.double(), w, x, "sigmoid", True)
+    with pytest.raises(ValueError, match="split"):
+        ops.linear_act_backward(dy, s, w, x, "sigmoid", True, split=0)
+    assert not launched
+    assert all(torch.equal(a, b) for a, b in zip(before, (dy, s, w, x), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
