@@ -136,7 +136,8 @@ def fused_backward_config(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[T
     block_m rows per step, block_n >= n and block_k >= k."""
     wide = dtype in (torch.float32, torch.float64)
     block_m = 16 if wide else 32
-    block_n, block_k = _fit(n, 64), _fit(k, 64)
+    cap = FUSED_BACKWARD_MAX[dtype]
+    block_n, block_k = _fit(n, cap), _fit(k, cap)
     # A 64 x 64 W and dW's accumulator take 8 warps. 32- and 64-bit types take one stage: the
     # loads of the next rows in flight beside them spilled 32 B in float32 "highest" (sm_90a).
     num_warps = 8 if block_n * block_k >= 64 * 64 else 4

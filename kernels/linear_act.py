@@ -84,6 +84,17 @@ def tile_ids(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROU
 
 
 @triton.jit
+def delta_tile(dy_ptrs, s_ptrs, mask, ACTIVATION: tl.constexpr, a, b, ACC_DTYPE: tl.constexpr):
+    """D = dY * act'(Z) on one tile, in ACC_DTYPE: dY loaded (0 where masked), S (what the
+    forward saved, Y or Z) loaded only when ACTIVATION is not identity."""
+    d = tl.load(dy_ptrs, mask=mask, other=0).to(ACC_DTYPE)
+    if ACTIVATION != 0:
+        s = tl.load(s_ptrs, mask=mask, other=0).to(ACC_DTYPE)
+        d = apply_delta(d, s, ACTIVATION, a, b)
+    return d
+
+
+@triton.jit
 def linear_act_fwd_kernel(
     x_ptr,  # X (M, K), any strides
     w_ptr,  # W (N, K), any strides
@@ -179,10 +190,7 @@ def linear_act_bwd_input_kernel(
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dy_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
-        if ACTIVATION != 0:
-            y = tl.load(y_ptrs, mask=mask_mn, other=0).to(ACC_DTYPE)
-            d = apply_delta(d, y, ACTIVATION, a, b)
+        d = delta_tile(dy_ptrs, y_ptrs, mask_mn, ACTIVATION, a, b, ACC_DTYPE)
         w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc = mma(cast(d, w.dtype, UPCAST), w, acc, INPUT_PRECISION, UPCAST)
         dy_ptrs += BLOCK_N * stride_dyn
@@ -244,12 +252,9 @@ def linear_act_bwd_weight_kernel(
         offs_m = m0 + offs_r
         mask_m = offs_m < m_end
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        d = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                    mask=mask_mn, other=0).to(ACC_DTYPE)
-        if ACTIVATION != 0:
-            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                        mask=mask_mn, other=0).to(ACC_DTYPE)
-            d = apply_delta(d, y, ACTIVATION, a, b)
+        d = delta_tile(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                       y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                       mask_mn, ACTIVATION, a, b, ACC_DTYPE)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)
         if X_ACTIVATION != 0:  # the layer input, recomputed from the previous layer's Z
@@ -286,9 +291,9 @@ def linear_act_delta_kernel(
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    g = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0)
-    v = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0)
-    d = apply_delta(g.to(ACC_DTYPE), v.to(ACC_DTYPE), ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE))
+    d = delta_tile(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                   s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                   mask, ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE), ACC_DTYPE)
     tl.store(d_ptr + offs_m[:, None] * N + offs_n[None, :], d, mask=mask)
 
 
@@ -345,12 +350,9 @@ def linear_act_bwd_fused_kernel(
         mask_m = offs_m < m_end
         mask_mn = mask_m[:, None] & mask_n[None, :]
         mask_mk = mask_m[:, None] & mask_k[None, :]
-        d = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                    mask=mask_mn, other=0).to(ACC_DTYPE)
-        if ACTIVATION != 0:
-            s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
-                        mask=mask_mn, other=0).to(ACC_DTYPE)
-            d = apply_delta(d, s, ACTIVATION, a, b)
+        d = delta_tile(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                       s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                       mask_mn, ACTIVATION, a, b, ACC_DTYPE)
         dc = cast(d, w.dtype, UPCAST)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_mk, other=0)
 

@@ -160,15 +160,16 @@ def test_nothing_is_launched(probe):
     assert fnn_launches == 7
 
 
+def _tiles(record: dict) -> tuple[int, int, int]:
+    c = record["constexprs"]
+    return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+
+
 def test_fnn_specialization_is_the_launchers(probe):
     target, cfg = probe["results"][90], probe["configs"]
     fwd = _record(target, "linear_act_fwd_kernel", "fnn aligned")
     c = cfg["fwd"]
-    assert (fwd["constexprs"]["BLOCK_M"], fwd["constexprs"]["BLOCK_N"], fwd["constexprs"]["BLOCK_K"]) == (
-        c["block_m"],
-        c["block_n"],
-        c["block_k"],
-    )
+    assert _tiles(fwd) == (c["block_m"], c["block_n"], c["block_k"])
     assert (fwd["num_warps"], fwd["num_stages"]) == (c["num_warps"], c["num_stages"])
     assert fwd["constexprs"]["ACTIVATION"] == ACTIVATIONS["tanh"] and fwd["constexprs"]["HAS_BIAS"] is True
     assert fwd["constexprs"]["ACC_DTYPE"] == "fp32" and fwd["constexprs"]["UPCAST"] is False
@@ -177,27 +178,16 @@ def test_fnn_specialization_is_the_launchers(probe):
     assert fwd["args"]["stride_xk"] == "=1" and fwd["args"]["stride_wk"] == "=1"
     c = cfg["bwd_fused"]
     both = _record(target, "linear_act_bwd_fused_kernel", "fnn aligned")
-    assert (both["constexprs"]["BLOCK_M"], both["constexprs"]["BLOCK_N"], both["constexprs"]["BLOCK_K"]) == (
-        c["block_m"],
-        c["block_n"],
-        c["block_k"],
-    )
+    assert _tiles(both) == (c["block_m"], c["block_n"], c["block_k"])
     assert (both["num_warps"], both["num_stages"]) == (c["num_warps"], c["num_stages"])
     assert both["constexprs"]["ACTIVATION"] == ACTIVATIONS["tanh"] and both["constexprs"]["HAS_BIAS"] is True
+    # The wide call's two gradient kernels: (rows, reduction, cols) and (reduction, rows, cols)
     c = cfg["bwd_input"]
     dx = _record(target, "linear_act_bwd_input_kernel", "fnn wide")
-    assert (dx["constexprs"]["BLOCK_M"], dx["constexprs"]["BLOCK_N"], dx["constexprs"]["BLOCK_K"]) == (
-        c["block_m"],
-        c["block_k"],
-        c["block_n"],
-    )
+    assert _tiles(dx) == (c["block_m"], c["block_k"], c["block_n"])
     c = cfg["bwd_weight"]
     dw = _record(target, "linear_act_bwd_weight_kernel", "fnn wide")
-    assert (dw["constexprs"]["BLOCK_M"], dw["constexprs"]["BLOCK_N"], dw["constexprs"]["BLOCK_K"]) == (
-        c["block_k"],
-        c["block_m"],
-        c["block_n"],
-    )
+    assert _tiles(dw) == (c["block_k"], c["block_m"], c["block_n"])
 
 
 def test_pointer_alignment_is_seen(probe):
