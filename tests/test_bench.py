@@ -384,3 +384,64 @@ def test_cli_list_and_bad_arguments(capsys):
     assert "unknown case" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--rep", "0"])
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m bench.backward: the fused layer backward against the two kernels
+# ---------------------------------------------------------------------------------------------
+
+BACKWARD_ARGS = ["--m", "64", "--n", "24", "--k", "20", "--dtype", "float32", "--rep-ms", "1"]
+
+
+def test_backward_sweep_checks_and_times_every_variant(tmp_path):
+    """Every variant (eager, the two kernels, the fused kernel as called, other slicings and
+    launch configs) agrees with float64 and is timed; the files say what ran where. The
+    fused kernel's config is its own again afterwards."""
+    import kernels.linear_act
+    from bench import backward
+
+    real = kernels.linear_act.fused_backward_config
+    assert backward.main([*BACKWARD_ARGS, "--out", str(tmp_path)]) == 0
+    assert kernels.linear_act.fused_backward_config is real
+    result = json.loads((tmp_path / "backward.json").read_text())
+    names = [v["name"] for v in result["variants"]]
+    assert names[:3] == ["eager", "two_kernels", "fused"], names
+    assert any("split=" in n for n in names) and any("stages=" in n for n in names), names
+    default = result["default"]
+    assert f"fused warps={default['num_warps']} stages={default['num_stages']}" not in names  # not twice
+    for v in result["variants"]:
+        assert v["status"] == "ok", v
+        assert v["check"]["passed"] and v["median_ms"] > 0, v
+        assert set(v["check"]["tensors"]) == {"dx", "dw", "db"}
+    assert result["two_kernels_over_fused"] > 0
+    assert result["performance_numbers"] == torch.cuda.is_available()
+    assert result["environment"]["torch"] == torch.__version__
+    text = (tmp_path / "backward.md").read_text()
+    assert text.count("| ok |") == len(names)
+
+
+def test_backward_sweep_reports_a_disagreeing_variant(monkeypatch, capsys):
+    """A fused kernel that writes a wrong dW is reported as disagreeing and not timed; the two
+    kernels still are; the exit status is 1."""
+    import kernels.linear_act
+    from bench import backward
+
+    real = kernels.linear_act.backward_unchecked
+
+    def wrong(*args, **kwargs):
+        dx, dw, db = real(*args, **kwargs)
+        return dx, dw * 1.01, db
+
+    monkeypatch.setattr(kernels.linear_act, "backward_unchecked", wrong)
+    only = ["two_kernels", "fused"]
+    result = backward.measure(64, 24, 20, torch.float32, rep_ms=1, only=only, log=lambda s: None)
+    status = {v["name"]: v for v in result["variants"]}
+    assert set(status) == {"eager", "two_kernels", "fused"}
+    assert status["two_kernels"]["status"] == "ok"
+    assert status["fused"]["status"] == "disagrees" and "median_ms" not in status["fused"]
+    assert "dw" in status["fused"]["message"]
+    assert backward.main([*BACKWARD_ARGS, "--variants", "fused"]) == 1
+    with pytest.raises(ValueError, match="unknown variants"):
+        backward.measure(64, 24, 20, torch.float32, rep_ms=1, only=["fused split=3000"])
+    assert backward.main([*BACKWARD_ARGS, "--n", "80"]) == 2  # the fused kernel does not serve it
+    assert "does not serve" in capsys.readouterr().err
