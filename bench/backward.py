@@ -15,8 +15,9 @@ from the compile check only. This times, in one run, on one layer's saved tensor
 Every variant is first checked against a float64 reference (bench.check's rule: at most twice
 eager's error plus one unit of the dtype at the reference's scale); one that disagrees is
 reported and not timed. On a GPU, times are CUDA-event medians (triton.testing.do_bench, L2
-flushed); without one it runs at a small shape in Triton's interpreter (TRITON_INTERPRET=1)
-with wall-clock times that only show that everything runs, not how fast.
+flushed); without one it runs only in Triton's interpreter (TRITON_INTERPRET=1, else it says
+so and exits with status 2), at a small shape, with wall-clock times that only show that
+everything runs, not how fast.
 
     python -m bench.backward --out bench/results/<gpu-name>/backward   # fwbw_small_bf16's layer
     python -m bench.backward --m 65536 --n 32 --k 48 --dtype float16 --activation tanh
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -270,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="write backward.json and backward.md here")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print(
+            "bench.backward: no CUDA device. On the CPU it runs in Triton's interpreter only: "
+            "TRITON_INTERPRET=1 python -m bench.backward (the times then mean nothing)",
+            file=sys.stderr,
+        )
+        return 2
     shape = GPU_SHAPE if cuda else CPU_SHAPE
     m, n, k = (args.m or shape["m"]), (args.n or shape["n"]), (args.k or shape["k"])
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]

@@ -445,3 +445,14 @@ def test_backward_sweep_reports_a_disagreeing_variant(monkeypatch, capsys):
         backward.measure(64, 24, 20, torch.float32, rep_ms=1, only=["fused split=3000"])
     assert backward.main([*BACKWARD_ARGS, "--n", "80"]) == 2  # the fused kernel does not serve it
     assert "does not serve" in capsys.readouterr().err
+
+
+def test_backward_sweep_without_cuda_asks_for_the_interpreter(monkeypatch, capsys):
+    """On a CPU, outside Triton's interpreter, the kernels cannot run: it says so, exit 2."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    from bench import backward
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert backward.main(BACKWARD_ARGS) == 2
+    assert "TRITON_INTERPRET=1 python -m bench.backward" in capsys.readouterr().err
