@@ -109,14 +109,12 @@ def _inputs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, ac
     """x, w, b, y (fnn's forward kernel's output: what the backward reads) and dy."""
     from kernels.linear_act import linear_act_forward
 
-    g = torch.Generator().manual_seed(0)
+    from .problems import _randn
 
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    x, w = randn(m, k), randn(n, k, scale=k**-0.5)
-    b = randn(n, scale=0.5) if bias else None
-    return x, w, b, linear_act_forward(x, w, b, activation), randn(m, n)
+    g = torch.Generator(device=device).manual_seed(0)
+    x, w = _randn((m, k), g, device, dtype), _randn((n, k), g, device, dtype, k**-0.5)
+    b = _randn((n,), g, device, dtype, 0.5) if bias else None
+    return x, w, b, linear_act_forward(x, w, b, activation), _randn((m, n), g, device, dtype)
 
 
 def _present(outputs) -> Outputs:
