@@ -110,7 +110,7 @@ class LayerProgram:
     def backward(self, needs: tuple, dy_strides: tuple) -> tuple:
         """The backward's steps for `needs` (ctx.needs_input_grad: x, program, w_1, b_1, ...),
         dY's strides and the matmul precision now, made on first use."""
-        prec = _K.input_precision(self.dtype)
+        prec = _K.layer_precision(self.dtype)
         key = (needs, dy_strides, prec)
         steps = self.backwards.get(key)
         if steps is None:
@@ -270,7 +270,7 @@ def layer_call(p: FNNPlan, x: torch.Tensor) -> tuple | None:
         need = need or t.requires_grad
     need = need and _grad_enabled()
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    prec = (_K or _kernels()).input_precision(dtype)
+    prec = (_K or _kernels()).layer_precision(dtype)
     x_strides = x2d.stride()
     key = (x2d.shape[0], x_strides, dtype, device, prec, need, tuple(strides))
     programs = p.programs

@@ -20,6 +20,14 @@ import torch
 
 from .checks import Activation
 
+# The dot of the per-layer kernels (kernels.linear_act) for float32 at torch's "highest"
+# matmul precision: "ieee" (FMA, float32 products) or "tf32x3" (tensor cores: three TF32
+# products per product, about float32's accuracy). "ieee" until a GPU run has measured
+# tf32x3's speed and error: `python -m bench fwd_large_fp32` times it as `fnn_tf32x3` and
+# checks its error against float64 and PyTorch's. The whole-network kernels keep "ieee".
+FLOAT32_HIGHEST_DOTS = ("ieee", "tf32x3")
+FLOAT32_HIGHEST_DOT = "ieee"
+
 
 @dataclass(frozen=True)
 class TileConfig:

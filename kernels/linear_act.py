@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import memory
+from . import configs, memory
 from .activations import apply_activation, apply_delta, param
 from .checks import Activation, as_activation, check_linear_args
 from .configs import (
@@ -403,16 +403,25 @@ _matmul_precision = torch.get_float32_matmul_precision
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """tf32 for float32 only when torch allows it, as F.linear does."""
+    """The whole-network kernels' dot: tf32 for float32 only when torch allows it, as F.linear
+    does; "ieee" otherwise."""
     if dtype is _F32 and _matmul_precision() != "highest":
         return "tf32"
+    return "ieee"
+
+
+def layer_precision(dtype: torch.dtype) -> str:
+    """The per-layer kernels' dot: as `input_precision`, except float32 at "highest", which
+    takes `kernels.configs.FLOAT32_HIGHEST_DOT` ("ieee" or "tf32x3")."""
+    if dtype is _F32:
+        return "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
     return "ieee"
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
     return {
         "ACC_DTYPE": _acc_dtype(dtype),
-        "INPUT_PRECISION": input_precision(dtype),
+        "INPUT_PRECISION": layer_precision(dtype),
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
     }
 
@@ -672,7 +681,9 @@ def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: in
     if activation.__class__ is not Activation:
         activation = as_activation(activation)
     dtype = x.dtype
-    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
+    if dtype is _F32:
+        prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
     code, a, b = activation.kernel_args
     sxm, sxk = x.stride()
     swn, swk = weight.stride()
@@ -729,7 +740,9 @@ def backward_input_unchecked(
     dx = new((M, K), dtype, weight.device)
     if M == 0:
         return dx
-    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
+    if dtype is _F32:
+        prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
     if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the product as for identity
         dy = y = _delta_first(dy, y, activation)
         activation = _IDENTITY
@@ -762,7 +775,9 @@ def backward_weight_unchecked(
     if M == 0:
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         return dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
-    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
+    if dtype is _F32:
+        prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
     if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the product as for identity
         dy = y = _delta_first(dy, y, activation)
         activation = _IDENTITY
@@ -800,7 +815,9 @@ def backward_unchecked(
     if M == 0:
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         return dx, dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
-    prec = "tf32" if dtype is _F32 and _matmul_precision() != "highest" else "ieee"
+    prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
+    if dtype is _F32:
+        prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
     if activation.kernel_args[0] in HEAVY_DELTA:  # D first, then the products as for identity
         dy = y = _delta_first(dy, y, activation)
         activation = _IDENTITY
