@@ -1,4 +1,5 @@
-"""Does fnn agree with eager? Checked on every case before it is timed.
+"""Does fnn agree with eager? Checked on every case before it is timed, for `fnn` and for
+every other fnn variant of the case.
 
 Both are compared with a float64 reference computed by PyTorch autograd (`fnn.reference` on
 upcast inputs). fnn agrees when, for every output and gradient, its largest error is at most
@@ -61,8 +62,22 @@ def compare(names, ours, theirs, ref, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def check(problem: Problem) -> dict[str, Any]:
-    """Run fnn and eager on input set 0 and compare both with the float64 reference."""
+    """Run fnn and eager on input set 0 and compare both with the float64 reference (for a
+    training case: the loss and the step each took, `Problem.observe`). Every other fnn
+    variant of the case (`fnn_layer`, `fnn_tf32x3`, ...) is compared too, under `variants`:
+    one that disagrees, or raises, is reported and not timed."""
+    case = problem.case
     ref = problem.reference()
-    ours = problem.run("fnn", 0)
-    theirs = problem.run("eager", 0)
-    return compare(problem.output_names, ours, theirs, ref, problem.case.dtype)
+    theirs = problem.observe("eager")
+    verdict = compare(problem.output_names, problem.observe("fnn"), theirs, ref, case.dtype)
+    variants: dict[str, Any] = {}
+    for name in case.fnn_variants:
+        if name == "fnn":
+            continue
+        try:
+            variants[name] = compare(problem.output_names, problem.observe(name), theirs, ref, case.dtype)
+        except Exception as exc:  # reported by the runner as that variant's error
+            message = f"raised {type(exc).__name__}: {exc}"
+            variants[name] = {"passed": False, "tensors": {}, "message": message}
+    verdict["variants"] = variants
+    return verdict

@@ -1,11 +1,11 @@
 """What the compile check compiles: calls of fnn's real code paths, as the project makes them.
 
 `calls()` lists them (labels are what `python -m bench.compile --only` filters on):
-- `case:NAME`: every case of the benchmark registry (bench.cases) at full size, its inputs
-  built by bench.problems (left uninitialised: nothing is computed) and fnn called exactly as
-  the benchmark calls it, forward or forward+backward, under the case's matmul precision;
-- `notes:NAME FUSION`: the four network cases of bench/NOTES.md not yet in the registry,
-  under both fusions;
+- `case:NAME` (and `case:NAME VARIANT`): every case of the benchmark registry (bench.cases) at
+  full size, its inputs built by bench.problems (left uninitialised: nothing is computed) and
+  fnn called exactly as the benchmark calls it (forward, forward+backward or a training step,
+  under the case's matmul precision), and so is each of the case's other fnn variants
+  (`fnn_layer`, `fnn_network`, `fnn_tf32x3`);
 - `seed:NNN ...`: the seeds' networks and shapes, as tests/test_seeds.py runs them;
 - `grid:...`: a grid over dtype (float32 under "highest" and "high", float16, bfloat16,
   float64) x activation (every name in kernels.checks.ACTIVATIONS) x bias x odd shapes for
@@ -124,7 +124,7 @@ def _backward(y: torch.Tensor, gradient: str = "dense") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark registry and the NOTES cases
+# The benchmark registry
 # ---------------------------------------------------------------------------------------------
 
 
@@ -134,17 +134,18 @@ def _uninitialised_inputs() -> Iterator[None]:
     left uninitialised, so a full-size case costs no time or memory."""
     from . import problems
 
-    randn = problems._randn
+    randn, rand = problems._randn, problems._rand
     problems._randn = lambda shape, gen, device, dtype, scale=1.0: torch.empty(
         shape, dtype=dtype, device=device
     )
+    problems._rand = lambda shape, gen, device, dtype: torch.empty(shape, dtype=dtype, device=device)
     try:
         yield
     finally:
-        problems._randn = randn
+        problems._randn, problems._rand = randn, rand
 
 
-def _registry_call(name: str) -> Callable[[], object]:
+def _registry_call(name: str, variant: str) -> Callable[[], object]:
     def run() -> object:
         from .cases import CASES
         from .problems import build
@@ -152,7 +153,7 @@ def _registry_call(name: str) -> Callable[[], object]:
         case = CASES[name]
         with _uninitialised_inputs():
             problem = build(case, torch.device("cpu"), {"backend": "eager"}, l2_bytes=0, max_sets=1)
-        return problem.run("fnn")
+        return problem.run(variant)
 
     return run
 
@@ -160,49 +161,11 @@ def _registry_call(name: str) -> Callable[[], object]:
 def registry_calls() -> list[Call]:
     from .cases import CASES
 
-    return [Call(f"case:{c.name}", _registry_call(c.name), c.matmul_precision) for c in CASES.values()]
-
-
-def _mlp(width: int, fusion: str) -> Any:
-    import fnn
-
-    sizes = [64 if width == 64 else 128] * 5 + [16]
-    return fnn.FNN(sizes, activation=["relu"] * 4 + ["sigmoid"], fusion=fusion, dtype=torch.float16)
-
-
-def notes_calls() -> list[Call]:
-    """The four network cases spelled out at the end of bench/NOTES.md."""
-    import fnn
-
-    rows = 1 << 20
-
-    def train_step_seed000(fusion: str) -> None:
-        from fnn.cli import seed000_model
-        from fnn.data import seed000_data
-
-        model = seed000_model(2, torch.device("cpu"))
-        model.fusion = fusion
-        x, y = seed000_data()
-        fnn.Trainer(model, loss="sse", lr=1e-3).step(x, y)
-
-    def mlp_fwd(width: int, fusion: str) -> None:
-        model = _mlp(width, fusion)
-        with torch.no_grad():
-            model(_empty(rows, width, dtype=torch.float16))
-
-    def mlp_train_w64(fusion: str) -> None:
-        model = _mlp(64, fusion)
-        x, y = _empty(rows, 64, dtype=torch.float16), _empty(rows, 16, dtype=torch.float16)
-        fnn.Trainer(model, loss="mse", lr=1e-3).step(x, y)
-
     out = []
-    for fusion in ("layer", "network"):
-        out += [
-            Call(f"notes:train_step_seed000 {fusion}", lambda f=fusion: train_step_seed000(f)),
-            Call(f"notes:mlp_fwd_w64 {fusion}", lambda f=fusion: mlp_fwd(64, f)),
-            Call(f"notes:mlp_train_w64 {fusion}", lambda f=fusion: mlp_train_w64(f)),
-            Call(f"notes:mlp_fwd_w128 {fusion}", lambda f=fusion: mlp_fwd(128, f)),
-        ]
+    for c in CASES.values():
+        for v in c.fnn_variants:
+            label = f"case:{c.name}" if v == "fnn" else f"case:{c.name} {v}"
+            out.append(Call(label, _registry_call(c.name, v), c.matmul_precision))
     return out
 
 
@@ -406,7 +369,6 @@ def calls(only: Sequence[str] = ()) -> list[Call]:
     """Every call of the coverage, or those whose label contains one of `only`."""
     everything = (
         registry_calls()
-        + notes_calls()
         + seed_calls()
         + linear_grid_calls()
         + network_grid_calls()

@@ -3,11 +3,14 @@ and its work (FLOPs and compulsory bytes) for the roofline.
 
 Every implementation is a function of one input set returning a tuple of tensors: the output
 for a forward case; the output and the gradients (`torch.autograd.grad` with a fixed random
-output gradient, so nothing accumulates in `.grad`) for a forward+backward case.
+output gradient, so nothing accumulates in `.grad`) for a forward+backward case; the loss for a
+training case, whose implementations each train their own copy of the weights (the correctness
+check reads the step they took: `Problem.observe`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,9 +71,20 @@ class Problem:
     flop: float
     bytes: float
     extra: dict[str, Any] = field(default_factory=dict)
+    # implementations this device cannot run: name -> why (reported, not timed)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    # what the correctness check compares for an implementation (default: its outputs on set 0)
+    observer: Callable[[str], Outputs] | None = None
 
     def run(self, name: str, index: int = 0) -> Outputs:
         return self.impls[name](self.input_sets[index])
+
+    def observe(self, name: str) -> Outputs:
+        """The tensors the correctness check compares with `reference()`, from one call on
+        input set 0: the outputs, or for a training case the loss and each parameter's step."""
+        if self.observer is not None:
+            return self.observer(name)
+        return self.run(name, 0)
 
     def rotating(self, name: str) -> Callable[[], Outputs]:
         """A no-argument call of `name` that takes the next input set at each call."""
@@ -142,8 +156,22 @@ def network_work(case: Case) -> tuple[float, float]:
     return flop, float(elems * s)
 
 
+def train_work(case: Case) -> tuple[float, float]:
+    """One SGD step: the forward, the backward without dX, the update. Bytes: X and the
+    targets read, the parameters read and written back (hidden activations and gradients
+    excluded: a fully fused step keeps them on chip)."""
+    rows, sizes = case.shape["rows"], case.shape["sizes"]
+    s = torch.empty((), dtype=case.dtype).element_size()
+    params = sum(o * i + (o if case.bias else 0) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+    layer_flop = [2.0 * rows * i * o for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    flop = 2 * sum(layer_flop) + sum(layer_flop[1:])  # forward, dW, deltas (no dX of layer 1)
+    return flop, float((rows * (sizes[0] + sizes[-1]) + 2 * params) * s)
+
+
 def work(case: Case) -> tuple[float, float]:
-    return linear_work(case) if case.kind == "linear" else network_work(case)
+    if case.kind == "linear":
+        return linear_work(case)
+    return network_work(case) if case.kind == "network" else train_work(case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,13 +191,32 @@ def build(
     precision). `compile_options` go to torch.compile."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    if case.kind == "linear":
-        return _build_linear(case, device, compile_options, l2_bytes, max_sets, gen)
-    return _build_network(case, device, compile_options, l2_bytes, max_sets, gen)
+    builder = {"linear": _build_linear, "network": _build_network, "train": _build_train}[case.kind]
+    return builder(case, device, compile_options, l2_bytes, max_sets, gen)
 
 
 def _randn(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype, scale=1.0):
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def _rand(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype):
+    return torch.rand(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+
+@contextlib.contextmanager
+def float32_highest_dot(dot: str):
+    """kernels.configs.FLOAT32_HIGHEST_DOT set to `dot` for the duration (the per-layer
+    kernels' float32 dot at "highest"; part of their launch keys, so no stale kernel runs)."""
+    from kernels import configs
+
+    if dot not in configs.FLOAT32_HIGHEST_DOTS:
+        raise ValueError(f"FLOAT32_HIGHEST_DOT must be one of {configs.FLOAT32_HIGHEST_DOTS}, got {dot!r}")
+    old = configs.FLOAT32_HIGHEST_DOT
+    configs.FLOAT32_HIGHEST_DOT = dot
+    try:
+        yield
+    finally:
+        configs.FLOAT32_HIGHEST_DOT = old
 
 
 def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:
@@ -206,13 +253,24 @@ def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Pro
         "gemm_only": lambda x, w, b: reference.linear_act(x, w, b, "identity"),
         "addmm_act": AddmmReLU.apply,
     }
+    fns["fnn_tf32x3"] = fns["fnn"]
 
-    def wrap(f: Callable) -> Callable[[InputSet], Outputs]:
+    def wrap(name: str) -> Callable[[InputSet], Outputs]:
+        f = fns[name]
         if fwbw:
-            return lambda s: _grads(f(s["x"], s["w"], s["b"]), s["leaves"], s["grad"])
-        return lambda s: (f(s["x"], s["w"], s["b"]),)
+            call = lambda s: _grads(f(s["x"], s["w"], s["b"]), s["leaves"], s["grad"])  # noqa: E731
+        else:
+            call = lambda s: (f(s["x"], s["w"], s["b"]),)  # noqa: E731
+        if name != "fnn_tf32x3":
+            return call
 
-    impls = {name: wrap(fns[name]) for name in case.implementations}
+        def tf32x3(s: InputSet) -> Outputs:
+            with float32_highest_dot("tf32x3"):
+                return call(s)
+
+        return tf32x3
+
+    impls = {name: wrap(name) for name in case.implementations}
     names = ["y"]
     if fwbw:
         names += (["dx"] if case.input_grad else []) + ["dw"] + (["db"] if case.bias else [])
@@ -247,25 +305,49 @@ def eager_network(model: fnn.FNN) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+FUSIONS = {"fnn_layer": "layer", "fnn_network": "network"}
+
+
+def _network_model(case: Case, device: torch.device, dtype: torch.dtype, fusion: str) -> fnn.FNN:
+    """The case's FNN (its `model` factory, else a fresh init after torch.manual_seed(0)),
+    with `fusion`. Deterministic: every call gives the same weights."""
+    torch.manual_seed(0)
+    if case.model is not None:
+        model = case.model(device, dtype)
+    else:
+        acts = case.activations
+        model = fnn.FNN(
+            case.shape["sizes"],
+            activation=acts[0] if len(acts) == 1 else list(acts),
+            bias=case.bias,
+            device=device,
+            dtype=dtype,
+        )
+    if model.sizes != list(case.shape["sizes"]):
+        raise ValueError(f"{case.name}: model has sizes {model.sizes}, the case says {case.shape['sizes']}")
+    model.fusion = fusion
+    return model
+
+
+def _fnn_models(case: Case, device: torch.device, dtype: torch.dtype) -> dict[str, fnn.FNN]:
+    """One FNN per fnn variant of the case, each with its own weights (equal at the start)."""
+    fusions = {name: FUSIONS.get(name, case.fusion) for name in case.fnn_variants}
+    return {name: _network_model(case, device, dtype, fusion) for name, fusion in fusions.items()}
+
+
 def _build_network(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:
     rows, sizes, dt = case.shape["rows"], case.shape["sizes"], case.dtype
     fwbw = case.mode == "fwbw"
-    if case.model is not None:
-        torch.manual_seed(0)
-        model = case.model(device, dt)
-    else:
-        torch.manual_seed(0)
-        model = fnn.FNN(sizes, activation=case.activation, bias=case.bias, device=device, dtype=dt)
-    if model.sizes != list(sizes):
-        raise ValueError(f"{case.name}: model has sizes {model.sizes}, the case says {sizes}")
+    models = _fnn_models(case, device, dt)
+    model = models["fnn"]
     seq = eager_network(model)
     modules: dict[str, Callable] = {
-        "fnn": model,
+        **models,
         "eager": seq,
         "compile": torch.compile(seq, **compile_options),
     }
-    params = {"fnn": list(model.parameters()), "eager": list(seq.parameters())}
-    params["compile"] = params["eager"]
+    params = {name: list(m.parameters()) for name, m in models.items()}
+    params["eager"] = params["compile"] = list(seq.parameters())
 
     def make_set(i: int) -> InputSet:
         if i == 0 and case.data is not None:
@@ -287,7 +369,12 @@ def _build_network(case, device, compile_options, l2_bytes, max_sets, gen) -> Pr
         module, ps = modules[name], params.get(name, [])
         if fwbw:
             return lambda s: _grads(module(s["x"]), ([s["x"]] if case.input_grad else []) + ps, s["grad"])
-        return lambda s: (module(s["x"]),)
+
+        def forward(s: InputSet) -> Outputs:  # inference: no autograd graph is recorded
+            with torch.no_grad():
+                return (module(s["x"]),)
+
+        return forward
 
     impls = {name: wrap(name) for name in case.implementations}
     names = ["y"]
@@ -321,5 +408,124 @@ def _build_network(case, device, compile_options, l2_bytes, max_sets, gen) -> Pr
         set_bytes,
         flop,
         nbytes,
-        extra={"model": model, "eager_model": seq},
+        extra={"model": model, "eager_model": seq, "models": models},
+    )
+
+
+def _captured_step(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device):
+    """`step(x, y)` captured in a CUDA graph, after three warm-up steps on a side stream (as
+    torch.cuda.graphs asks). Returns (graph, the loss tensor each replay writes)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(x, y)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(x, y)
+    return graph, loss
+
+
+def _build_train(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:
+    from fnn.trainer import LOSSES, Trainer
+
+    rows, sizes, dt, lr = case.shape["rows"], case.shape["sizes"], case.dtype, case.lr
+    loss_fn = LOSSES[case.loss]
+    models = _fnn_models(case, device, dt)
+    start = _network_model(case, device, dt, case.fusion)  # the weights every copy starts from
+
+    def make_set(i: int) -> InputSet:
+        if i == 0 and case.data is not None:
+            x, y = (t[:rows].to(device=device, dtype=dt) for t in case.data())
+        else:
+            x, y = _randn((rows, sizes[0]), gen, device, dt), _rand((rows, sizes[-1]), gen, device, dt)
+        for name, t, width in (("x", x, sizes[0]), ("y", y, sizes[-1])):
+            if tuple(t.shape) != (rows, width):
+                raise ValueError(f"{case.name}: {name} has shape {tuple(t.shape)}, expected {(rows, width)}")
+        return {"x": x, "y": y}
+
+    first = make_set(0)
+    set_bytes = _nbytes(first["x"], first["y"])
+    sets = [first] + [make_set(i) for i in range(1, count_sets(set_bytes, l2_bytes, max_sets))]
+
+    impls: dict[str, Callable[[InputSet], Outputs]] = {}
+    params: dict[str, list[torch.Tensor]] = {}
+    unavailable: dict[str, str] = {}
+    for name, model in models.items():
+        trainer = Trainer(model, loss=case.loss, lr=lr)
+        impls[name] = lambda s, t=trainer: (t.step(s["x"], s["y"]),)
+        params[name] = list(model.parameters())
+
+    def eager_step(seq: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        opt = torch.optim.SGD(seq.parameters(), lr=lr)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(seq(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    for name in ("eager", "compile", "eager_graph"):
+        if name not in case.implementations:
+            continue
+        seq = eager_network(start)
+        params[name] = list(seq.parameters())
+        step = eager_step(seq)
+        if name == "compile":
+            step = torch.compile(step, **compile_options)
+        if name == "eager_graph":
+            if device.type != "cuda":
+                unavailable[name] = "needs CUDA (torch.cuda.graph)"
+                continue
+            graph, loss = _captured_step(step, first["x"], first["y"], device)
+
+            def replay(s: InputSet, graph=graph, loss=loss) -> Outputs:  # always input set 0
+                graph.replay()
+                return (loss,)
+
+            impls[name] = replay
+            continue
+        impls[name] = lambda s, step=step: (step(s["x"], s["y"]),)
+
+    names = ["loss"]
+    for i, layer in enumerate(start.layers, start=1):
+        names += [f"step_w{i}"] + ([f"step_b{i}"] if layer.bias is not None else [])
+
+    def observe(name: str) -> Outputs:
+        """One step on input set 0: the loss and each parameter's change (new - old)."""
+        before = [p.detach().clone() for p in params[name]]
+        (loss,) = impls[name](sets[0])
+        return (loss.detach(), *(p.detach() - b for p, b in zip(params[name], before, strict=True)))
+
+    def ref() -> Outputs:
+        x, y = sets[0]["x"].double(), sets[0]["y"].double()
+        leaves = [p.detach().double().requires_grad_(True) for p in start.parameters()]
+        it = iter(leaves)
+        ws, bs = [], []
+        for layer in start.layers:
+            ws.append(next(it))
+            bs.append(next(it) if layer.bias is not None else None)
+        loss = loss_fn(reference.fnn_forward(x, ws, bs, start.activations), y)
+        grads = torch.autograd.grad(loss, leaves)
+        return (loss.detach(), *(-lr * g for g in grads))  # SGD's first step, momentum 0
+
+    flop, nbytes = train_work(case)
+    return Problem(
+        case,
+        device,
+        sets,
+        impls,
+        tuple(names),
+        ref,
+        set_bytes,
+        flop,
+        nbytes,
+        extra={"models": models, "start": start},
+        unavailable=unavailable,
+        observer=observe,
     )

@@ -177,7 +177,10 @@ def evaluate_goal(goal: Goal, result: dict[str, Any], ceilings: dict[str, Any]) 
     if goal.kind in ("speedup", "at_most"):
         base = med.get(goal.baseline)
         if base is None:
-            out["note"] = f"{goal.baseline} was not timed"
+            why = (result.get("skipped") or {}).get(goal.baseline) or (result.get("errors") or {}).get(
+                goal.baseline
+            )
+            out["note"] = f"{goal.baseline} was not timed" + (f": {why}" if why else "")
             return out
         if goal.kind == "speedup":
             out["measured"] = base / fnn_ms
@@ -192,6 +195,18 @@ def evaluate_goal(goal: Goal, result: dict[str, Any], ceilings: dict[str, Any]) 
             return out
         out["measured"] = result["gbps"]["fnn"] / copy
         out["passed"] = out["measured"] >= goal.target
+    elif goal.kind == "error":
+        tensors = (result.get("check") or {}).get("tensors") or {}
+        if not tensors:
+            out["note"] = "no correctness check was recorded"
+            return out
+        ratios = []
+        for t in tensors.values():
+            ours, theirs = t["max_err_fnn"], t["max_err_eager"]
+            ratios.append(ours / theirs if theirs else (0.0 if ours == 0 else math.inf))
+        out["measured"] = max(ratios)
+        out["passed"] = out["measured"] <= goal.target
+        out["note"] = "largest ratio over the outputs of fnn's max error to eager's, against float64"
     elif goal.kind == "memory":
         mem = result.get("peak_memory_bytes") or {}
         ours, theirs = mem.get("fnn"), mem.get(goal.baseline)
@@ -225,6 +240,7 @@ def case_result_skeleton(case: Case) -> dict[str, Any]:
         "status": "pending",
         "error": None,
         "errors": {},
+        "skipped": {},
         "check": None,
         "timing_method": None,
         "input_sets": None,
@@ -305,10 +321,22 @@ def run_case(
                 bar.update(len(case.implementations))
                 return result
             log(f"{case.name}: check passed ({_check_line(verdict)})")
+            for name, v in verdict.get("variants", {}).items():
+                if v["passed"]:
+                    log(f"{case.name}/{name}: check passed ({_check_line(v)})")
+                else:
+                    result["errors"][name] = f"disagrees with eager: {v['message']}"
+                    log(f"!!! {case.name}/{name} FAILED its check, not timed: {v['message']}", error=True)
 
             calls = {}
             estimates = {}
             for name in case.implementations:
+                if name in result["errors"]:
+                    continue
+                if name in problem.unavailable:
+                    result["skipped"][name] = problem.unavailable[name]
+                    log(f"{case.name}/{name}: not run here ({problem.unavailable[name]})")
+                    continue
                 bar.set_postfix_str(f"{case.name}: warm-up {name}")
                 fn = problem.rotating(name)
                 try:
@@ -359,7 +387,7 @@ def run_case(
                     f"{case.name} without CUDA graph (launch overhead included): "
                     + ", ".join(f"{n} {ms:.4f} ms" for n, ms in result["median_ms_no_graph"].items())
                 )
-            if case.mode == "fwbw":
+            if case.mode in ("fwbw", "step"):
                 if device.type == "cuda":
                     result["peak_memory_bytes"] = {}
                     for name in calls:

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,20 @@ from bench import cases as bc
 from bench import report
 from bench.check import compare
 from bench.cli import main
-from bench.problems import AddmmReLU, count_sets, linear_work, network_work
+from bench.problems import AddmmReLU, count_sets, float32_highest_dot, linear_work, network_work, train_work
 from bench.runner import evaluate_goal, goals_verdict
 from bench.timing import CpuTimer
 
 REPO = Path(__file__).resolve().parent.parent
-RUN_CASES = ["fwd_small_bf16", "fwbw_relu_bf16", "fnn_seed000_fwbw"]
+RUN_CASES = [
+    "fwd_small_bf16",
+    "fwbw_relu_bf16",
+    "fwd_large_fp32",
+    "fnn_seed000_fwbw",
+    "train_step_seed000",
+    "mlp_fwd_w64",
+    "mlp_train_w64",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---------------------------------------------------------------------------------------------
@@ -47,8 +56,10 @@ ISSUE_CASES = {
     "fwbw_small_bf16": (SMALL, BF16, "fwbw", "highest", "sigmoid",
                         {"speedup vs eager >= 1.6x", "speedup vs compile >= 1.2x"}),
     "fwd_large_tf32": (BIG, FP32, "fwd", "high", "sigmoid", {"speedup vs eager >= 1x"}),
-    "fwd_large_fp32": ((4096, 4096, 4096), FP32, "fwd", "highest", "sigmoid", {"speedup vs eager >= 0.9x"}),
-    "fwbw_relu_bf16": (BIG, BF16, "fwbw", "highest", "relu", {"speedup vs eager >= 1x"}),
+    "fwd_large_fp32": ((4096, 4096, 4096), FP32, "fwd", "highest", "sigmoid",
+                       {"speedup vs eager >= 1.5x", "error vs float64 <= eager's"}),
+    "fwbw_relu_bf16": (BIG, BF16, "fwbw", "highest", "relu",
+                       {"speedup vs eager >= 1x", "speedup vs addmm_act >= 1x"}),
 }  # fmt: skip
 
 
@@ -63,6 +74,7 @@ def test_linear_cases_match_the_issue(name):
     )  # fmt: skip
     expected_impls = ["fnn", "eager", "compile"] + (["gemm_only"] if mode == "fwd" else [])
     expected_impls += ["addmm_act"] if name == "fwbw_relu_bf16" else []
+    expected_impls += ["fnn_tf32x3"] if name == "fwd_large_fp32" else []
     assert list(case.implementations) == expected_impls
     if mode == "fwbw":
         goals = goals | {"peak memory <= eager's"}
@@ -75,12 +87,47 @@ def test_network_case_is_seed000():
         "network", "fwbw", torch.float32, False, "sigmoid",
     )  # fmt: skip
     assert case.shape == {"rows": 100, "sizes": [2, 32, 1]}
-    assert [g.text for g in case.all_goals] == ["speedup vs eager >= 2x", "peak memory <= eager's"]
-    assert list(case.implementations) == ["fnn", "eager", "compile"]
+    assert [g.text for g in case.all_goals] == ["speedup vs eager >= 4x", "peak memory <= eager's"]
+    assert list(case.implementations) == ["fnn", "eager", "compile", "fnn_layer", "fnn_network"]
+    assert case.fusion == "auto" and case.fnn_variants == ("fnn", "fnn_layer", "fnn_network")
     model = case.model(torch.device("cpu"), torch.float32)
     assert isinstance(model, fnn.FNN) and model.sizes == [2, 32, 1]
     assert all(layer.bias is None for layer in model.layers)
     assert tuple(case.data().shape) == (100, 2)
+
+
+# The issue's network and training cases (bench/NOTES.md spells them out):
+# name -> (kind, rows, sizes, dtype, activations, loss, implementations, goals).
+MLP = [64] * 5 + [16]
+MLP_ACTS = ("relu",) * 4 + ("sigmoid",)
+BASE, FNNS, FP16 = ["fnn", "eager", "compile"], ["fnn_layer", "fnn_network"], torch.float16
+NETWORK_CASES = {
+    "train_step_seed000": ("train", 100, [2, 32, 1], FP32, "sigmoid", "sse", [*BASE, "eager_graph", *FNNS],
+                           {"speedup vs eager >= 10x", "speedup vs eager_graph >= 3x"}),
+    "mlp_fwd_w64": ("network", 1 << 20, MLP, FP16, MLP_ACTS, None, [*BASE, *FNNS],
+                    {"speedup vs eager >= 3x", "speedup vs compile >= 1.5x"}),
+    "mlp_train_w64": ("train", 1 << 20, MLP, FP16, MLP_ACTS, "mse", [*BASE, *FNNS],
+                      {"speedup vs eager >= 2x", "speedup vs compile >= 1.3x"}),
+    "mlp_fwd_w128": ("network", 1 << 20, [128] * 5 + [16], FP16, MLP_ACTS, None, [*BASE, *FNNS],
+                     {"speedup vs eager >= 2x"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(NETWORK_CASES))
+def test_network_and_training_cases_match_the_issue(name):
+    kind, rows, sizes, dtype, acts, loss, impls, goals = NETWORK_CASES[name]
+    case = bc.CASES[name]
+    assert (case.kind, case.shape, case.dtype, case.activation, case.fusion) == (
+        kind, {"rows": rows, "sizes": sizes}, dtype, acts, "auto",
+    )  # fmt: skip
+    assert case.mode == ("step" if kind == "train" else "fwd")
+    if kind == "train":
+        assert (case.loss, case.lr, case.cuda_graph) == (loss, 1e-3, False)
+        goals = goals | {"peak memory <= eager's"}
+    assert list(case.implementations) == impls
+    assert {g.text for g in case.all_goals} == goals
+    assert case.at_tiny().shape["sizes"] == sizes and case.at_tiny().shape["rows"] <= 100
+    json.dumps(case.to_json())  # the report can write it
 
 
 def test_quick_selection_and_unknown_names():
@@ -109,7 +156,27 @@ def test_registry_rejects_bad_cases():
         bc.linear_case("x3", 8, 8, 8, torch.float32, "fwd", activation="mish")
     with pytest.raises(ValueError, match="precision"):
         bc.linear_case("x4", 8, 8, 8, torch.float32, "fwd", precision="low")
-    assert "x1" not in bc.CASES
+    with pytest.raises(ValueError, match="training case"):
+        bc.network_case("x5", 8, [2, 3, 1], torch.float32, "fwd", extra_baselines=["eager_graph"])
+    with pytest.raises(ValueError, match="network or training"):
+        bc.linear_case("x6", 8, 8, 8, torch.float32, "fwd", extra_baselines=["fnn_layer"])
+    with pytest.raises(ValueError, match="tf32x3"):
+        bc.linear_case("x7", 8, 8, 8, torch.float32, "fwd", precision="high", extra_baselines=["fnn_tf32x3"])
+    with pytest.raises(ValueError, match="tf32x3"):
+        bc.linear_case("x8", 8, 8, 8, torch.bfloat16, "fwd", extra_baselines=["fnn_tf32x3"])
+    with pytest.raises(ValueError, match="3 activations for 2 layers"):
+        bc.network_case("x9", 8, [2, 3, 1], torch.float32, "fwd", activation=["relu"] * 3)
+    with pytest.raises(ValueError, match="unknown activation"):
+        bc.network_case("x10", 8, [2, 3, 1], torch.float32, "fwd", activation=["relu", "mish"])
+    with pytest.raises(ValueError, match="fusion"):
+        bc.network_case("x11", 8, [2, 3, 1], torch.float32, "fwd", fusion="whole")
+    with pytest.raises(ValueError, match="loss"):
+        bc.train_case("x12", 8, [2, 3, 1], torch.float32, loss="hinge")
+    with pytest.raises(ValueError, match="one activation name"):
+        bc.linear_case("x13", 8, 8, 8, torch.float32, "fwd", activation=("relu",))
+    with pytest.raises(ValueError, match="mode"):
+        bc._validate(replace(bc.CASES["mlp_train_w64"], mode="fwd"))
+    assert not {f"x{i}" for i in range(1, 14)} & set(bc.CASES)
 
 
 def test_work_matches_the_roofline_notes():
@@ -126,6 +193,13 @@ def test_work_matches_the_roofline_notes():
     # forward 2*100*(2*32 + 32*1); backward: dW of both layers and the delta of layer 1.
     assert flop == 2 * 100 * (2 * 32 + 32) * 2 + 2 * 100 * 32
     assert nbytes == 4 * (100 * 2 + 96 + 100 + 2 * 100 + 100 * 2 + 2 * 96)
+
+
+def test_training_work():
+    flop, nbytes = train_work(bc.CASES["train_step_seed000"])
+    # forward 2*100*(2*32 + 32*1); dW of both layers; the delta of layer 1 (no dX of the input)
+    assert flop == 2 * 100 * (2 * 32 + 32) * 2 + 2 * 100 * 32
+    assert nbytes == 4 * (100 * (2 + 1) + 2 * 96)  # X, targets, parameters read and written
 
 
 def test_count_sets_rotates_only_what_fits_in_l2():
@@ -190,9 +264,52 @@ def test_goal_evaluation():
     assert evaluate_goal(bc.speedup("eager", 1.0), _result({"fnn": None, "eager": 1.0}), {})["passed"] is None
     failed = evaluate_goal(bc.speedup("eager", 1.0), _result({"fnn": None}, status="failed"), {})
     assert failed["passed"] is False
+    skipped = {**_result({"fnn": 1.0, "eager_graph": None}), "skipped": {"eager_graph": "needs CUDA"}}
+    g = evaluate_goal(bc.speedup("eager_graph", 3.0), skipped, {})
+    assert g["passed"] is None and g["note"] == "eager_graph was not timed: needs CUDA"
+    # error: fnn's largest error at most eager's, output by output
+    check = {"tensors": {"y": {"max_err_fnn": 1e-6, "max_err_eager": 2e-6},
+                         "dw": {"max_err_fnn": 3e-6, "max_err_eager": 4e-6}}}  # fmt: skip
+    g = evaluate_goal(bc.error_at_most(1.0), {**_result(med), "check": check}, {})
+    assert g["passed"] is True and g["measured"] == pytest.approx(0.75)
+    assert g["text"] == "error vs float64 <= eager's"
+    check["tensors"]["dw"]["max_err_fnn"] = 5e-6
+    g = evaluate_goal(bc.error_at_most(1.0), {**_result(med), "check": check}, {})
+    assert g["passed"] is False and g["measured"] == pytest.approx(1.25)
+    assert evaluate_goal(bc.error_at_most(1.0), _result(med), {})["passed"] is None
     assert goals_verdict([{"passed": True}, {"passed": None}]) is None
     assert goals_verdict([{"passed": True}, {"passed": False}]) is False
     assert goals_verdict([{"passed": True}]) is True
+
+
+@pytest.mark.usefixtures("fp32_matmul_precision")
+def test_tf32x3_variant_takes_its_own_kernel_and_the_default_comes_back(device):
+    """fwd_large_fp32's fnn_tf32x3: the per-layer kernels' float32 "highest" dot switched for
+    the call only, with its own kernel specialization (the dot is part of the launch key)."""
+    from kernels import configs
+    from kernels import linear_act as la
+
+    assert configs.FLOAT32_HIGHEST_DOT == "ieee" and la.layer_precision(torch.float32) == "ieee"
+    g = torch.Generator(device=device).manual_seed(5)
+    x = torch.randn(37, 19, generator=g, device=device)
+    w = torch.randn(23, 19, generator=g, device=device) / 19**0.5
+    la._FWD_STEPS.clear()
+    y = fnn.linear_act(x, w, None, "tanh")
+    with float32_highest_dot("tf32x3"):
+        assert la.layer_precision(torch.float32) == "tf32x3"
+        assert la.layer_precision(torch.bfloat16) == "ieee"
+        assert la.input_precision(torch.float32) == "ieee"  # the network kernels keep theirs
+        y3 = fnn.linear_act(x, w, None, "tanh")
+    assert configs.FLOAT32_HIGHEST_DOT == "ieee"
+    assert sorted(key[-1] for key in la._FWD_STEPS) == ["ieee", "tf32x3"]
+    torch.testing.assert_close(y3, y, atol=1e-5, rtol=1e-5)  # tf32x3: about float32's accuracy
+    torch.set_float32_matmul_precision("high")
+    with float32_highest_dot("tf32x3"):
+        assert la.layer_precision(torch.float32) == "tf32"  # "high" still means tf32
+    with pytest.raises(ValueError, match="FLOAT32_HIGHEST_DOT must be one of"):
+        with float32_highest_dot("tf32"):
+            pass
+    assert configs.FLOAT32_HIGHEST_DOT == "ieee"
 
 
 def test_addmm_relu_baseline_matches_autograd():
@@ -232,22 +349,42 @@ def tiny_run(tmp_path_factory, device):
     return results, status, out
 
 
+CHECKED = {
+    "fwd_small_bf16": ["y"],
+    "fwbw_relu_bf16": ["y", "dx", "dw", "db"],
+    "fwd_large_fp32": ["y"],
+    "fnn_seed000_fwbw": ["y", "dw1", "dw2"],
+    "train_step_seed000": ["loss", "step_w1", "step_w2"],
+    "mlp_fwd_w64": ["y"],
+    "mlp_train_w64": ["loss"] + [f"step_{p}{i}" for i in range(1, 6) for p in "wb"],
+}
+
+
 def test_tiny_run_checks_and_times_every_case(tiny_run):
     results, status, _ = tiny_run
     assert status == 0
     assert [c["name"] for c in results["cases"]] == RUN_CASES
+    cuda = torch.cuda.is_available()
     for c in results["cases"]:
         assert c["status"] == "ok", (c["name"], c["error"], c["errors"])
         assert c["check"]["passed"], c["check"]["message"]
-        assert set(c["check"]["tensors"]) == set(
-            {"fwd_small_bf16": ["y"], "fwbw_relu_bf16": ["y", "dx", "dw", "db"],
-             "fnn_seed000_fwbw": ["y", "dw1", "dw2"]}[c["name"]]
-        )  # fmt: skip
+        assert list(c["check"]["tensors"]) == CHECKED[c["name"]]
+        variants = c["check"]["variants"]  # every other fnn variant checked as well
+        assert set(variants) == set(bc.CASES[c["name"]].fnn_variants[1:])
+        for name, v in variants.items():
+            assert v["passed"] and list(v["tensors"]) == CHECKED[c["name"]], (name, v["message"])
         assert set(c["median_ms"]) == set(c["implementations"])
-        assert all(v > 0 for v in c["median_ms"].values())
+        # eager_graph (a CUDA graph) is reported as not run on the CPU, never left out silently
+        skipped = set() if cuda or "eager_graph" not in c["implementations"] else {"eager_graph"}
+        assert set(c["skipped"]) == skipped and all("CUDA" in why for why in c["skipped"].values())
+        assert all(c["median_ms"][n] is None for n in skipped)
+        assert all(v > 0 for n, v in c["median_ms"].items() if n not in skipped)
         for name, base in c["speedup"].items():
-            assert base == pytest.approx(c["median_ms"][name] / c["median_ms"]["fnn"])
-        assert set(c["roofline_fraction"]) == set(c["implementations"])
+            if name in skipped:
+                assert base is None
+            else:
+                assert base == pytest.approx(c["median_ms"][name] / c["median_ms"]["fnn"])
+        assert set(c["roofline_fraction"]) == set(c["implementations"]) - skipped
         assert c["input_sets"] >= 2  # tiny inputs fit in the cache: rotated
         assert c["timing_method"] in ("perf_counter", "cuda_graph", "do_bench")
         assert all(g["passed"] in (True, False, None) for g in c["goals"])
@@ -255,6 +392,9 @@ def test_tiny_run_checks_and_times_every_case(tiny_run):
     by_name = {c["name"]: c for c in results["cases"]}
     assert "gemm_only" in by_name["fwd_small_bf16"]["median_ms"]
     assert "addmm_act" in by_name["fwbw_relu_bf16"]["median_ms"]
+    assert by_name["train_step_seed000"]["timing_method"] != "cuda_graph"  # eager_graph is the graph
+    (error_goal,) = [g for g in by_name["fwd_large_fp32"]["goals"] if g["kind"] == "error"]
+    assert error_goal["measured"] is not None and error_goal["passed"] is not None
     assert set(results["ceilings"]) >= {"copy", "gemm_bf16", "gemm_fp32"}
     assert results["ceilings"]["copy"]["GBps"] > 0 and results["ceilings"]["gemm_bf16"]["TFLOPs"] > 0
 
@@ -270,12 +410,14 @@ def test_tiny_run_json_schema(tiny_run):
     for c in doc["cases"]:
         for key in report.REQUIRED_CASE_KEYS:
             assert key in c, (c["name"], key)
-        assert c["dtype"] in ("bfloat16", "float32")
+        assert c["dtype"] in ("bfloat16", "float16", "float32")
         assert isinstance(c["shape"], dict) and c["shape"]
-        assert all(isinstance(v, float) for v in c["median_ms"].values())
+        times = c["median_ms"]
+        assert all(isinstance(times[n], float) for n in times if n not in c["skipped"])
+        assert all(times[n] is None for n in c["skipped"])
         for g in c["goals"]:
             assert {"text", "kind", "baseline", "target", "measured", "passed"} <= set(g)
-        if c["mode"] == "fwbw":
+        if c["mode"] in ("fwbw", "step"):
             assert "peak_memory_bytes" in c
             if torch.cuda.is_available():
                 assert c["peak_memory_bytes"]["fnn"] > 0 and c["peak_memory_bytes"]["eager"] > 0
@@ -359,6 +501,33 @@ def test_disagreeing_fnn_fails_the_case_loudly(monkeypatch, tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().err
     assert "FAILED CHECK" in (tmp_path / report.SUMMARY_NAME).read_text()
     assert "FAILED: fnn disagrees" in (tmp_path / report.LOG_NAME).read_text()
+
+
+def test_a_wrong_training_step_of_one_fnn_variant_is_reported_not_timed(monkeypatch, tmp_path):
+    """fnn_network's Trainer takes each step twice: its check fails (the loss agrees, the
+    parameters' steps are twice the reference's), it is not timed, the others are."""
+    from fnn.trainer import Trainer
+
+    step = Trainer.step
+
+    def twice(self, x, y):
+        loss = step(self, x, y)
+        if self.model.fusion == "network":
+            step(self, x, y)
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", twice)
+    status = main(["--tiny", "--cases", "train_step_seed000", "--out", str(tmp_path), "--rep", "1"])
+    assert status == 1
+    (c,) = json.loads((tmp_path / report.JSON_NAME).read_text())["cases"]
+    assert c["status"] == "error" and c["check"]["passed"] is True
+    bad = c["check"]["variants"]["fnn_network"]
+    assert not bad["passed"] and bad["tensors"]["loss"]["passed"]
+    assert not bad["tensors"]["step_w1"]["passed"] and not bad["tensors"]["step_w2"]["passed"]
+    assert c["check"]["variants"]["fnn_layer"]["passed"]
+    assert c["errors"]["fnn_network"].startswith("disagrees with eager: step_w1:")
+    assert c["median_ms"]["fnn_network"] is None and c["speedup"]["fnn_network"] is None
+    assert all(c["median_ms"][n] > 0 for n in ("fnn", "eager", "compile", "fnn_layer"))
 
 
 def test_cli_without_cuda_says_so_and_exits_0(tmp_path):

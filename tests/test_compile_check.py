@@ -286,11 +286,14 @@ def test_all_pairs_covers_every_pair():
 def test_coverage_lists_every_case_seed_and_activation():
     labels = [c.label for c in coverage.calls()]
     assert len(labels) == len(set(labels)), "labels must be unique"
-    for name in CASES:
+    for name, case in CASES.items():  # every fnn variant of every case: both fusions, tf32x3
         assert f"case:{name}" in labels
+        for variant in case.fnn_variants[1:]:
+            assert f"case:{name} {variant}" in labels
     for name in ("train_step_seed000", "mlp_fwd_w64", "mlp_train_w64", "mlp_fwd_w128"):
         for fusion in ("layer", "network"):
-            assert f"notes:{name} {fusion}" in labels
+            assert f"case:{name} fnn_{fusion}" in labels
+    assert "case:fwd_large_fp32 fnn_tf32x3" in labels
     for seed in ("000", "001", "002", "003"):
         assert any(lbl.startswith(f"seed:{seed}") for lbl in labels), seed
     grid = [lbl for lbl in labels if lbl.startswith("grid:linear_act")]
