@@ -62,7 +62,7 @@ def cached_configs() -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(
-            _patched(linear_act, "matmul_config", functools.lru_cache(None)(configs.matmul_config))
+            _patched(linear_act, "tile_config", functools.lru_cache(None)(configs.tile_config))
         )
         stack.enter_context(
             _patched(linear_act, "weight_grad_split", functools.lru_cache(None)(configs.weight_grad_split))

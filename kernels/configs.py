@@ -81,6 +81,37 @@ def matmul_config(rows: int, cols: int, red: int, dtype: torch.dtype) -> TileCon
     return TileConfig(block_m, block_n, block_k, num_warps=num_warps)
 
 
+# Tiles measured on a GPU (`python -m bench.tiles`), by kernel and bucketed shape:
+# (kernel, dtype, dot precision, heavy, rows, cols, reduction) -> TileConfig, where kernel is
+# "fwd" (rows M, cols N, reduction K), "dx" (M, K, N) or "dw" (N, K, M); the precision is the
+# kernel's INPUT_PRECISION ("ieee", "tf32", "tf32x3"); heavy says whether the kernel's
+# epilogue computes a HEAVY_DELTA activation (gelu, silu, elu, softplus: more registers, so a
+# tile measured with a light one does not serve it); each size is its bucket (`shape_bucket`:
+# the next power of two). A shape without an entry takes matmul_config's heuristic. Empty
+# until a GPU run has measured a tile that beats the heuristic.
+TUNED_TILES: dict[tuple[str, torch.dtype, str, bool, int, int, int], TileConfig] = {}
+TILE_KERNELS = ("fwd", "dx", "dw")
+
+
+def shape_bucket(n: int) -> int:
+    """The bucket a size falls in for TUNED_TILES: the next power of two (at least 1)."""
+    return next_power_of_2(n)
+
+
+def tile_config(
+    kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, precision: str, heavy: bool = False
+) -> TileConfig:
+    """The tile of one per-layer GEMM kernel ("fwd", "dx" or "dw") for an output of (rows,
+    cols) reduced over `red`: TUNED_TILES' entry for the bucketed shape, else matmul_config's.
+    Called once per launch plan (the launchers cache their plans), not per launch."""
+    if TUNED_TILES:
+        key = (kernel, dtype, precision, heavy, shape_bucket(rows), shape_bucket(cols), shape_bucket(red))
+        tuned = TUNED_TILES.get(key)
+        if tuned is not None:
+            return tuned
+    return matmul_config(rows, cols, red, dtype)
+
+
 def weight_grad_split(m: int, n: int, k: int, cfg: TileConfig) -> int:
     """How many slices of the batch the weight-gradient kernel reduces in parallel.
 

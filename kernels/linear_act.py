@@ -33,7 +33,7 @@ from .configs import (
     cdiv,
     fused_backward_config,
     fused_backward_fits,
-    matmul_config,
+    tile_config,
     weight_grad_split,
 )
 from .launch import launcher
@@ -463,7 +463,7 @@ def _light(code: int) -> None:
 
 def _make_forward(key: tuple) -> tuple:
     M, N, K, sxm, sxk, swn, swk, sb, code, a, b, store_z, dtype, prec = key
-    cfg = matmul_config(M, N, K, dtype)
+    cfg = tile_config("fwd", M, N, K, dtype, prec, code in HEAVY_DELTA)
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     args = (
         M, N, K,
@@ -492,7 +492,7 @@ def forward_step(
 def _make_backward_input(key: tuple) -> tuple:
     M, N, K, sdm, sdn, sym, syn, swn, swk, sxm, sxk, code, a, b, pcode, pa, pb, dtype, _, prec = key
     _light(code)
-    cfg = matmul_config(M, K, N, dtype)
+    cfg = tile_config("dx", M, K, N, dtype, prec, pcode in HEAVY_DELTA)
     grid = (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),)
     args = (
         M, N, K,
@@ -524,7 +524,7 @@ def backward_input_step(
 def _make_backward_weight(key: tuple) -> tuple:
     M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, a, b, xcode, xa, xb, need_bias, dtype, _, prec = key
     _light(code)
-    cfg = matmul_config(N, K, M, dtype)  # rows N, cols K, reduced over M
+    cfg = tile_config("dw", N, K, M, dtype, prec, xcode in HEAVY_DELTA)  # rows N, cols K, reduced over M
     if split is None:
         split = weight_grad_split(M, N, K, cfg)
     if split < 1:
