@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command that makes a GPU session count (torch 2.11 + triton 3.6 + a CUDA GPU, < 9 min):
 #
-#     bench/gpu_session.sh OUTDIR            # OUTDIR must be new or empty
-#     bench/gpu_session.sh --dry-run OUTDIR  # print the steps and the files, run nothing
+#     bench/gpu_session.sh OUTDIR                       # OUTDIR must be new or empty
+#     bench/gpu_session.sh --sweeps OUTDIR              # the second command: the three sweeps
+#     bench/gpu_session.sh --dry-run [--sweeps] OUTDIR  # print the steps and the files, run nothing
 #
 # Steps, each under its own time limit (seconds):
 #   1. record the GPU (nvidia-smi), torch/triton/python/CUDA versions, the commit
@@ -14,18 +15,27 @@
 # the compile verdict, pytest's closing line), session.log (nvidia-smi, the compile table,
 # pytest's full output, the benchmark's output), bench/ (python -m bench's 6 files:
 # results.json, summary.md, run.log and 3 PNG plots).
+#
+# With --sweeps, after step 1:
+#   2. python -m bench.backward: the fused layer backward against two kernels         150
+#   3. python -m bench.tiles: the per-layer GEMM tiles against the heuristic              240
+#   4. python -m bench --host: host time per call, and the host cases end to end on the GPU 180
+# Files (8, one folder deep): summary.txt, session.log, backward/ (backward.json, backward.md),
+# tiles/ (tiles.json, tiles.md), host/ (host.json, host.md).
 # Without CUDA it stops at once, before writing anything, with status 2. With a git checkout the
 # commit is read from git; otherwise set BENCH_GIT_COMMIT=<sha>. The exit status is 1 if a step
 # failed or ran out of time.
 set -uo pipefail
 
 dry=0
-if [[ ${1:-} == --dry-run ]]; then
-    dry=1
+sweeps=0
+while [[ ${1:-} == --dry-run || ${1:-} == --sweeps ]]; do
+    [[ $1 == --dry-run ]] && dry=1
+    [[ $1 == --sweeps ]] && sweeps=1
     shift
-fi
+done
 if [[ $# -ne 1 || ${1:-} == -* ]]; then
-    echo "usage: bench/gpu_session.sh [--dry-run] OUTDIR" >&2
+    echo "usage: bench/gpu_session.sh [--dry-run] [--sweeps] OUTDIR" >&2
     exit 2
 fi
 out=$1
@@ -36,7 +46,26 @@ PY=${PYTHON:-python}
 COMPILE_S=150
 PYTEST_S=270
 BENCH_S=90
+BACKWARD_S=150
+TILES_S=240
+HOST_S=180
 
+if ((dry && sweeps)); then
+    cat <<EOF
+bench/gpu_session.sh --sweeps $out (dry run: nothing is run)
+  1. record: nvidia-smi; $PY: torch, triton, python, CUDA versions, GPU name and capability; git commit
+  2. [${BACKWARD_S} s] $PY -m bench.backward --out $out/backward
+  3. [${TILES_S} s] $PY -m bench.tiles --out $out/tiles
+  4. [${HOST_S} s] $PY -m bench --host --out $out/host
+files:
+  $out/summary.txt
+  $out/session.log
+  $out/backward/backward.json, backward.md
+  $out/tiles/tiles.json, tiles.md
+  $out/host/host.json, host.md
+EOF
+    exit 0
+fi
 if ((dry)); then
     cat <<EOF
 bench/gpu_session.sh $out (dry run: nothing is run)
@@ -114,6 +143,16 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__
 ' 2>&1 | tee -a "$summary" "$log"
 say "commit: $commit"
 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed 's/^/driver: /' | tee -a "$summary" "$log"
+
+if ((sweeps)); then
+    step "bench.backward" "$BACKWARD_S" "$PY" -m bench.backward --out "$out/backward"
+    grep -E "^(two kernels / fused|fastest): " "$out/backward/backward.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
+    step "bench.tiles" "$TILES_S" "$PY" -m bench.tiles --out "$out/tiles"
+    grep -E "^best: " "$out/tiles/tiles.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
+    step "bench --host" "$HOST_S" "$PY" -m bench --host --out "$out/host"
+    say "total: $((SECONDS - start)) s"
+    exit $failed
+fi
 
 # 2. The compile check for this GPU (its JSON is left in a temporary folder: the same run on a
 #    CPU machine reproduces it; the table is in session.log, the verdict in summary.txt).

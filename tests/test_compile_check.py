@@ -406,3 +406,18 @@ def test_gpu_session_dry_run_plans_at_most_8_files(tmp_path):
     assert 2 + len(bench_files) <= 8
     assert not out.exists()
     assert _session().returncode == 2  # no OUTDIR: usage
+
+
+def test_gpu_session_sweeps_dry_run_plans_8_files(tmp_path):
+    out = tmp_path / "sweeps"
+    proc = _session("--dry-run", "--sweeps", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for command in ("bench.backward --out", "bench.tiles --out", "bench --host --out"):
+        assert command in text, command
+    files = ["summary.txt", "session.log", "backward.json", "backward.md", "tiles.json", "tiles.md",
+             "host.json", "host.md"]  # fmt: skip
+    assert all(name in text for name in files) and len(files) <= 8
+    assert "-m pytest" not in text and "bench.compile" not in text and not out.exists()
+    proc = _session("--sweeps", str(out))  # no CUDA: stops before writing anything
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and not out.exists()
