@@ -112,6 +112,24 @@ def tile_config(
     return matmul_config(rows, cols, red, dtype)
 
 
+# The persistent descriptor forward (kernels.linear_act.linear_act_fwd_tma_kernel: one program
+# per SM looping over the output tiles, X, W and Y moved by TMA on Hopper) in place of the
+# per-tile forward, where it serves (kernels.linear_act.tma_fits). Off until a GPU run has
+# measured it: `python -m bench` times it as `fnn_tma` beside `fnn` in the forward cases.
+FORWARD_TMA = False
+
+
+@functools.lru_cache(maxsize=1024)
+def tma_forward_config(m: int, n: int, k: int, dtype: torch.dtype) -> TileConfig:
+    """The descriptor forward's tile: 128 x 128 outputs (smaller where the output is), 64
+    16-bit or 32 float32 elements of the reduction a step, 8 warps, 3 stages (sm_90a: about
+    130 KiB of shared memory for 16-bit, no spill; the compile check covers it)."""
+    cap_k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
+    block_m, block_n, block_k = _fit(m, 128), _fit(n, 128), _fit(k, cap_k)
+    num_warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return TileConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
+
+
 def weight_grad_split(m: int, n: int, k: int, cfg: TileConfig) -> int:
     """How many slices of the batch the weight-gradient kernel reduces in parallel.
 

@@ -34,6 +34,7 @@ from .configs import (
     fused_backward_config,
     fused_backward_fits,
     tile_config,
+    tma_forward_config,
     weight_grad_split,
 )
 from .launch import launcher
@@ -149,6 +150,47 @@ def linear_act_fwd_kernel(
     acc = apply_activation(acc, ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE))
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=mask_mn)
+
+
+@triton.jit
+def linear_act_fwd_tma_kernel(
+    x_desc,  # X (M, K): a tensor descriptor of [BLOCK_M, BLOCK_K] blocks
+    w_desc,  # W (N, K): [BLOCK_N, BLOCK_K] blocks
+    y_desc,  # Y (M, N): [BLOCK_M, BLOCK_N] blocks, written
+    b_ptr,  # b (N,); not read unless HAS_BIAS
+    M, N, K,
+    stride_b,
+    programs,  # how many programs run: each takes the output tiles pid, pid + programs, ...
+    act_a: tl.float64, act_b: tl.float64,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The forward as linear_act_fwd_kernel computes it, persistent and through tensor
+    descriptors (TMA on Hopper): a fixed number of programs loop over the output tiles in the
+    grouped order, X and W blocks are loaded whole (out-of-range elements read as zero) and Y
+    blocks stored whole (out-of-range elements dropped), so no masks in the main loop."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, programs, flatten=True):
+        pid_m, pid_n = tile_ids(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for ks in range(k_steps):
+            x = x_desc.load([off_m, ks * BLOCK_K])
+            w = w_desc.load([off_n, ks * BLOCK_K])
+            acc = mma(x, w.T, acc, INPUT_PRECISION, UPCAST)
+        if HAS_BIAS:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            b = tl.load(b_ptr + offs_n * stride_b, mask=offs_n < N, other=0)
+            acc += b.to(ACC_DTYPE)[None, :]
+        acc = apply_activation(acc, ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE))
+        y_desc.store([off_m, off_n], cast(acc, y_desc.dtype, UPCAST))
 
 
 @triton.jit
@@ -684,6 +726,9 @@ def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: in
     prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
     if dtype is _F32:
         prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
+    if configs.FORWARD_TMA and z is None and tma_fits(x, weight, y, prec):
+        _launch_forward_tma(x, weight, bias, activation, y, M, N, K, prec)
+        return
     code, a, b = activation.kernel_args
     sxm, sxk = x.stride()
     swn, swk = weight.stride()
@@ -692,6 +737,71 @@ def _launch_forward(x, weight, bias, activation: Activation, y, z, M: int, N: in
     step = _FWD_STEPS.get(key) or cached_plan(_FWD_STEPS, key, lambda: _make_forward(key))
     # bias unused without HAS_BIAS, z unless STORE_Z
     _fwd.keyed(key, step[1], x, weight, x if bias is None else bias, y, y if z is None else z, *step[2])
+
+
+_TMA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TMA_DEVICES: dict[torch.device, bool] = {}
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Whether tensor descriptors pay on `device`: a CUDA GPU of capability 9.0 or more (TMA),
+    or the CPU (Triton's interpreter, or the compile check, which compiles for its target)."""
+    ok = _TMA_DEVICES.get(device)
+    if ok is None:
+        ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+        _TMA_DEVICES[device] = ok
+    return ok
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D tensor a descriptor can address: unit inner stride, outer stride and address
+    multiples of 16 bytes."""
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, prec: str) -> bool:
+    """Whether the descriptor forward (linear_act_fwd_tma_kernel) serves this call: 16-bit
+    inputs, or float32 on the tensor cores (tf32, tf32x3), every tensor descriptor-ready, on a
+    device with TMA. Only consulted when kernels.configs.FORWARD_TMA is set."""
+    if x.dtype not in _TMA_DTYPES or (x.dtype is _F32 and prec == "ieee"):
+        return False
+    return _tma_device(x.device) and _tma_ready(x) and _tma_ready(weight) and _tma_ready(y)
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def _tma_programs(device: torch.device, tiles: int) -> int:
+    """One program per SM (at most one per tile); 4 off a GPU (interpreter, compile check)."""
+    sms = _SMS.get(device)
+    if sms is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _SMS[device] = sms
+    return max(1, min(sms, tiles))
+
+
+def _launch_forward_tma(x, weight, bias, activation: Activation, y, M: int, N: int, K: int, prec: str) -> None:
+    """The descriptor forward for Y, M > 0 (tma_fits holds)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    cfg = tma_forward_config(M, N, K, x.dtype)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    programs = _tma_programs(x.device, tiles)
+    code, a, b = activation.kernel_args
+    linear_act_fwd_tma_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]),
+        TensorDescriptor.from_tensor(weight, [bn, bk]),
+        TensorDescriptor.from_tensor(y, [bm, bn]),
+        x if bias is None else bias,  # not read without HAS_BIAS
+        M, N, K, 0 if bias is None else bias.stride(0), programs,
+        a, b,
+        code, bias is not None,  # ACTIVATION, HAS_BIAS
+        _acc_dtype(x.dtype), prec, INTERPRETED and x.dtype == torch.bfloat16,  # ACC_DTYPE, INPUT_PRECISION, UPCAST
+        bm, bn, bk, cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def forward_unchecked(
