@@ -13,6 +13,8 @@ A case is one problem timed under every implementation side by side:
   training cases), the measurements behind the `fusion="auto"` rule;
 - `fnn_tf32x3`: fnn with float32 "highest" computed by `tl.dot(input_precision="tf32x3")`
   (tensor cores, three TF32 products) instead of the FMA dot (float32 "highest" linear cases).
+- `fnn_tma`: fnn with the persistent tensor-descriptor forward (`kernels.configs.FORWARD_TMA`;
+  16-bit and tf32 forward linear cases).
 
 A training case (`train_case`) times one full-batch SGD step: `fnn.Trainer(model, loss, lr).step`
 against the eager step (zero_grad, loss, backward, `torch.optim.SGD.step`).
@@ -38,9 +40,9 @@ from kernels.checks import check_activation
 Mode = Literal["fwd", "fwbw", "step"]
 Kind = Literal["linear", "network", "train"]
 
-EXTRA_BASELINES = ("addmm_act", "eager_graph", "fnn_layer", "fnn_network", "fnn_tf32x3")
+EXTRA_BASELINES = ("addmm_act", "eager_graph", "fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma")
 IMPLEMENTATIONS = ("fnn", "eager", "compile", "gemm_only", *EXTRA_BASELINES)
-FNN_VARIANTS = ("fnn_layer", "fnn_network", "fnn_tf32x3")  # fnn itself, configured otherwise
+FNN_VARIANTS = ("fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma")  # fnn itself, configured otherwise
 FUSIONS = ("auto", "layer", "network")
 LOSSES = ("bce", "mse", "sse")  # fnn.trainer.LOSSES
 PRECISIONS = ("highest", "high", "medium")
@@ -283,6 +285,13 @@ def _validate(case: Case) -> Case:
         case.kind != "linear" or case.dtype != torch.float32 or case.matmul_precision != "highest"
     ):
         raise ValueError(f"{case.name}: fnn_tf32x3 needs a linear float32 case at precision 'highest'")
+    if "fnn_tma" in extras and (
+        case.kind != "linear"
+        or case.mode != "fwd"
+        or (case.dtype == torch.float32 and case.matmul_precision == "highest")
+        or case.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    ):
+        raise ValueError(f"{case.name}: fnn_tma needs a forward linear case in 16 bits or tf32")
     for goal in case.all_goals:
         if goal.kind == "bandwidth":
             continue
@@ -482,7 +491,12 @@ BIG, SMALL = (8192, 4096, 4096), (1 << 20, 64, 64)
 
 register(
     linear_case(
-        "fwd_large_bf16", *BIG, BF16, "fwd", goals=[speedup("eager", 1.08), at_most("gemm_only", 1.05)]
+        "fwd_large_bf16",
+        *BIG,
+        BF16,
+        "fwd",
+        extra_baselines=["fnn_tma"],
+        goals=[speedup("eager", 1.08), at_most("gemm_only", 1.05)],
     )
 )
 register(
@@ -492,6 +506,7 @@ register(
         BF16,
         "fwd",
         quick=True,
+        extra_baselines=["fnn_tma"],
         goals=[speedup("eager", 1.8), speedup("compile", 1.2), bandwidth(0.85)],
     )
 )
@@ -510,7 +525,17 @@ register(
         goals=[speedup("eager", 1.6), speedup("compile", 1.2)],
     )
 )
-register(linear_case("fwd_large_tf32", *BIG, FP32, "fwd", precision="high", goals=[speedup("eager", 1.0)]))
+register(
+    linear_case(
+        "fwd_large_tf32",
+        *BIG,
+        FP32,
+        "fwd",
+        precision="high",
+        extra_baselines=["fnn_tma"],
+        goals=[speedup("eager", 1.0)],
+    )
+)
 register(
     linear_case(
         "fwd_large_fp32",

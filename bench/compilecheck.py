@@ -69,6 +69,8 @@ def _rows(*names: str) -> Callable[[dict[str, Any]], int]:
 GEMM_TILES: dict[str, tuple[Callable[[dict[str, Any]], int], str] | None] = {
     # acc (BLOCK_M, BLOCK_N) += X (BLOCK_M, BLOCK_K) @ W^T
     "linear_act_fwd_kernel": (_rows("BLOCK_M"), "x_ptr"),
+    # the same through tensor descriptors, persistent
+    "linear_act_fwd_tma_kernel": (_rows("BLOCK_M"), "x_desc"),
     # acc (BLOCK_M, BLOCK_K) += D (BLOCK_M, BLOCK_N) @ W, D cast to W's dtype
     "linear_act_bwd_input_kernel": (_rows("BLOCK_M"), "w_ptr"),
     # acc (BLOCK_N, BLOCK_K) += D^T (BLOCK_N, BLOCK_M) @ X
@@ -437,7 +439,11 @@ def _record(
     if gemm not in ("unknown", None):
         rows, operand = gemm
         rec["row_tile"] = rows(constexprs)
-        rec["operand"] = args.get(operand, "?").split()[0].lstrip("*")
+        spec = args.get(operand, "?")  # "*bf16 %16" for a pointer, "tensordesc<bf16[128, 64]>"
+        if spec.startswith("tensordesc<"):
+            rec["operand"] = spec.removeprefix("tensordesc<").split("[")[0]
+        else:
+            rec["operand"] = spec.split()[0].lstrip("*")
     rec["calls"] = calls
     rec["launches"] = launches
     rec["compile_seconds"] = None if seconds is None else round(seconds, 2)

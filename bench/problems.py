@@ -204,6 +204,20 @@ def _rand(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dt
 
 
 @contextlib.contextmanager
+def forward_tma(on: bool = True):
+    """kernels.configs.FORWARD_TMA set to `on` for the duration: the persistent descriptor
+    forward wherever it serves (it is not part of the launch plans it bypasses)."""
+    from kernels import configs
+
+    old = configs.FORWARD_TMA
+    configs.FORWARD_TMA = on
+    try:
+        yield
+    finally:
+        configs.FORWARD_TMA = old
+
+
+@contextlib.contextmanager
 def float32_highest_dot(dot: str):
     """kernels.configs.FLOAT32_HIGHEST_DOT set to `dot` for the duration (the per-layer
     kernels' float32 dot at "highest"; part of their launch keys, so no stale kernel runs)."""
@@ -253,7 +267,8 @@ def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Pro
         "gemm_only": lambda x, w, b: reference.linear_act(x, w, b, "identity"),
         "addmm_act": AddmmReLU.apply,
     }
-    fns["fnn_tf32x3"] = fns["fnn"]
+    fns["fnn_tf32x3"] = fns["fnn_tma"] = fns["fnn"]
+    contexts = {"fnn_tf32x3": lambda: float32_highest_dot("tf32x3"), "fnn_tma": forward_tma}
 
     def wrap(name: str) -> Callable[[InputSet], Outputs]:
         f = fns[name]
@@ -261,14 +276,14 @@ def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Pro
             call = lambda s: _grads(f(s["x"], s["w"], s["b"]), s["leaves"], s["grad"])  # noqa: E731
         else:
             call = lambda s: (f(s["x"], s["w"], s["b"]),)  # noqa: E731
-        if name != "fnn_tf32x3":
+        if name not in contexts:
             return call
 
-        def tf32x3(s: InputSet) -> Outputs:
-            with float32_highest_dot("tf32x3"):
+        def variant(s: InputSet, context=contexts[name]) -> Outputs:
+            with context():
                 return call(s)
 
-        return tf32x3
+        return variant
 
     impls = {name: wrap(name) for name in case.implementations}
     names = ["y"]
