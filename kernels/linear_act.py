@@ -340,6 +340,38 @@ def linear_act_delta_kernel(
 
 
 @triton.jit
+def linear_act_delta_sum_kernel(
+    dy_ptr,  # dY (M, N), any strides
+    s_ptr,  # S (M, N), what the forward saved for ACTIVATION (Y, or Z)
+    d_ptr,  # D (M, N), contiguous, written in its own dtype (the layer's: what a GEMM library reads)
+    db_ptr,  # (cdiv(M, BLOCK_M), N) float partials of db, contiguous: written when HAS_BIAS
+    M, N,
+    stride_dym, stride_dyn,
+    stride_sm, stride_sn,
+    act_a: tl.float64, act_b: tl.float64,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """D = dY * act'(Z) in the layer's dtype, for a backward whose two products another
+    library computes, and with HAS_BIAS each program's column sums of D (from the unrounded
+    values) as row pid_m of db's partials: the activation's backward and db in one pass."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    d = delta_tile(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                   s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
+                   mask, ACTIVATION, param(act_a, ACC_DTYPE), param(act_b, ACC_DTYPE), ACC_DTYPE)
+    tl.store(d_ptr + offs_m[:, None] * N + offs_n[None, :], cast(d, d_ptr.dtype.element_ty, UPCAST), mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + pid_m * N + offs_n, tl.sum(d, axis=0), mask=mask_n)  # masked rows hold D = 0
+
+
+@triton.jit
 def linear_act_bwd_fused_kernel(
     dy_ptr,  # dY (M, N), any strides
     s_ptr,  # S (M, N), what the forward saved (Y, or Z); not read when ACTIVATION is identity
@@ -433,6 +465,7 @@ _fwd = launcher(linear_act_fwd_kernel)
 _bwd_input = launcher(linear_act_bwd_input_kernel)
 _bwd_weight = launcher(linear_act_bwd_weight_kernel)
 _delta = launcher(linear_act_delta_kernel)
+_delta_sum = launcher(linear_act_delta_sum_kernel)
 _bwd_fused = launcher(linear_act_bwd_fused_kernel)
 
 
@@ -686,6 +719,36 @@ def _delta_first(dy: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Te
         step = delta_step(m, n, dy.stride(), s.stride(), act, dy.dtype, s.dtype)
         _delta.keyed(step[0], step[1], dy, s, d, *step[2])
     return d
+
+
+DELTA_SUM_ROWS, DELTA_SUM_COLS = 64, 64  # the delta-and-db pass's tile (4 warps)
+
+
+def delta_and_bias_grad(
+    dy: torch.Tensor, s: torch.Tensor, activation: str | Activation, need_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(D, db) of one layer for 2-D dy and s (what the forward saved for `activation`), both
+    (M, N) of the layer's dtype: D = dy * act'(Z) in that dtype, contiguous, and db = D summed
+    over the rows (float partials from the same pass, summed in order) or None. For a backward
+    whose dX = D W and dW = D^T X another library computes (the bench's `fnn_cublas_bwd`)."""
+    if activation.__class__ is not Activation:
+        activation = as_activation(activation)
+    m, n = dy.shape
+    d = new((m, n), dy.dtype, dy.device)
+    if m == 0 or n == 0:
+        return d, (torch.zeros(n, dtype=dy.dtype, device=dy.device) if need_bias else None)
+    acc = delta_dtype(dy.dtype)
+    rows = cdiv(m, DELTA_SUM_ROWS)
+    partials = new((rows, n), acc, dy.device) if need_bias else d  # not written without a bias
+    code, a, b = activation.kernel_args
+    _delta_sum(
+        (rows, cdiv(n, DELTA_SUM_COLS)),
+        dy, s, d, partials, m, n, *dy.stride(), *s.stride(), a, b,
+        code, need_bias, _acc_dtype(dy.dtype), INTERPRETED and dy.dtype == torch.bfloat16,
+        DELTA_SUM_ROWS, DELTA_SUM_COLS,
+        num_warps=4,
+    )
+    return d, (partials.sum(0).to(dy.dtype) if need_bias else None)
 
 
 def delta_once(
