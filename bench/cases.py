@@ -15,6 +15,9 @@ A case is one problem timed under every implementation side by side:
   (tensor cores, three TF32 products) instead of the FMA dot (float32 "highest" linear cases).
 - `fnn_tma`: fnn with the persistent tensor-descriptor forward (`kernels.configs.FORWARD_TMA`;
   16-bit and tf32 forward linear cases).
+- `fnn_cublas_bwd`: fnn's forward kernel with a backward whose two products are cuBLAS's
+  (torch.mm) and whose D and db come from one Triton pass (bench.problems.CublasBackward;
+  forward+backward linear cases of an activation that saves Y).
 
 A training case (`train_case`) times one full-batch SGD step: `fnn.Trainer(model, loss, lr).step`
 against the eager step (zero_grad, loss, backward, `torch.optim.SGD.step`).
@@ -40,9 +43,12 @@ from kernels.checks import check_activation
 Mode = Literal["fwd", "fwbw", "step"]
 Kind = Literal["linear", "network", "train"]
 
-EXTRA_BASELINES = ("addmm_act", "eager_graph", "fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma")
+EXTRA_BASELINES = (
+    "addmm_act", "eager_graph", "fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma", "fnn_cublas_bwd",
+)
 IMPLEMENTATIONS = ("fnn", "eager", "compile", "gemm_only", *EXTRA_BASELINES)
-FNN_VARIANTS = ("fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma")  # fnn itself, configured otherwise
+# fnn itself, configured otherwise, or (fnn_cublas_bwd) a design measured before it is built in
+FNN_VARIANTS = ("fnn_layer", "fnn_network", "fnn_tf32x3", "fnn_tma", "fnn_cublas_bwd")
 FUSIONS = ("auto", "layer", "network")
 LOSSES = ("bce", "mse", "sse")  # fnn.trainer.LOSSES
 PRECISIONS = ("highest", "high", "medium")
@@ -292,6 +298,10 @@ def _validate(case: Case) -> Case:
         or case.dtype not in (torch.float16, torch.bfloat16, torch.float32)
     ):
         raise ValueError(f"{case.name}: fnn_tma needs a forward linear case in 16 bits or tf32")
+    if "fnn_cublas_bwd" in extras and (
+        case.kind != "linear" or case.mode != "fwbw" or case.activation not in ("sigmoid", "relu", "tanh")
+    ):
+        raise ValueError(f"{case.name}: fnn_cublas_bwd needs a linear fwbw case of sigmoid, relu or tanh")
     for goal in case.all_goals:
         if goal.kind == "bandwidth":
             continue
@@ -512,7 +522,12 @@ register(
 )
 register(
     linear_case(
-        "fwbw_large_bf16", *BIG, BF16, "fwbw", goals=[speedup("eager", 1.05), speedup("compile", 1.0)]
+        "fwbw_large_bf16",
+        *BIG,
+        BF16,
+        "fwbw",
+        extra_baselines=["fnn_cublas_bwd"],
+        goals=[speedup("eager", 1.05), speedup("compile", 1.0)],
     )
 )
 register(
@@ -557,7 +572,7 @@ register(
         BF16,
         "fwbw",
         activation="relu",
-        extra_baselines=["addmm_act"],
+        extra_baselines=["addmm_act", "fnn_cublas_bwd"],
         goals=[speedup("eager", 1.0), speedup("addmm_act", 1.0)],
         note="addmm_act: cuBLASLt ReLU epilogue forward, eager-PyTorch backward (reported, no goal)",
     )

@@ -83,6 +83,7 @@ GEMM_TILES: dict[str, tuple[Callable[[dict[str, Any]], int], str] | None] = {
     "network_reduce_kernel": None,
     # D = dY * act'(Z) for the heavy activations: elementwise, no dot
     "linear_act_delta_kernel": None,
+    "linear_act_delta_sum_kernel": None,
     # dX (BLOCK_M, BLOCK_K) = D (BLOCK_M, BLOCK_N) @ W and dW (BLOCK_N, BLOCK_K) += D^T @ X: the
     # larger row tile
     "linear_act_bwd_fused_kernel": (_rows("BLOCK_M", "BLOCK_N"), "w_ptr"),

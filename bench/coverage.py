@@ -158,12 +158,21 @@ def _registry_call(name: str, variant: str) -> Callable[[], object]:
     return run
 
 
+# fnn variants of the registry the check does not run as cases, and why.
+NOT_RUN = {
+    "fnn_cublas_bwd": "its products are torch.mm, which would compute here on the CPU at full size; "
+    "its Triton kernels are fnn's forward (case:NAME) and grid:delta_and_bias_grad",
+}
+
+
 def registry_calls() -> list[Call]:
     from .cases import CASES
 
     out = []
     for c in CASES.values():
         for v in c.fnn_variants:
+            if v in NOT_RUN:
+                continue
             label = f"case:{c.name}" if v == "fnn" else f"case:{c.name} {v}"
             out.append(Call(label, _registry_call(c.name, v), c.matmul_precision))
     return out
@@ -258,6 +267,29 @@ def linear_grid_calls() -> list[Call]:
         )
         args = (dtype, r["activation"], r["bias"], r["shape"], r["gradient"])
         out.append(Call(label, lambda a=args: run(*a), precision))
+    return out
+
+
+def delta_sum_calls() -> list[Call]:
+    """kernels.linear_act.delta_and_bias_grad (the bench's fnn_cublas_bwd: D in the layer's
+    dtype and db's partials in one pass) in every dtype, with and without db, at
+    fwbw_large_bf16's (M, N) and an odd one, for the activations that save Y, Z and nothing."""
+    from kernels.linear_act import delta_and_bias_grad
+
+    out = []
+    for (tag, dtype, precision), act, bias, (m, n) in zip(
+        DTYPES,
+        ("sigmoid", "gelu", "relu", "tanh", "identity"),
+        (True, False, True, True, False),
+        ((8192, 4096), (37, 23), (8192, 4096), (123, 17), (100, 32)),
+        strict=True,
+    ):
+
+        def run(dtype=dtype, act=act, bias=bias, m=m, n=n) -> None:
+            delta_and_bias_grad(_empty(m, n, dtype=dtype), _empty(m, n, dtype=dtype), act, bias)
+
+        label = f"grid:delta_and_bias_grad {tag} {act} {'bias' if bias else 'nobias'} {m}x{n}"
+        out.append(Call(label, run, precision))
     return out
 
 
@@ -369,6 +401,7 @@ def calls(only: Sequence[str] = ()) -> list[Call]:
     """Every call of the coverage, or those whose label contains one of `only`."""
     everything = (
         registry_calls()
+        + delta_sum_calls()
         + seed_calls()
         + linear_grid_calls()
         + network_grid_calls()

@@ -57,6 +57,32 @@ class AddmmReLU(torch.autograd.Function):
         return (d @ w if need_x else None, d.t() @ x if need_w else None, d.sum(0) if need_b else None)
 
 
+class CublasBackward(torch.autograd.Function):
+    """fnn's forward kernel, and a backward whose two products are cuBLAS's: one Triton pass
+    forms D = dY * act'(Y) in the layer's dtype and db (kernels.linear_act.delta_and_bias_grad),
+    then dX = D W and dW = D^T X are torch.mm. The design the GPU issue allows where a Triton
+    GEMM cannot match cuBLAS ("keep that GEMM on cuBLAS and fuse around it"), measured here as
+    `fnn_cublas_bwd` before it is built into fnn. For activations that save Y (sigmoid, relu)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, act: str) -> torch.Tensor:
+        from kernels.linear_act import linear_act_forward
+
+        y = linear_act_forward(x, w, b, act)
+        ctx.save_for_backward(x, w, y)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from kernels.linear_act import delta_and_bias_grad
+
+        x, w, y = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        d, db = delta_and_bias_grad(dy, y, ctx.act, need_b)
+        return (d @ w if need_x else None, d.t() @ x if need_w else None, db, None)
+
+
 @dataclass
 class Problem:
     """A case on a device. `run(name, inputs)` calls one implementation on one input set."""
@@ -266,6 +292,7 @@ def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Pro
         "compile": torch.compile(eager, **compile_options),
         "gemm_only": lambda x, w, b: reference.linear_act(x, w, b, "identity"),
         "addmm_act": AddmmReLU.apply,
+        "fnn_cublas_bwd": lambda x, w, b: CublasBackward.apply(x, w, b, act),
     }
     fns["fnn_tf32x3"] = fns["fnn_tma"] = fns["fnn"]
     contexts = {"fnn_tf32x3": lambda: float32_highest_dot("tf32x3"), "fnn_tma": forward_tma}

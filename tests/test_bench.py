@@ -76,6 +76,7 @@ def test_linear_cases_match_the_issue(name):
     expected_impls += ["addmm_act"] if name == "fwbw_relu_bf16" else []
     expected_impls += ["fnn_tf32x3"] if name == "fwd_large_fp32" else []
     expected_impls += ["fnn_tma"] if name in ("fwd_large_bf16", "fwd_small_bf16", "fwd_large_tf32") else []
+    expected_impls += ["fnn_cublas_bwd"] if name in ("fwbw_large_bf16", "fwbw_relu_bf16") else []
     assert list(case.implementations) == expected_impls
     if mode == "fwbw":
         goals = goals | {"peak memory <= eager's"}
@@ -169,6 +170,11 @@ def test_registry_rejects_bad_cases():
         bc.linear_case("x14", 8, 8, 8, torch.float32, "fwd", extra_baselines=["fnn_tma"])  # "highest": FMA
     with pytest.raises(ValueError, match="fnn_tma"):
         bc.linear_case("x15", 8, 8, 8, torch.bfloat16, "fwbw", extra_baselines=["fnn_tma"])
+    with pytest.raises(ValueError, match="fnn_cublas_bwd"):
+        bc.linear_case("x16", 8, 8, 8, torch.bfloat16, "fwd", extra_baselines=["fnn_cublas_bwd"])
+    with pytest.raises(ValueError, match="fnn_cublas_bwd"):
+        bc.linear_case("x17", 8, 8, 8, torch.bfloat16, "fwbw", activation="gelu",
+                       extra_baselines=["fnn_cublas_bwd"])  # fmt: skip
     with pytest.raises(ValueError, match="3 activations for 2 layers"):
         bc.network_case("x9", 8, [2, 3, 1], torch.float32, "fwd", activation=["relu"] * 3)
     with pytest.raises(ValueError, match="unknown activation"):
@@ -181,7 +187,7 @@ def test_registry_rejects_bad_cases():
         bc.linear_case("x13", 8, 8, 8, torch.float32, "fwd", activation=("relu",))
     with pytest.raises(ValueError, match="mode"):
         bc._validate(replace(bc.CASES["mlp_train_w64"], mode="fwd"))
-    assert not {f"x{i}" for i in range(1, 16)} & set(bc.CASES)
+    assert not {f"x{i}" for i in range(1, 18)} & set(bc.CASES)
 
 
 def test_work_matches_the_roofline_notes():

@@ -286,10 +286,13 @@ def test_all_pairs_covers_every_pair():
 def test_coverage_lists_every_case_seed_and_activation():
     labels = [c.label for c in coverage.calls()]
     assert len(labels) == len(set(labels)), "labels must be unique"
-    for name, case in CASES.items():  # every fnn variant of every case: both fusions, tf32x3
+    for name, case in CASES.items():  # every fnn variant of every case: both fusions, tf32x3, TMA
         assert f"case:{name}" in labels
         for variant in case.fnn_variants[1:]:
-            assert f"case:{name} {variant}" in labels
+            assert (f"case:{name} {variant}" in labels) != (variant in coverage.NOT_RUN), variant
+    assert "case:fwbw_large_bf16 fnn_cublas_bwd" not in labels  # torch.mm at full size on the CPU
+    delta_sum = [lbl for lbl in labels if lbl.startswith("grid:delta_and_bias_grad")]
+    assert {lbl.split()[1] for lbl in delta_sum} == {"fp32", "tf32", "fp16", "bf16", "fp64"}
     for name in ("train_step_seed000", "mlp_fwd_w64", "mlp_train_w64", "mlp_fwd_w128"):
         for fusion in ("layer", "network"):
             assert f"case:{name} fnn_{fusion}" in labels

@@ -129,3 +129,31 @@ def test_descriptor_tile():
     assert (tf32.block_k, tf32.num_warps) == (32, 8)
     small = configs.tma_forward_config(37, 24, 40, torch.float16)
     assert (small.block_m, small.block_n, small.block_k, small.num_warps) == (64, 32, 64, 4)
+
+
+# --- the delta-and-db pass of fnn_cublas_bwd (kernels.linear_act.delta_and_bias_grad) ------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_delta_and_bias_grad_matches_float64(device, dtype):
+    """D = dY * act'(Z) in the layer's dtype and db = its column sums, read off what the
+    forward saved (Y, Z for gelu, nothing for identity), on a shape past the 64 x 64 tile in
+    both directions. D and the float partials start as NaN (poisoned): a tile left unwritten
+    fails."""
+    M, N = 130, 70
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for i, name in enumerate(["sigmoid", "relu", "tanh", "gelu", "identity"]):
+        act = fnn.Activation(name)
+        g = torch.Generator().manual_seed(10 + i)
+        z = torch.randn(M, N, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        dy = torch.randn(M, N, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        s = {"z": z, "y": reference.apply_activation(z, act)}.get(act.saves, dy)
+        d, db = la.delta_and_bias_grad(dy, s, act, True)
+        assert d.dtype == db.dtype == dtype and d.shape == (M, N) and db.shape == (N,)
+        d_ref = reference.delta(dy.double(), s.double(), act)
+        assert_close(d, d_ref, tol, tol, f"D {name}")
+        assert_close(db, d_ref.sum(0), tol, tol * M**0.5, f"db {name}")
+    d, db = la.delta_and_bias_grad(dy, s, "sigmoid", False)
+    assert db is None and not d.isnan().any()
+    d, db = la.delta_and_bias_grad(dy[:0], s[:0], "sigmoid", True)  # an empty batch: db is zero
+    assert d.shape == (0, N) and torch.equal(db, torch.zeros(N, dtype=dtype, device=device))
