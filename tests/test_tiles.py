@@ -178,3 +178,19 @@ def test_the_library_answer_is_unchanged_by_the_table(device):
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
     for a, e in zip(grads2, grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_kernels_are_checked_and_timed_too(tmp_path):
+    """The input- and weight-gradient problems (dX; dW and db) at the small shape, with the
+    heuristic's tile and one other: each checked against float64 and timed."""
+    status = tiles.main(["--problems", "fwbw_large_bf16:dx", "fwbw_large_bf16:dw", "--small",
+                         "--max-candidates", "2", "--rep-ms", "1", "--processes", "1",
+                         "--out", str(tmp_path)])  # fmt: skip
+    assert status == 0
+    doc = json.loads((tmp_path / "tiles.json").read_text())
+    assert [p["name"] for p in doc["problems"]] == ["fwbw_large_bf16:dx", "fwbw_large_bf16:dw"]
+    for p, outputs in zip(doc["problems"], (["dx"], ["dw", "db"]), strict=True):
+        assert len(p["candidates"]) == 2
+        for r in p["candidates"]:
+            assert r["status"] == "ok" and list(r["check"]["tensors"]) == outputs, (p["name"], r)
+        assert p["best"] is not None and p["best_over_heuristic"] >= 1.0
