@@ -8,9 +8,10 @@
 # Steps, each under its own time limit (seconds):
 #   1. record the GPU (nvidia-smi), torch/triton/python/CUDA versions, the commit
 #   2. python -m bench.compile for the device's own capability (also warms Triton's cache
-#      for the tests: the same kernels, the same cache keys)                          150
+#      for the tests: the same kernels, the same cache keys)                          130
 #   3. the whole test suite, compiled on the GPU (pytest's closing line kept)             270
-#   4. python -m bench --quick                                                            90
+#   4. python -m bench --quick (its seed-000 case also times both fusions, fwd_small_bf16 the
+#      descriptor forward: more compiling than the three cases alone)                    120
 # Files (8, one folder deep): summary.txt (GPU, versions, commit, each step's status and time,
 # the compile verdict, pytest's closing line), session.log (nvidia-smi, the compile table,
 # pytest's full output, the benchmark's output), bench/ (python -m bench's 6 files:
@@ -43,9 +44,9 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 PY=${PYTHON:-python}
 
-COMPILE_S=150
+COMPILE_S=130
 PYTEST_S=270
-BENCH_S=90
+BENCH_S=120
 BACKWARD_S=150
 TILES_S=240
 HOST_S=180
