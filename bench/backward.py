@@ -31,13 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -280,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     shape = GPU_SHAPE if cuda else CPU_SHAPE
     m, n, k = (args.m or shape["m"]), (args.n or shape["n"]), (args.k or shape["k"])
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
-    from .runner import git_commit
-
     start = time.time()
     try:
         result = measure(
@@ -290,19 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench.backward: {e}", file=sys.stderr)
         return 2
-    sha, dirty = git_commit()
-    import triton
+    from .report import write_sweep
 
-    result["environment"] = {"torch": torch.__version__, "triton": triton.__version__,
-                             "python": platform.python_version(), "git_commit": sha, "git_dirty": dirty,
-                             "seconds": round(time.time() - start, 1)}
-    text = table(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "backward.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        (out / "backward.md").write_text(text)
+    write_sweep(result, table(result), args.out, "backward", start)
     failed = any(r["status"] != "ok" and r["name"] in ("fused", "two_kernels") for r in result["variants"])
     return 1 if failed else 0
 

@@ -230,33 +230,34 @@ def _rand(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dt
 
 
 @contextlib.contextmanager
-def forward_tma(on: bool = True):
+def configs_set(**values: Any):
+    """kernels.configs' module settings set to `values` for the duration, restored after."""
+    from kernels import configs
+
+    old = {name: getattr(configs, name) for name in values}
+    for name, value in values.items():
+        setattr(configs, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(configs, name, value)
+
+
+def forward_tma(on: bool = True) -> contextlib.AbstractContextManager:
     """kernels.configs.FORWARD_TMA set to `on` for the duration: the persistent descriptor
     forward wherever it serves (it is not part of the launch plans it bypasses)."""
-    from kernels import configs
-
-    old = configs.FORWARD_TMA
-    configs.FORWARD_TMA = on
-    try:
-        yield
-    finally:
-        configs.FORWARD_TMA = old
+    return configs_set(FORWARD_TMA=on)
 
 
-@contextlib.contextmanager
-def float32_highest_dot(dot: str):
+def float32_highest_dot(dot: str) -> contextlib.AbstractContextManager:
     """kernels.configs.FLOAT32_HIGHEST_DOT set to `dot` for the duration (the per-layer
     kernels' float32 dot at "highest"; part of their launch keys, so no stale kernel runs)."""
-    from kernels import configs
+    from kernels.configs import FLOAT32_HIGHEST_DOTS
 
-    if dot not in configs.FLOAT32_HIGHEST_DOTS:
-        raise ValueError(f"FLOAT32_HIGHEST_DOT must be one of {configs.FLOAT32_HIGHEST_DOTS}, got {dot!r}")
-    old = configs.FLOAT32_HIGHEST_DOT
-    configs.FLOAT32_HIGHEST_DOT = dot
-    try:
-        yield
-    finally:
-        configs.FLOAT32_HIGHEST_DOT = old
+    if dot not in FLOAT32_HIGHEST_DOTS:
+        raise ValueError(f"FLOAT32_HIGHEST_DOT must be one of {FLOAT32_HIGHEST_DOTS}, got {dot!r}")
+    return configs_set(FLOAT32_HIGHEST_DOT=dot)
 
 
 def _build_linear(case, device, compile_options, l2_bytes, max_sets, gen) -> Problem:

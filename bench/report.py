@@ -105,6 +105,31 @@ def write_json(results: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def write_sweep(doc: dict[str, Any], text: str, out: str | Path | None, stem: str, start: float) -> None:
+    """A sweep's record (python -m bench.backward, bench.tiles): `doc["environment"]` (torch,
+    triton and Python versions, the commit, the seconds since `start`), the table printed,
+    and with `out` STEM.json and STEM.md written there."""
+    import platform
+    import time
+
+    import torch
+    import triton
+
+    from .runner import git_commit
+
+    sha, dirty = git_commit()
+    doc["environment"] = {
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "git_commit": sha, "git_dirty": dirty, "seconds": round(time.time() - start, 1),
+    }  # fmt: skip
+    print(text)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        (folder / f"{stem}.md").write_text(text)
+
+
 def tally(results: dict[str, Any]) -> dict[str, int]:
     cases = results["cases"]
     goals = [g for c in cases for g in c["goals"]]

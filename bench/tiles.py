@@ -40,19 +40,15 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-KERNELS = ("fwd", "dx", "dw")
 KERNEL_FIELDS = ("kernel", "registers", "stack", "shared", "wgmma")  # what tiles.json keeps per kernel
 SMALL_SHAPE = {"M": 160, "K": 96, "N": 80}  # --small: odd sizes, every tile up to 256 rows fits
 MARGIN = 0.03
@@ -568,26 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     small = args.small or (not cuda and not args.compile_only)
     device = torch.device("cuda" if cuda else "cpu")
-    from .runner import git_commit
-
     start = time.time()
     doc = measure(
         chosen, device, small=small, compile_only=args.compile_only, max_candidates=args.max_candidates,
         rep_ms=args.rep_ms, margin=args.margin, processes=args.processes,
     )  # fmt: skip
-    sha, dirty = git_commit()
-    import triton
+    from .report import write_sweep
 
-    doc["environment"] = {"torch": torch.__version__, "triton": triton.__version__,
-                          "python": platform.python_version(), "git_commit": sha, "git_dirty": dirty,
-                          "seconds": round(time.time() - start, 1)}  # fmt: skip
-    text = table(doc)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tiles.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        (out / "tiles.md").write_text(text)
+    write_sweep(doc, table(doc), args.out, "tiles", start)
     rows = [r for prob in doc["problems"] for r in prob["candidates"]]
     bad = any(r["status"] in ("error", "disagrees") for r in rows)
     heuristic_pruned = any(is_heuristic(r["name"]) and r["status"] == "pruned" for r in rows)

@@ -90,7 +90,6 @@ def matmul_config(rows: int, cols: int, red: int, dtype: torch.dtype) -> TileCon
 # the next power of two). A shape without an entry takes matmul_config's heuristic. Empty
 # until a GPU run has measured a tile that beats the heuristic.
 TUNED_TILES: dict[tuple[str, torch.dtype, str, bool, int, int, int], TileConfig] = {}
-TILE_KERNELS = ("fwd", "dx", "dw")
 
 
 def shape_bucket(n: int) -> int:
