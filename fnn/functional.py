@@ -106,12 +106,15 @@ def _check_linear(x, weight, bias, activation, who: str = "fnn.linear_act") -> A
 
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 _functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
 
 
 def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False):
     """`cls.apply` without the Python layer of torch.autograd.Function.apply where it has
-    nothing to do: no functorch transform active (else the full apply, which handles them).
+    nothing to do: no functorch transform active and no torch.compile tracing (else the full
+    apply, which handles transforms, and which Dynamo traces: before torch 2.13 it cannot trace
+    the C apply).
     What that layer does besides, unwrapping dead functorch wrappers, is done here too: for
     every tensor argument, or, with `module_parameters` (the other tensors are a module's own
     parameters, which a finished transform leaves as they were), for the first only. For
@@ -121,14 +124,14 @@ def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = Fal
     if module_parameters:
 
         def apply(x, *args):
-            if _functorch_active():
+            if _functorch_active() or _is_compiling():
                 return full(x, *args)
             return c_apply(unwrap_if_dead(x), *args)
 
         return apply
 
     def apply_all(*args):
-        if _functorch_active():
+        if _functorch_active() or _is_compiling():
             return full(*args)
         return c_apply(*[unwrap_if_dead(a) if isinstance(a, _Tensor) else a for a in args])
 

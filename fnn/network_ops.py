@@ -187,14 +187,17 @@ def activation_params(
 def spec(activations: Sequence[str | Activation]) -> tuple[list[str], list[float]]:
     """(names, act_params) of the ops' schema for a list of activations (names or
     fnn.Activation): act_params empty when every activation has torch's defaults. Cached."""
+    # While torch.compile traces: no side effect in the graph, and no lookup either (Dynamo
+    # before torch 2.13 breaks the graph on hashing an Activation, a class with its own hash).
+    compiling = torch.compiler.is_compiling()
     key = tuple(activations)
-    out = _SPECS.get(key)
+    out = None if compiling else _SPECS.get(key)
     if out is None:
         acts = [as_activation(a) for a in activations]
         names = [a.name for a in acts]
         values = [] if all(a.is_default for a in acts) else [v for a in acts for v in a.values]
         out = (names, values)
-        if not torch.compiler.is_compiling():  # no side effect in a traced graph
+        if not compiling:
             _SPECS[key] = out
     return out
 
