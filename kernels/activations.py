@@ -46,7 +46,7 @@ _GELU_TANH_C1 = tl.constexpr(1.5957691216057308)  # 2 sqrt(2/pi)
 _GELU_TANH_C3 = tl.constexpr(0.07135481627260025)  # 2 sqrt(2/pi) * 0.044715
 
 # ---------------------------------------------------------------------------------------------
-# Primitives: exp, expm1, log1p, erfc, erfcx (= exp(x^2) erfc(x)) and division, accurate in both
+# Primitives: exp, expm1, log1p, erfc, erfcx (= exp(x^2) erfc(x)), division and fma, accurate in both
 # modes (see above).
 # ---------------------------------------------------------------------------------------------
 
@@ -107,6 +107,16 @@ if INTERPRETED:
     def div(a, b):
         return a / b  # numpy: IEEE division (b is a tensor in every call)
 
+    @device_fn
+    def fma(a, b, c):
+        # a * b + c rounded once. triton 3.6's interpreter multiplies and then adds (two
+        # roundings), which undoes the error terms the formulas below carry. For float32 and
+        # narrower operands the float64 product is exact, so one float64 sum and the cast back
+        # round as an fma does (up to a double rounding, under 2^-29 relative).
+        if a.dtype == tl.float64:
+            return tl.fma(a, b, c)  # triton 3.9's interpreter rounds once; 3.6's twice
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(a.dtype)
+
 else:
 
     @device_fn
@@ -130,6 +140,10 @@ else:
         return libdevice.erfcx(x)
 
     @device_fn
+    def fma(a, b, c):
+        return tl.fma(a, b, c)
+
+    @device_fn
     def div(a, b):
         if b.dtype == tl.float32:
             # `/` is div.full.f32 (2 ulps); one correction with the exact residual (an fma) brings
@@ -137,7 +151,7 @@ else:
             # spill registers around them. Where the first quotient is not finite (b = 0,
             # overflow) the correction gives NaN: the first quotient stands.
             q = a / b
-            q2 = q + tl.fma(-q, b, a) / b
+            q2 = q + fma(-q, b, a) / b
             return tl.where(q2 == q2, q2, q)
         else:
             return a / b
@@ -241,7 +255,7 @@ def elu_grad_z(g, z, alpha):
 def _scaled(z, beta):
     """(t, r): t = z * beta rounded, r = z * beta - t exactly (0 where t is infinite)."""
     t = z * beta
-    r = tl.fma(z, beta, -t)
+    r = fma(z, beta, -t)
     return t, tl.where(tl.abs(t) < float("inf"), r, 0)
 
 
@@ -252,7 +266,7 @@ def softplus(z, beta, threshold):
     # overflows nor cancels; the product's rounding r is put back (exp(-|t + r|) ~ e (1 -+ r)).
     t, r = _scaled(z, beta)
     e = exp(-tl.abs(t))
-    e = tl.fma(e, tl.where(t >= 0, -r, r), e)
+    e = fma(e, tl.where(t >= 0, -r, r), e)
     sp = tl.maximum(t, 0) + (tl.where(t > 0, r, 0) + log1p(e))
     return tl.where(t > threshold, z, div(sp, beta))
 
@@ -271,7 +285,7 @@ def softplus_grad_z(g, z, beta, threshold):
     # From z (small thresholds): as torch's softplus_backward, 1 or sigmoid(beta z).
     t, r = _scaled(z, beta)
     s, sc = _sig_pair(t)
-    s = tl.fma(r * sc, s, s)  # sigmoid(t + r) ~ s + r s (1 - s)
+    s = fma(r * sc, s, s)  # sigmoid(t + r) ~ s + r s (1 - s)
     return tl.where(t > threshold, g, g * s)
 
 
@@ -285,9 +299,9 @@ def _exp_half_sq(z):
     """exp(-z^2 / 2), with z^2's rounding put back (z^2 = p + r exactly): a plain exp(-z*z/2)
     is off by about z^2/2 ulps."""
     p = z * z
-    r = tl.fma(z, z, -p)
+    r = fma(z, z, -p)
     e = exp(-0.5 * p)
-    return tl.fma(e, -0.5 * tl.where(p < float("inf"), r, 0), e)
+    return fma(e, -0.5 * tl.where(p < float("inf"), r, 0), e)
 
 
 @device_fn
@@ -345,10 +359,10 @@ def silu_grad(g, z):
     ql = e - (q - 1)
     pos = div(1, q) * (1 + div(z * e, q))
     s0 = div(e, q)
-    cs = div(tl.fma(-s0, q, e) - s0 * ql, q)  # s = s0 + cs
+    cs = div(fma(-s0, q, e) - s0 * ql, q)  # s = s0 + cs
     t = div(z, q)
-    b = (1 + t) + div(tl.fma(-t, q, z) - t * ql, q)  # 1 + t is exact wherever b cancels
-    neg = tl.fma(s0, b, cs * b)
+    b = (1 + t) + div(fma(-t, q, z) - t * ql, q)  # 1 + t is exact wherever b cancels
+    neg = fma(s0, b, cs * b)
     return g * tl.where(z >= 0, pos, neg)
 
 

@@ -29,6 +29,39 @@ if not torch.cuda.is_available():
 import kernels.memory  # noqa: E402
 
 
+def _interpreter_rounds_bfloat16_to_nearest() -> None:
+    """Triton's interpreter (3.6 to 3.9 at least) converts float32 to bfloat16 by truncation,
+    where a GPU's conversion (cvt.rn) rounds to nearest, ties to even. Truncation errs one way
+    only: sums of truncated values drift, and the bfloat16 accuracy tests (twice PyTorch's
+    error) would measure the interpreter rather than the kernels. This makes the interpreter's
+    default float32 -> bfloat16 conversion round as the GPU's does; an explicit other rounding
+    mode (fp_downcast_rounding="rtz") still truncates."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    if getattr(convert, "rounds_bfloat16_to_nearest", False):
+        return
+    rtne = interpreter._ir.ROUNDING_MODE.RTNE
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype != tl.float32 or output_dtype != tl.bfloat16 or rounding_mode not in (None, rtne):
+            return convert(input, input_dtype, output_dtype, rounding_mode)
+        bits = np.ascontiguousarray(input, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # a carry moves into the exponent
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = np.where(nan, (bits >> 16) | 0x40, rounded)  # NaN stays a (quiet) NaN
+        return out.astype(np.uint16).reshape(np.shape(input))
+
+    convert_float.rounds_bfloat16_to_nearest = True
+    interpreter._convert_float = convert_float
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_rounds_bfloat16_to_nearest()
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every kernel output starts as NaN, so an element left unwritten fails the test."""
