@@ -17,6 +17,7 @@ import kernels.linear_act
 import kernels.network
 from fnn import network_ops, reference
 from fnn.network import flat_buffer, resolve_fusion
+from kernels.checks import as_activation
 from kernels.launch import CachedLauncher
 
 ACTS = ["identity", "sigmoid", "relu", "tanh"]
@@ -77,16 +78,20 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> LaunchCounter:
 
 
 def _model(sizes, acts, bias, dtype, device, fusion="network", seed=0):
+    # 16-bit models are drawn in float32 and cast: torch's initialisers draw other values in
+    # 16-bit dtypes from one release to the next (2.11 and 2.13 differ), float32's stay.
     torch.manual_seed(seed)
-    model = fnn.FNN(sizes, activation=acts, bias=bias, dtype=dtype, device=device, fusion=fusion)
+    draw = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    model = fnn.FNN(sizes, activation=acts, bias=bias, dtype=draw, device=device, fusion=fusion).to(dtype)
     with torch.no_grad():  # weights large enough that every activation leaves its linear range
         for p in model.parameters():
             p.mul_(2)
     return model
 
 
-def _reference(model, x, dy, dtype=torch.float64):
-    """Output and gradients (x, then every parameter) by autograd on fnn.reference in `dtype`."""
+def _reference(model, x, dy, dtype=torch.float64, activations=None):
+    """Output and gradients (x, then every parameter) by autograd on fnn.reference in `dtype`
+    (with `activations` in place of the model's, if given)."""
     xr = x.detach().to(dtype).requires_grad_()
     params = [p.detach().to(dtype).requires_grad_() for p in model.parameters()]
     it = iter(params)
@@ -94,9 +99,25 @@ def _reference(model, x, dy, dtype=torch.float64):
     for layer in model.layers:
         weights.append(next(it))
         biases.append(next(it) if layer.bias is not None else None)
-    y = reference.fnn_forward(xr, weights, biases, model.activations)
+    y = reference.fnn_forward(xr, weights, biases, activations or model.activations)
     y.backward(dy.to(dtype))
     return y, [xr.grad, *(p.grad for p in params)]
+
+
+def away_from_kink(model, x, dy):
+    """dY, with 0 wherever the last layer's float64 pre-activation lies within two epsilons of
+    dY's dtype (times its largest) of 0, when the last activation's derivative jumps there
+    (relu, leaky_relu, elu with alpha != 1). In 16-bit arithmetic such a pre-activation may
+    round to either side, PyTorch's too, and D is dY times one slope or the other: a dY of 0
+    leaves the gradients to what rounding decides elsewhere. Other activations: dY as given."""
+    last = as_activation(model.activations[-1])
+    if not (last.name in ("relu", "leaky_relu") or (last.name == "elu" and last.values[0] != 1.0)):
+        return dy
+    acts = [*model.activations[:-1], "identity"]
+    z = _reference(model, x, dy, activations=acts)[0].detach()
+    near = z.abs() < 2 * torch.finfo(dy.dtype).eps * z.abs().max()
+    assert near.sum() <= 0.1 * near.numel(), f"{int(near.sum())} of {near.numel()} near the kink"
+    return dy.masked_fill(near.to(dy.device), 0)
 
 
 def _run(model, x, dy):
@@ -139,6 +160,8 @@ def test_network_dtypes(device, dtype):
     torch.manual_seed(2)
     x = torch.randn(100, sizes[0], device=device).to(dtype)
     dy = torch.randn(100, sizes[-1], device=device).to(dtype)
+    if dtype != torch.float64:
+        dy = away_from_kink(net, x, dy)
     y_ref, g_ref = _reference(net, x, dy)
     y_net, g_net = _run(net, x, dy)
     names = ["y", *_grad_names(net)]
