@@ -42,7 +42,9 @@ fi
 out=$1
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-PY=${PYTHON:-python}
+# python3: on the lent GPU machines the interpreter that holds torch is `python3` (a plain
+# `python` may be missing there); PYTHON=... to choose another.
+PY=${PYTHON:-python3}
 
 COMPILE_S=130
 PYTEST_S=270
