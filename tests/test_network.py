@@ -111,7 +111,8 @@ def away_from_kink(model, x, dy):
     round to either side, PyTorch's too, and D is dY times one slope or the other: a dY of 0
     leaves the gradients to what rounding decides elsewhere. Other activations: dY as given."""
     last = as_activation(model.activations[-1])
-    if not (last.name in ("relu", "leaky_relu") or (last.name == "elu" and last.values[0] != 1.0)):
+    kinked = last.name in ("relu", "leaky_relu") or (last.name == "elu" and last.values[0] != 1.0)
+    if not (kinked and dy.numel()):
         return dy
     acts = [*model.activations[:-1], "identity"]
     z = _reference(model, x, dy, activations=acts)[0].detach()
