@@ -39,11 +39,15 @@ def device_fn(fn):
     cost the many small helpers here would multiply."""
     return fn if INTERPRETED else triton.jit(fn)
 
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2 pi)
-_INV_SQRT_PI = tl.constexpr(0.5641895835477563)  # 1/sqrt(pi)
-_GELU_TANH_C1 = tl.constexpr(1.5957691216057308)  # 2 sqrt(2/pi)
-_GELU_TANH_C3 = tl.constexpr(0.07135481627260025)  # 2 sqrt(2/pi) * 0.044715
+# The constants below are written as literals where they are used, not as module-level
+# constexprs: a global that a kernel reads is one that Triton checks on every launch (its
+# used_global_vals; about 0.1 us each here, on every launch of every kernel that reaches
+# these helpers). A literal is folded as the constexpr was, in the dtype of its operand:
+#   0.7071067811865476   1/sqrt(2)
+#   0.3989422804014327   1/sqrt(2 pi)
+#   0.5641895835477563   1/sqrt(pi)
+#   1.5957691216057308   2 sqrt(2/pi)              (gelu_tanh)
+#   0.07135481627260025  2 sqrt(2/pi) * 0.044715   (gelu_tanh)
 
 # ---------------------------------------------------------------------------------------------
 # Primitives: exp, expm1, log1p, erfc, erfcx (= exp(x^2) erfc(x)), division and fma, accurate in both
@@ -87,7 +91,7 @@ if INTERPRETED:
         t = c
         for n in tl.static_range(40, 0, -1):
             t = c + (n / 2) / t
-        tail = tl.exp(-c * c) * _INV_SQRT_PI / t
+        tail = tl.exp(-c * c) * 0.5641895835477563 / t
         r = tl.where(d < 2, 1 - tl.erf(d), tail)
         return r.to(x.dtype)
 
@@ -100,7 +104,7 @@ if INTERPRETED:
         for n in tl.static_range(40, 0, -1):
             t = c + (n / 2) / t
         small = tl.where(d < 2, d, 0)
-        r = tl.where(d < 2, tl.exp(small * small) * (1 - tl.erf(small)), _INV_SQRT_PI / t)
+        r = tl.where(d < 2, tl.exp(small * small) * (1 - tl.erf(small)), 0.5641895835477563 / t)
         return r.to(x.dtype)
 
     @device_fn
@@ -309,22 +313,22 @@ def gelu(z):
     # z Phi(z) = z/2 erfc(-z/sqrt 2): no 1 + erf cancellation for negative z. Below z = -1,
     # erfc(x) = exp(-x^2) erfcx(x) with exp(-x^2) = exp(-z^2/2) computed from z itself, not
     # from the rounded x (whose rounding costs erfc about 2x^2 ulps).
-    tail = _exp_half_sq(z) * erfcx(-tl.where(z < -1, z, -1) * _SQRT1_2)
-    return 0.5 * z * tl.where(z < -1, tail, erfc(-z * _SQRT1_2))
+    tail = _exp_half_sq(z) * erfcx(-tl.where(z < -1, z, -1) * 0.7071067811865476)
+    return 0.5 * z * tl.where(z < -1, tail, erfc(-z * 0.7071067811865476))
 
 
 @device_fn
 def gelu_grad(g, z):
     # Phi(z) + z phi(z); below z = -1, exp(-z^2/2) (erfcx(x)/2 + z/sqrt(2 pi)), as in gelu.
     e = _exp_half_sq(z)
-    tail = e * (0.5 * erfcx(-tl.where(z < -1, z, -1) * _SQRT1_2) + z * _INV_SQRT_2PI)
-    return g * tl.where(z < -1, tail, 0.5 * erfc(-z * _SQRT1_2) + z * (e * _INV_SQRT_2PI))
+    tail = e * (0.5 * erfcx(-tl.where(z < -1, z, -1) * 0.7071067811865476) + z * 0.3989422804014327)
+    return g * tl.where(z < -1, tail, 0.5 * erfc(-z * 0.7071067811865476) + z * (e * 0.3989422804014327))
 
 
 @device_fn
 def gelu_tanh(z):
     # z/2 (1 + tanh(u)) = z sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3): no cancellation.
-    s, _ = _sig_pair(z * (_GELU_TANH_C1 + _GELU_TANH_C3 * (z * z)))
+    s, _ = _sig_pair(z * (1.5957691216057308 + 0.07135481627260025 * (z * z)))
     return z * s
 
 
@@ -334,8 +338,8 @@ def gelu_tanh_grad(g, z):
     # z^2 is capped at 1e30 in the last factor: there s (1 - s) is 0, and 0 * inf would be NaN
     # (z = +-inf still gives NaN, from z * 0, as torch's does).
     z2 = z * z
-    s, sc = _sig_pair(z * (_GELU_TANH_C1 + _GELU_TANH_C3 * z2))
-    return g * (s + z * (s * sc) * (_GELU_TANH_C1 + 3 * _GELU_TANH_C3 * tl.minimum(z2, 1e30)))
+    s, sc = _sig_pair(z * (1.5957691216057308 + 0.07135481627260025 * z2))
+    return g * (s + z * (s * sc) * (1.5957691216057308 + 3 * 0.07135481627260025 * tl.minimum(z2, 1e30)))
 
 
 @device_fn
