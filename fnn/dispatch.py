@@ -51,6 +51,9 @@ def use_registered_ops() -> bool:
     return _is_compiling() or _dispatch_modes() > 0 or _functorch_active()
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.is_autocast_enabled raises for others, e.g. meta
+
+
 def _reference_call(name: str):
     """fnn.reference's `name`, run with autocast off: it computes in its inputs' dtype, as the
     kernels do (autocast would recast its PyTorch ops)."""
@@ -59,9 +62,9 @@ def _reference_call(name: str):
         from . import reference
 
         fn = getattr(reference, name)
-        first = args[0]
-        if torch.is_autocast_enabled(first.device.type):
-            with torch.autocast(first.device.type, enabled=False):
+        kind = args[0].device.type
+        if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):  # not for meta tensors
+            with torch.autocast(kind, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 

@@ -192,6 +192,30 @@ def test_fnn_1d_and_empty_input(device):
         assert torch.equal(p.grad, torch.zeros_like(p)), "an empty batch gives zero gradients"
 
 
+
+@pytest.mark.parametrize("fusion", ["layer", "network", "auto"])
+def test_meta_tensors_give_shapes(fusion):
+    """Meta tensors (shape inference, `device="meta"` construction) run fnn.reference: every
+    entry point gives meta outputs and gradients of the right shapes. torch raises on asking
+    whether autocast is on for "meta", so the reference wrapper must not ask."""
+    assert fnn.backend("meta") == "reference"
+    x = torch.randn(4, 3, device="meta", requires_grad=True)
+    model = fnn.FNN([3, 5, 2], ["gelu", "sigmoid"], device="meta", fusion=fusion)
+    y = model(x)
+    assert y.device.type == "meta" and y.shape == (4, 2)
+    y.sum().backward()
+    assert x.grad.shape == (4, 3) and x.grad.device.type == "meta"
+    for p in model.parameters():
+        assert p.grad.shape == p.shape and p.grad.device.type == "meta"
+    with torch.no_grad():
+        assert model(x).shape == (4, 2)
+    layer = fnn.FusedLinear(3, 5, activation="relu", device="meta")
+    assert layer(x).shape == (4, 5)
+    assert fnn.linear_act(x[0], layer.weight, None, "tanh").shape == (5,)
+    trainer = fnn.Trainer(fnn.FNN([3, 4, 1], device="meta", fusion=fusion), loss="mse", lr=0.1)
+    loss = trainer.step(torch.randn(4, 3, device="meta"), torch.randn(4, 1, device="meta"))
+    assert loss.shape == () and loss.device.type == "meta"
+
 # ---------------------------------------------------------------------------------------------
 # What FNNFunction's backward launches
 # ---------------------------------------------------------------------------------------------
