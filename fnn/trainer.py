@@ -41,17 +41,20 @@ class Trainer:
     (buf = momentum * buf + grad, the first buf = grad; p -= lr * buf).
 
     Fused path: an `FNN` whose `fusion` resolves to "network" (fnn.network.resolve_fusion)
-    on a kernel backend runs the whole step in one kernel launch when the batch fits one
-    program of the backward (kernels.network.network_programs), else in two (the second
-    sums the per-program gradients in a fixed order and updates). The kernel updates the
-    FNN's flat parameter buffer in place, whose views its parameters are (FNN.flatten_parameters),
-    so `model.parameters()` hold the new values. Where they are not its views (replaced by
+    on a kernel backend, every parameter requiring grad (and, for "bce", a sigmoid output
+    layer, whose outputs lie in [0, 1] as nn.BCELoss requires), runs the whole step in one
+    kernel launch when the batch fits one program of the backward
+    (kernels.network.network_programs), else in two (the second sums the per-program
+    gradients in a fixed order and updates). The kernel updates the FNN's flat parameter
+    buffer in place, whose views its parameters are (FNN.flatten_parameters), so
+    `model.parameters()` hold the new values. Where they are not its views (replaced by
     `load_state_dict(assign=True)`, `p.data = ...`), the step first calls
     `model.flatten_parameters()` (same Parameter objects, same values). `.grad` is not
-    touched. The momentum buffer is one flat buffer in the same layout, owned by the
-    Trainer, and starts again from zero when the flat parameter buffer is replaced.
-    Otherwise: autograd and torch.optim.SGD, the same maths. The momentum state is not
-    carried from one path to the other if a model changes path between steps.
+    touched; bce targets are not checked for [0, 1] (that would sync). The momentum buffer
+    is one flat buffer in the same layout, owned by the Trainer, and starts again from zero
+    when the flat parameter buffer is replaced. Otherwise (a frozen parameter included: SGD
+    leaves it as it is): autograd and torch.optim.SGD, the same maths. The momentum state is
+    not carried from one path to the other if a model changes path between steps.
 
     torch.compile: the fused step is one launch already, with nothing around it for a
     compiler to fuse, so the Trainer is not meant to be compiled. A model given as
@@ -108,6 +111,8 @@ class Trainer:
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
             and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
+            and all(p.requires_grad for p in model.parameters())  # frozen ones: autograd's SGD skips them
+            and (self.loss != "bce" or plan(model).names[-1] == "sigmoid")  # outputs in [0, 1]
         )
 
     def _check_batch(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +185,8 @@ class Trainer:
         errors, and which decides between the fused step and autograd)."""
         if not p.fits or p.fusion == "layer" or self.loss not in LOSSES:
             return None
+        if self.loss == "bce" and p.names[-1] != "sigmoid":  # nn.BCELoss's range check: autograd's
+            return None
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
             return None
         device = x.device
@@ -188,6 +195,8 @@ class Trainer:
         if p.fusion != "network" and network.resolve_fusion(p.fusion, p.sizes, device) != "network":
             return None
         weights, biases = parameters(p)
+        if not _trainable(weights, biases):  # a frozen parameter: the autograd step leaves it be
+            return None
         flat = model.__dict__.get("_flat")
         if not flat_views(p, flat, weights, biases):
             if not model.flatten_parameters():
@@ -279,6 +288,17 @@ class Trainer:
                 network_ops.activation_params(model.activations, x.dtype, x.device),
                 acts=network_ops.act_set(model.activations),
             )
+
+
+def _trainable(weights: list, biases: list) -> bool:
+    """Whether every parameter requires grad (the fused step updates the whole flat buffer)."""
+    for w in weights:
+        if not w.requires_grad:
+            return False
+    for b in biases:
+        if b is not None and not b.requires_grad:
+            return False
+    return True
 
 
 # Under torch.compile, `step` is run as it is, outside any graph (see Trainer's docstring).

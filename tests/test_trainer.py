@@ -172,6 +172,71 @@ def test_fallback_is_autograd_and_sgd(device, launches):
     assert "network_bwd_kernel" not in launches.calls
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_frozen_parameters_stay_as_they_are(device, launches, momentum):
+    """A parameter with requires_grad=False is not trained, as torch.optim.SGD leaves it: the
+    fused step (which updates the whole flat buffer) gives way to autograd, and comes back once
+    every parameter trains again. Every parameter frozen: autograd's error, as for SGD."""
+    torch.manual_seed(8)
+    model = fnn.FNN([3, 6, 1], ["tanh", "sigmoid"], device=device, fusion="network")
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(12, 3, device=device), torch.rand(12, 1, device=device)
+    trainer = fnn.Trainer(model, loss="bce", lr=0.5, momentum=momentum)
+    assert trainer.fused(device)
+    for m in (model, ref):
+        m.layers[0].weight.requires_grad_(False)
+    frozen = model.layers[0].weight.detach().clone()
+    assert not trainer.fused(device)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=momentum)
+    for _ in range(3):
+        launches.calls.clear()
+        got = trainer.step(x, y)
+        # autograd's step: a forward and a backward launch (the fused step: one backward launch)
+        assert launches.calls == ["network_fwd_kernel", "network_bwd_kernel"], launches.calls
+        opt.zero_grad()
+        want = TORCH_LOSSES["bce"](ref(x), y)
+        want.backward()
+        opt.step()
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    assert torch.equal(model.layers[0].weight, frozen), "a frozen weight changed"
+    _assert_params(model, list(ref.parameters()), "the step with a frozen weight")
+    model.layers[0].weight.requires_grad_(True)
+    assert trainer.fused(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(RuntimeError):
+        trainer.step(x, y)
+
+
+def test_bce_needs_a_sigmoid_output_for_the_fused_step(device, launches):
+    """nn.BCELoss requires outputs in [0, 1]; only a sigmoid output layer guarantees them, so a
+    bce Trainer of any other output activation takes autograd's step (and its range check)."""
+    torch.manual_seed(9)
+    model = fnn.FNN([3, 6, 1], ["tanh", "relu"], device=device, fusion="network")
+    with torch.no_grad():
+        model.layers[1].weight.zero_()
+        model.layers[1].bias.fill_(0.5)  # outputs 0.5: in range, so CUDA's BCE has nothing to assert
+    trainer = fnn.Trainer(model, loss="bce", lr=0.1)
+    assert not trainer.fused(device)
+    assert fnn.Trainer(model, loss="mse", lr=0.1).fused(device)
+    x, y = torch.randn(12, 3, device=device), torch.rand(12, 1, device=device)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    launches.calls.clear()
+    got = trainer.step(x, y)
+    assert launches.calls == ["network_fwd_kernel", "network_bwd_kernel"], launches.calls  # autograd's
+    want = TORCH_LOSSES["bce"](ref(x), y)
+    want.backward()
+    opt.step()
+    assert abs(got.item() - want.item()) <= 1e-6
+    _assert_params(model, list(ref.parameters()), "a bce step of a relu output layer")
+    if device.type == "cpu":  # on CUDA nn.BCELoss's check is a device-side assert
+        with torch.no_grad():
+            model.layers[1].bias.fill_(3.0)
+        with pytest.raises(RuntimeError, match="between 0 and 1"):
+            trainer.step(x, y)
+
+
 def test_argument_validation(device, launches):
     model = fnn.FNN([2, 3, 1], device=device, fusion="network")
     before = [p.detach().clone() for p in model.parameters()]
