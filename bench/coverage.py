@@ -335,6 +335,8 @@ def network_grid_calls() -> list[Call]:
         with torch.no_grad():
             model(_empty(rows, n_in, dtype=dtype))
         _backward(model(_empty(rows, n_in, dtype=dtype, grad=dx)))
+        if loss == "bce" and acts != "sigmoid":  # the fused bce step wants a sigmoid output layer
+            model.layers[-1].activation = "sigmoid"
         target = torch.full((rows, n_out), 0.5, dtype=dtype)
         fnn.Trainer(model, loss=loss, lr=1e-3, momentum=momentum).step(
             _empty(rows, n_in, dtype=dtype), target

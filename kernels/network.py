@@ -81,7 +81,7 @@ from .activations import (
 from .checks import Activation, as_activation
 from .configs import cached_plan, cdiv
 from .launch import launcher
-from .linear_act import INTERPRETED, _acc_dtype, input_precision, mma
+from .linear_act import INTERPRETED, _acc_dtype, cast, input_precision, mma
 from .memory import empty, new
 
 LOSSES: dict[str, int] = {"bce": 0, "mse": 1, "sse": 2}
@@ -397,20 +397,25 @@ def _loss_grad(yh, t, valid, numel, LOSS: tl.constexpr):
 
 
 @triton.jit
-def _finish(g, mask, p_ptrs, buf_ptrs, out_ptrs, lr, momentum, TRAIN: tl.constexpr, MOMENTUM: tl.constexpr):
+def _finish(
+    g, mask, p_ptrs, buf_ptrs, out_ptrs, lr, momentum,
+    TRAIN: tl.constexpr, MOMENTUM: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
     """Gradient mode: store g. Train mode: torch.optim.SGD's step on the parameters at p_ptrs
-    (buf = momentum * buf + g, first buf = g from a zeroed buffer; p -= lr * buf)."""
-    g = g.to(p_ptrs.dtype.element_ty)  # the gradient autograd would hold, in the param dtype
+    (buf = momentum * buf + g, first buf = g from a zeroed buffer; p -= lr * buf). Every
+    rounding to the parameters' dtype is `cast`'s (to nearest even, in the interpreter too)."""
+    dtype = p_ptrs.dtype.element_ty
+    g = cast(g, dtype, UPCAST)  # the gradient autograd would hold, in the param dtype
     if TRAIN:
         step = g.to(lr.dtype)
         if MOMENTUM:
             buf = tl.load(buf_ptrs, mask=mask, other=0).to(lr.dtype)
-            step = (momentum * buf).to(p_ptrs.dtype.element_ty).to(lr.dtype) + step
-            step = step.to(p_ptrs.dtype.element_ty)
+            step = cast(momentum * buf, dtype, UPCAST).to(lr.dtype) + step
+            step = cast(step, dtype, UPCAST)
             tl.store(buf_ptrs, step, mask=mask)
             step = step.to(lr.dtype)
         p = tl.load(p_ptrs, mask=mask, other=0).to(lr.dtype)
-        tl.store(p_ptrs, (p - lr * step).to(p_ptrs.dtype.element_ty), mask=mask)
+        tl.store(p_ptrs, cast(p - lr * step, dtype, UPCAST), mask=mask)
     else:
         tl.store(out_ptrs, g, mask=mask)
 
@@ -469,10 +474,10 @@ def network_fwd_kernel(
         # Z_l, the others their output h_l; all P columns, the padding written as zeros.
         h_ptrs = h_l + offs_m[:, None] * P + offs_p[None, :]
         if STORE_H:
-            tl.store(h_ptrs, z.to(dtype), mask=_rows_if(offs_m, M, sz & (li < L - 1)))
+            tl.store(h_ptrs, cast(z, dtype, UPCAST), mask=_rows_if(offs_m, M, sz & (li < L - 1)))
         if STORE_Z:
-            z_last = z.to(dtype)
-        h = _layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS).to(dtype)
+            z_last = cast(z, dtype, UPCAST)
+        h = cast(_layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS), dtype, UPCAST)
         if STORE_H:
             tl.store(h_ptrs, h, mask=_rows_if(offs_m, M, ~sz & (li < L - 1)))
         h_l += stride_hl
@@ -617,8 +622,8 @@ def network_bwd_kernel(
                 # A hidden layer that keeps Z also leaves its output in hsc, for the products of
                 # the next layer and of dW (this scratch is the program's own: nothing saved).
                 h_ptrs = h_l + h_rows[:, None] * P + offs_p[None, :]
-                tl.store(h_ptrs, z.to(dtype), mask=_rows_if(offs_m, row_end, sz))
-                h = _layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS).to(dtype)
+                tl.store(h_ptrs, cast(z, dtype, UPCAST), mask=_rows_if(offs_m, row_end, sz))
+                h = cast(_layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS), dtype, UPCAST)
                 tl.store(h_ptrs, h, mask=_rows_if(offs_m, row_end, ~sz & (li < L - 1)))
                 hs_ptrs = hsc + li * BLOCK_M * P + offs_r[:, None] * P + offs_p[None, :]
                 tl.store(hs_ptrs, h, mask=_rows_if(offs_m, row_end, sz & (li < L - 1)))
@@ -680,7 +685,7 @@ def network_bwd_kernel(
                             other=0,
                         )
                         zc = activation_rt(zc.to(ACC_DTYPE), pcode, pa, pb, ACTS)
-                        tl.store(hsc + offs[:, None] * P + offs_p[None, :], zc.to(dtype))
+                        tl.store(hsc + offs[:, None] * P + offs_p[None, :], cast(zc, dtype, UPCAST))
                     tl.debug_barrier()  # the products read hsc in other threads
                 src = tl.where(psz, hsc, h_l + h0 * P)
             # D goes through this program's scratch, and its products read it back CHUNK_K rows
@@ -691,7 +696,7 @@ def network_bwd_kernel(
             # rows, not to P: padding is skipped, and a run-time trip count is not unrolled
             # (unrolled, float64 at P = 128 spilled).
             tl.debug_barrier()  # the previous layer's readers of the scratch are done
-            tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], d.to(dtype))
+            tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], cast(d, dtype, UPCAST))
             if HAS_BIAS:  # db_l += column sums of D; D itself is not needed in registers again
                 gb = tl.sum(d, axis=0)
                 if it > 0:
@@ -743,7 +748,7 @@ def network_bwd_kernel(
                 else:
                     tl.store(
                         dx_ptr + offs_m[:, None] * stride_dxm + offs_p[None, :] * stride_dxk,
-                        dh.to(dx_ptr.dtype.element_ty),
+                        cast(dh, dx_ptr.dtype.element_ty, UPCAST),
                         mask=mask_in,
                     )
             gw_l -= P * P
@@ -757,7 +762,7 @@ def network_bwd_kernel(
                 loss = loss / 2
             else:
                 loss = loss / numel
-            tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+            tl.store(loss_ptr, cast(loss, loss_ptr.dtype.element_ty, UPCAST))
         else:
             tl.store(loss_ptr + pid, loss)
     if FINISH:
@@ -773,13 +778,13 @@ def network_bwd_kernel(
                 g = tl.load(gw_ptr + li * P * P + offs_q[:, None] * P + offs_p[None, :])
                 dst = woff + offs_q[:, None] * n_in + offs_p[None, :]
                 mask = (offs_q < n_out)[:, None] & (offs_p < n_in)[None, :]
-                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
+                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM, UPCAST)
             if HAS_BIAS:
                 boff = tl.load(meta_ptr + 3 * L + 1 + li)
                 dst = boff + offs_p
                 mask = offs_p < tl.where(boff >= 0, n_out, 0)  # no bias: nothing
                 g = tl.load(gb_ptr + li * P + offs_p)
-                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
+                _finish(g, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM, UPCAST)
 
 
 @triton.jit
@@ -803,6 +808,7 @@ def network_reduce_kernel(
     LOSS: tl.constexpr,
     MOMENTUM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter + bfloat16: round the stores as compiled code does (`cast`)
 ):
     li = tl.program_id(0)
     tile = tl.program_id(1)
@@ -823,7 +829,7 @@ def network_reduce_kernel(
             acc += tl.load(src, mask=mask, other=0)
             src += L * P * P
         dst = tl.load(meta_ptr + 2 * L + 1 + li) + row * n_in + col
-        _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
+        _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM, UPCAST)
     else:
         if HAS_BIAS:
             boff = tl.load(meta_ptr + 3 * L + 1 + li)
@@ -834,7 +840,7 @@ def network_reduce_kernel(
                 acc += tl.load(src, mask=mask, other=0)
                 src += L * P
             dst = boff + offs
-            _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM)
+            _finish(acc, mask, params_ptr + dst, buf_ptr + dst, grad_ptr + dst, lr, momentum, TRAIN, MOMENTUM, UPCAST)
     if TRAIN:
         if li == 0:
             if tile == 0:
@@ -846,7 +852,7 @@ def network_reduce_kernel(
                     total = total / 2
                 else:
                     total = total / numel
-                tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+                tl.store(loss_ptr, cast(total, loss_ptr.dtype.element_ty, UPCAST))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -937,7 +943,7 @@ _NET_CONFIGS: dict[tuple[str, torch.dtype, int], NetConfig] = {
     ("bwd", _F32, 16): NetConfig(32, 4, 16, 32, True),
     ("bwd", _F32, 32): NetConfig(16, 4, 32, 16, True),
     ("bwd", _F32, 64): NetConfig(32, 8, 32, 16, True),
-    ("bwd", _F32, 128): NetConfig(32, 8, 32, 16, True),
+    ("bwd", _F32, 128): NetConfig(16, 8, 32, 16, True),
     ("bwd", _F16, 16): NetConfig(128, 8, 16, 32, False),
     ("bwd", _F16, 32): NetConfig(64, 8, 32, 64, False),
     ("bwd", _F16, 64): NetConfig(64, 8, 32, 32, False),
@@ -1271,6 +1277,7 @@ def _reduce(gw, gb, lossp, meta, params, grads, buf, loss, hyper, g, n_layers, m
         gw, gb, lossp, meta, params, grads, buf, loss, hyper,
         g, n_layers, m,
         p, block, has_bias, train, loss_code, momentum, acc_dtype,  # P, BLOCK, HAS_BIAS, TRAIN, LOSS, MOMENTUM, ACC_DTYPE
+        INTERPRETED and params.dtype is torch.bfloat16,  # UPCAST
     )
 
 

@@ -12,10 +12,12 @@ Both run through a kernel on `device`: the interpreter on CPU, compiled code on 
 
 from __future__ import annotations
 
+import pytest
 import torch
 import triton
 import triton.language as tl
 
+import fnn
 from kernels.activations import fma
 
 
@@ -76,4 +78,49 @@ def test_fma_rounds_once(device):
     assert want.abs().max() > 0  # the sweep has products that round
     assert torch.equal(out.cpu().double(), want), (
         f"{int((out.cpu().double() != want).sum())} of {n} residuals are not a * b - fl(a * b)"
+    )
+
+
+def test_network_kernels_round_bfloat16_without_the_test_patch(device, monkeypatch):
+    """The whole-network kernels round every bfloat16 store to nearest even (kernels.linear_act.
+    cast) in the interpreter too, without conftest's fix: the forward's output, dX, dW and db,
+    and the fused SGD step's update. The values are small multiples of powers of two, so every
+    float32 sum is exact and PyTorch's float32 result, converted, is the exact answer rounded;
+    truncation would miss about half of them. On a GPU, compiled code rounds by itself."""
+    if device.type == "cuda":
+        pytest.skip("compiled code converts with cvt.rn; the interpreter's truncation is what this checks")
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter, "_convert_float", interpreter._convert_float.truncating)
+    g = torch.Generator().manual_seed(4)
+    bf = torch.bfloat16
+
+    def ints(*shape, scale):
+        return (torch.randint(-99, 100, shape, generator=g).float() * scale).to(bf)  # 7 bits: exact
+
+    model = fnn.FNN([6, 5], "identity", dtype=bf, fusion="network")
+    with torch.no_grad():
+        model.layers[0].weight.copy_(ints(5, 6, scale=2.0**-4))
+        model.layers[0].bias.copy_(ints(5, scale=2.0**-9))
+    w, b = (t.detach().float() for t in (model.layers[0].weight, model.layers[0].bias))
+    x = ints(40, 6, scale=2.0**-3).requires_grad_()
+    dy = ints(40, 5, scale=2.0**-5)
+    y = model(x)
+    z = x.detach().float() @ w.T + b  # exact in float32
+    assert torch.equal(y.view(torch.int16), z.to(bf).view(torch.int16)), "Y truncated, not rounded"
+    gx, gw, gb = torch.autograd.grad(y, (x, *model.parameters()), dy)
+    d = dy.float()
+    for got, want, what in ((gx, d @ w, "dX"), (gw, d.T @ x.detach().float(), "dW"), (gb, d.sum(0), "db")):
+        assert not torch.equal(want, want.to(bf).float()), f"{what}: nothing to round"
+        assert torch.equal(got.view(torch.int16), want.to(bf).view(torch.int16)), f"{what} truncated"
+
+    t = ints(40, 5, scale=2.0**-2)
+    trainer = fnn.Trainer(model, loss="sse", lr=0.5)
+    assert trainer.fused(device)
+    trainer.step(x.detach(), t)
+    d = (z.to(bf).float() - t.float()).to(bf).float()  # sse: D = Y - T, kept in bfloat16 as autograd's
+    grad_w = (d.T @ x.detach().float()).to(bf).float()
+    want = (w - 0.5 * grad_w).to(bf)
+    assert torch.equal(model.layers[0].weight.detach().view(torch.int16), want.view(torch.int16)), (
+        "the fused step's update truncated"
     )
