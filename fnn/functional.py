@@ -29,6 +29,7 @@ __all__ = ["FNNFunction", "LinearActFunction", "backend", "fnn_forward", "linear
 
 _AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOATS = frozenset(FLOAT_DTYPES)
+_STRIDED = torch.strided
 _any_autocast = torch._C._is_any_autocast_enabled
 _grad_enabled = torch.is_grad_enabled
 
@@ -78,6 +79,8 @@ def _linear_ok(x: object, weight: object, bias: object) -> bool:
     dtype = weight.dtype
     if x.dtype is not dtype or dtype not in _FLOATS or weight.dim() != 2 or x.dim() == 0:
         return False
+    if x.layout is not _STRIDED or weight.layout is not _STRIDED:  # sparse, mkldnn: raise
+        return False
     n, k = weight.shape
     if x.shape[-1] != k or n == 0 or k == 0:
         return False
@@ -92,6 +95,7 @@ def _linear_ok(x: object, weight: object, bias: object) -> bool:
         and bias.dim() == 1
         and bias.shape[0] == n
         and bias.device == device
+        and bias.layout is _STRIDED
     )
 
 

@@ -15,6 +15,7 @@ from .network import check_fusion, flatten_parameters, fnn_network_forward, reso
 from .plan import parameters, plan
 
 _any_autocast = torch._C._is_any_autocast_enabled
+_STRIDED = torch.strided
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
@@ -209,6 +210,8 @@ class FNN(nn.Module):
         p = plan(self)  # sizes, activations, flags: made once (fnn.plan)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
+        if x.layout is not _STRIDED:
+            raise TypeError(f"FNN input is a {x.layout} tensor; fnn takes dense (torch.strided) tensors")
         n_in = p.sizes[0]
         if x.dim() == 0 or x.shape[-1] != n_in:
             raise ValueError(

@@ -119,6 +119,8 @@ class Trainer:
         for name, t in (("x", x), ("y", y)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"Trainer: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.layout is not torch.strided:
+                raise TypeError(f"Trainer: {name} is a {t.layout} tensor; fnn takes dense (torch.strided) tensors")
         param = next(self.model.parameters())
         model = self._fnn()
         if model is not None:
@@ -214,6 +216,8 @@ class Trainer:
             or y.shape[-1] != n_out
             or y.shape[:-1] != x.shape[:-1]
             or x.numel() == 0
+            or x.layout is not torch.strided
+            or y.layout is not torch.strided
             or x.dtype is not dtype
             or y.dtype is not dtype
             or device != flat.device

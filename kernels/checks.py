@@ -247,6 +247,8 @@ def check_activation(activation: object, what: str = "activation") -> str | Acti
 def _check_tensor(t: object, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor; fnn takes dense (torch.strided) tensors")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {t.dtype}; fnn supports floating point tensors only "

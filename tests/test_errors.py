@@ -142,6 +142,32 @@ def test_integer_tensors(entry, which, device, no_launch):
 
 
 @pytest.mark.parametrize("entry", _entry_ids())
+@pytest.mark.parametrize("which", ["x", "weight", "bias"])
+def test_sparse_tensors(entry, which, device, no_launch):
+    """fnn takes dense tensors: a sparse one is a TypeError naming it, on every backend (the
+    reference's F.linear would take a sparse x, the kernels read strides and pointers)."""
+    tensors = {"x": _t(4, 3, device=device), "weight": _t(5, 3, device=device), "bias": _t(5, device=device)}
+    tensors[which] = tensors[which].detach().to_sparse()
+    x, w, b = tensors.values()
+    dense = [t for t in (x, w, b) if t.layout is torch.strided]
+    _raises(lambda: ENTRIES[entry](x, w, b, "relu"), TypeError, which, "sparse", inputs=dense)
+
+
+def test_sparse_inputs_of_the_modules_and_trainer(device, no_launch):
+    xs = _t(5, 3, device=device, grad=False).to_sparse()
+    ys = _t(5, 2, device=device, grad=False)
+    for fusion in ("layer", "network", "auto"):
+        model = fnn.FNN([3, 4, 2], device=device, fusion=fusion)
+        params = list(model.parameters())
+        _raises(lambda m=model: m(xs), TypeError, "sparse", inputs=params)
+        trainer = fnn.Trainer(model, loss="mse", lr=0.1)
+        _raises(lambda t=trainer: t.step(xs, ys), TypeError, "x", "sparse", inputs=(ys, *params))
+        _raises(lambda t=trainer: t.step(ys.new_ones(5, 3), ys.to_sparse()), TypeError, "y", "sparse", inputs=params)
+    layer = fnn.FusedLinear(3, 4, device=device)
+    _raises(lambda: layer(xs), TypeError, "sparse", inputs=list(layer.parameters()))
+
+
+@pytest.mark.parametrize("entry", _entry_ids())
 def test_unknown_activation(entry, device, no_launch):
     x, w = _t(4, 3, device=device), _t(5, 3, device=device)
     _raises(
