@@ -120,7 +120,9 @@ class Trainer:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"Trainer: {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.layout is not torch.strided:
-                raise TypeError(f"Trainer: {name} is a {t.layout} tensor; fnn takes dense (torch.strided) tensors")
+                raise TypeError(
+                    f"Trainer: {name} is a {t.layout} tensor; fnn takes dense (torch.strided) tensors"
+                )
         param = next(self.model.parameters())
         model = self._fnn()
         if model is not None:
