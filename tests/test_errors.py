@@ -156,13 +156,13 @@ def test_sparse_tensors(entry, which, device, no_launch):
 def test_sparse_inputs_of_the_modules_and_trainer(device, no_launch):
     xs = _t(5, 3, device=device, grad=False).to_sparse()
     ys = _t(5, 2, device=device, grad=False)
+    x_ok, y_sparse = ys.new_ones(5, 3), ys.to_sparse()
     for fusion in ("layer", "network", "auto"):
         model = fnn.FNN([3, 4, 2], device=device, fusion=fusion)
         params = list(model.parameters())
         _raises(lambda m=model: m(xs), TypeError, "sparse", inputs=params)
         trainer = fnn.Trainer(model, loss="mse", lr=0.1)
         _raises(lambda t=trainer: t.step(xs, ys), TypeError, "x", "sparse", inputs=(ys, *params))
-        x_ok, y_sparse = ys.new_ones(5, 3), ys.to_sparse()
         _raises(lambda t=trainer: t.step(x_ok, y_sparse), TypeError, "y", "sparse", inputs=params)
     layer = fnn.FusedLinear(3, 4, device=device)
     _raises(lambda: layer(xs), TypeError, "sparse", inputs=list(layer.parameters()))
