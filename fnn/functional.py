@@ -14,6 +14,7 @@ checking again. Inference (no gradient needed) skips the autograd Function altog
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch._C._functorch import unwrap_if_dead
@@ -114,28 +115,33 @@ _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
 
 
-def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False):
+def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False, functorch=None):
     """`cls.apply` without the Python layer of torch.autograd.Function.apply where it has
     nothing to do: no functorch transform active and no torch.compile tracing (else the full
-    apply, which handles transforms, and which Dynamo traces: before torch 2.13 it cannot trace
-    the C apply).
+    apply, which Dynamo traces: before torch 2.13 it cannot trace the C apply). Under a
+    functorch transform, `functorch` (same arguments) when given, else the full apply.
     What that layer does besides, unwrapping dead functorch wrappers, is done here too: for
     every tensor argument, or, with `module_parameters` (the other tensors are a module's own
     parameters, which a finished transform leaves as they were), for the first only. For
-    Functions without setup_context (all of fnn's)."""
+    Functions without setup_context (all of fnn's but _FuncLinearAct)."""
     c_apply = _C_APPLY.__get__(None, cls)
     full = cls.apply
+    transformed = functorch or full
     if module_parameters:
 
         def apply(x, *args):
-            if _functorch_active() or _is_compiling():
+            if _functorch_active():
+                return transformed(x, *args)
+            if _is_compiling():
                 return full(x, *args)
             return c_apply(unwrap_if_dead(x), *args)
 
         return apply
 
     def apply_all(*args):
-        if _functorch_active() or _is_compiling():
+        if _functorch_active():
+            return transformed(*args)
+        if _is_compiling():
             return full(*args)
         return c_apply(*[unwrap_if_dead(a) if isinstance(a, _Tensor) else a for a in args])
 
@@ -250,7 +256,71 @@ class _CheckedLinearAct(LinearActFunction):
         return _linear_forward(ctx, x, weight, bias, activation)
 
 
-_checked_linear_act = fast_apply(_CheckedLinearAct)
+class _FuncLinearAct(torch.autograd.Function):
+    """LinearActFunction for torch.func's transforms (grad, vjp, jacrev, vmap of them), which
+    take only Functions whose forward has no ctx (the saving is in setup_context). Checked
+    arguments, `activation` an Activation. The forward runs the registered ops (fnn.ops) and
+    returns Y, or (Y, Z) for an activation that saves Z (Z not differentiable); the backward is
+    LinearActFunction's, on the same saved tensors (x, W and Y or Z: a transform always needs
+    a gradient). vmap batches the ops through PyTorch's per-sample fallback."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, activation):
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        ops = _ops(x)
+        if activation.saves == "z":
+            y, z = ops.linear_act_forward_z(x2d, weight, bias, activation)
+            return y.view(*x.shape[:-1], weight.shape[0]), z
+        return ops.linear_act_forward(x2d, weight, bias, activation).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, activation = inputs
+        if activation.saves == "z":
+            y, saved = output
+            ctx.mark_non_differentiable(saved)
+        else:
+            saved = output if activation.saves == "y" else None
+        ctx.save_for_backward(x, weight, saved)
+        ctx.activation = activation
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, saved = ctx.saved_tensors
+        n = weight.shape[0]
+        as_saved = SimpleNamespace(  # what LinearActFunction's forward would have saved
+            saved_tensors=(
+                x.reshape(-1, x.shape[-1]),
+                weight,
+                None if saved is None else saved.reshape(-1, n),
+            ),
+            needs_input_grad=ctx.needs_input_grad,
+            activation=ctx.activation,
+            n_out=n,
+            x_shape=x.shape,
+        )
+        return LinearActFunction.backward(as_saved, dy)
+
+
+def _func_linear_act(x, weight, bias, act: Activation) -> torch.Tensor:
+    """_FuncLinearAct's Y."""
+    if act.saves == "z":
+        return _FuncLinearAct.apply(x, weight, bias, act)[0]
+    return _FuncLinearAct.apply(x, weight, bias, act)
+
+
+def _func_layers(x, acts, params) -> torch.Tensor:
+    """A network under a functorch transform: layer by layer through _FuncLinearAct
+    (`params` w_1, b_1, ..., `acts` Activations)."""
+    h = x
+    for i, act in enumerate(acts):
+        h = _func_linear_act(h, params[2 * i], params[2 * i + 1], act)
+    return h
+
+
+_checked_linear_act = fast_apply(_CheckedLinearAct, functorch=_func_linear_act)
 
 
 def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, has_bias: tuple, params):
@@ -420,8 +490,12 @@ class _EagerLayers(FNNFunction):
 
 
 _IDENTITY = as_activation("identity")
-_fnn_apply = fast_apply(FNNFunction)
-_planned_fnn = fast_apply(_PlannedFNN, module_parameters=True)
+_fnn_apply = fast_apply(
+    FNNFunction, functorch=lambda x, acts, *params: _func_layers(x, [as_activation(a) for a in acts], params)
+)
+_planned_fnn = fast_apply(
+    _PlannedFNN, module_parameters=True, functorch=lambda x, p, *params: _func_layers(x, p.acts, params)
+)
 _eager_layers = _C_APPLY.__get__(None, _EagerLayers)
 
 

@@ -28,7 +28,7 @@ from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
 from .dispatch import backend, use_registered_ops
-from .functional import _C_APPLY, _grad_enabled, _once_differentiable, fast_apply
+from .functional import _C_APPLY, _func_layers, _grad_enabled, _once_differentiable, fast_apply
 from .network_ops import layer_sizes, padded_width
 from .plan import FNNPlan, flat_views, plan
 
@@ -262,7 +262,11 @@ class _PlannedNetwork(NetworkFunction):
         return _network_forward(ctx, x, p.sizes, p.acts, p.biased, flat, params, p)
 
 
-_planned_network = fast_apply(_PlannedNetwork, module_parameters=True)
+_planned_network = fast_apply(  # under a functorch transform: layer by layer (_FuncLinearAct)
+    _PlannedNetwork,
+    module_parameters=True,
+    functorch=lambda x, p, flat, *params: _func_layers(x, p.acts, params),
+)
 _K = None  # kernels.network, imported on first use (importing it imports triton)
 
 
@@ -369,6 +373,8 @@ def network_forward(
 
         return fnn_forward(x, weights, biases, activations)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+    if torch._C._are_functorch_transforms_active():  # torch.func: layer by layer (_FuncLinearAct)
+        return _func_layers(x, [as_activation(a) for a in activations], params)
     return NetworkFunction.apply(x, tuple(activations), None, *params)
 
 
