@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import torch
 from torch._C._functorch import unwrap_if_dead
+from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from kernels.checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
@@ -98,6 +99,18 @@ def _linear_ok(x: object, weight: object, bias: object) -> bool:
         and bias.device == device
         and bias.layout is _STRIDED
     )
+
+
+def no_tangents(tensors, who: str) -> None:
+    """Raise NotImplementedError where a tensor carries a forward-mode tangent (torch.func.jvp,
+    jacfwd, hessian, forward_ad.dual_level): fnn has no forward-mode derivatives, and its ops
+    would drop the tangent silently. Called where forward_ad._current_level >= 0 only."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{who}: forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad) is not "
+                f"supported: fnn's kernels have no forward-mode derivative"
+            )
 
 
 def _check_linear(x, weight, bias, activation, who: str = "fnn.linear_act") -> Activation:
@@ -516,6 +529,8 @@ def linear_act(
     (act' read off the saved output, or off the saved Z: see LinearActFunction).
     Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
+    if forward_ad._current_level >= 0:
+        no_tangents((x, weight, bias), "fnn.linear_act")
     if _any_autocast():
         x, weight, bias = _autocast((x, weight, bias))
     cls = activation.__class__
@@ -670,6 +685,8 @@ def fnn_forward(
             f"fnn_forward: need one weight, bias and activation per layer, got "
             f"{len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
+    if forward_ad._current_level >= 0:
+        no_tangents((x, *weights, *biases), "fnn.fnn_forward")
     if _any_autocast():
         x, *cast = _autocast((x, *weights, *biases))
         weights, biases = cast[: len(weights)], cast[len(weights) :]

@@ -7,10 +7,20 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from kernels.checks import Activation, check_activation
 
-from .functional import _layers_ok, _linear_ok, backend, fnn_forward, linear_act, run_layers, run_program
+from .functional import (
+    _layers_ok,
+    _linear_ok,
+    backend,
+    fnn_forward,
+    linear_act,
+    no_tangents,
+    run_layers,
+    run_program,
+)
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
 from .plan import parameters, plan
 
@@ -208,6 +218,8 @@ class FNN(nn.Module):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         p = plan(self)  # sizes, activations, flags: made once (fnn.plan)
+        if forward_ad._current_level >= 0:
+            no_tangents((x, *p.parameters()), "FNN")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
         if x.layout is not _STRIDED:

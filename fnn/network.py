@@ -22,13 +22,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch._C._functorch import unwrap_if_dead
+from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 
 from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
 from .dispatch import backend, use_registered_ops
-from .functional import _C_APPLY, _func_layers, _grad_enabled, _once_differentiable, fast_apply
+from .functional import _C_APPLY, _func_layers, _grad_enabled, _once_differentiable, fast_apply, no_tangents
 from .network_ops import layer_sizes, padded_width
 from .plan import FNNPlan, flat_views, plan
 
@@ -368,6 +369,8 @@ def network_forward(
     (NetworkFunction), the parameters concatenated into one flat buffer for the call (one
     `torch.cat`). On the reference backend it runs fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
+    if forward_ad._current_level >= 0:
+        no_tangents((x, *weights, *biases), "fnn.network.network_forward")
     if backend(x.device) == "reference":
         from .functional import fnn_forward
 

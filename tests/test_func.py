@@ -104,3 +104,29 @@ def test_grad_of_the_functional_network_entry_points(device):
             return f(x, [w1, w2], [b, None], ["silu", "sigmoid"]).sum()
 
         _close(grad(ours, argnums=(0, 1))(w1, w2), want, entry.__name__)
+
+
+def test_forward_mode_raises_instead_of_dropping_the_tangent(device):
+    """fnn has no forward-mode derivatives; its ops would return a zero tangent (torch.func.jvp)
+    or none (forward_ad). Every entry point raises instead, and a dual level whose duals do not
+    reach fnn changes nothing."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = _randn(4, 3, seed=10, device=device), _randn(2, 3, seed=11, device=device)
+    v = torch.ones_like(w)
+    model = fnn.FNN([3, 2], dtype=DT, device=device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    calls = {
+        "fnn.linear_act": lambda w: fnn.linear_act(x, w),
+        "fnn.fnn_forward": lambda w: fnn.fnn_forward(x, [w], [None], ["tanh"]),
+        "fnn.network.network_forward": lambda w: fnn.network.network_forward(x, [w], [None], ["tanh"]),
+        "FNN": lambda w: functional_call(model, {**params, "layers.0.weight": w}, (x,)),
+    }
+    for who, call in calls.items():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            torch.func.jvp(call, (w,), (v,))
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match=who):
+            call(fwAD.make_dual(w, v))
+    with fwAD.dual_level():
+        y = fnn.linear_act(x, w)  # no dual reaches fnn
+    assert torch.equal(y, fnn.linear_act(x, w))
