@@ -273,9 +273,10 @@ class _FuncLinearAct(torch.autograd.Function):
     """LinearActFunction for torch.func's transforms (grad, vjp, jacrev, vmap of them), which
     take only Functions whose forward has no ctx (the saving is in setup_context). Checked
     arguments, `activation` an Activation. The forward runs the ops fnn.dispatch picks (the
-    registered ones while a transform is active at its level) and returns Y, or (Y, Z) for an activation that saves Z (Z not differentiable); the backward is
-    LinearActFunction's, on the same saved tensors (x, W and Y or Z: a transform always needs
-    a gradient). vmap batches the ops through PyTorch's per-sample fallback."""
+    registered ones while a transform is active at its level) and returns Y, or (Y, Z) for an
+    activation that saves Z (Z not differentiable); the backward is LinearActFunction's, on
+    the same saved tensors (x, W and Y or Z: a transform always needs a gradient). vmap
+    batches the ops through PyTorch's per-sample fallback."""
 
     generate_vmap_rule = True
 
