@@ -51,7 +51,13 @@ def use_registered_ops() -> bool:
     return _is_compiling() or _dispatch_modes() > 0 or _functorch_active()
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")  # torch.is_autocast_enabled raises for others, e.g. meta
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for x's device (asked of CPU and CUDA tensors only:
+    torch.is_autocast_enabled raises for others, e.g. meta)."""
+    return _any_autocast() and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 def _reference_call(name: str):
@@ -62,9 +68,8 @@ def _reference_call(name: str):
         from . import reference
 
         fn = getattr(reference, name)
-        kind = args[0].device.type
-        if kind in _AUTOCAST_DEVICES and torch.is_autocast_enabled(kind):  # not for meta tensors
-            with torch.autocast(kind, enabled=False):
+        if autocast_on(args[0]):
+            with torch.autocast(args[0].device.type, enabled=False):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 

@@ -11,6 +11,7 @@ from torch.autograd import forward_ad
 
 from kernels.checks import Activation, check_activation
 
+from .dispatch import autocast_on
 from .functional import (
     _layers_ok,
     _linear_ok,
@@ -26,11 +27,6 @@ from .plan import parameters, plan
 
 _any_autocast = torch._C._is_any_autocast_enabled
 _STRIDED = torch.strided
-
-
-def _autocast_on(x: torch.Tensor) -> bool:
-    """Whether torch.autocast is on for x's device (then FNN runs per layer)."""
-    return _any_autocast() and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
 
 
 def _check_size(value: object, name: str) -> int:
@@ -240,7 +236,7 @@ class FNN(nn.Module):
         if (
             mode == "network"
             and backend(x.device) != "reference"
-            and not _autocast_on(x)
+            and not autocast_on(x)  # under autocast FNN runs per layer
         ):
             return fnn_network_forward(self, x, p)
         if not _any_autocast():
