@@ -14,17 +14,21 @@ checking again. Inference (no gradient needed) skips the autograd Function altog
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
+from torch._C import _functorch
 from torch._C._functorch import unwrap_if_dead
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from kernels.checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
 from kernels.configs import fused_backward_fits
 
-from . import dispatch, programs
+from . import dispatch, programs, reference
 from .dispatch import backend
 
 __all__ = ["FNNFunction", "LinearActFunction", "backend", "fnn_forward", "linear_act", "linear_sigmoid"]
@@ -101,16 +105,15 @@ def _linear_ok(x: object, weight: object, bias: object) -> bool:
     )
 
 
-def no_tangents(tensors, who: str) -> None:
-    """Raise NotImplementedError where a tensor carries a forward-mode tangent (torch.func.jvp,
-    jacfwd, hessian, forward_ad.dual_level): fnn has no forward-mode derivatives, and its ops
-    would drop the tangent silently. Called where forward_ad._current_level >= 0 only."""
+def has_tangents(tensors) -> bool:
+    """Whether a tensor carries a forward-mode tangent (torch.func.jvp, jacfwd, hessian,
+    forward_ad.dual_level). Such a call runs layer by layer through _FuncLinearAct, whose jvp
+    gives the tangent: the kernels' ops would drop it. Called where forward_ad._current_level
+    >= 0 only."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
-            raise NotImplementedError(
-                f"{who}: forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad) is not "
-                f"supported: fnn's kernels have no forward-mode derivative"
-            )
+            return True
+    return False
 
 
 def _check_linear(x, weight, bias, activation, who: str = "fnn.linear_act") -> Activation:
@@ -166,18 +169,118 @@ def _ops(t: torch.Tensor):
     return dispatch.layer_ops(t.device)
 
 
-def _once_differentiable(fn):
-    """torch's once_differentiable, without its no_grad context in the usual backward (grad mode
-    already off: create_graph=False), where it would change nothing."""
-    guarded = once_differentiable(fn)
+# Differentiable backwards. A backward that runs the kernels gives gradients autograd cannot
+# differentiate. Under create_graph=True (or an enclosing torch.func transform), wherever dY or
+# a saved input requires grad, the Functions below compute the same gradients from PyTorch ops
+# instead (`graph` backwards), on the saved tensors that are connected to the graph: the
+# inputs x, W, b and a saved output Y, never an intermediate (Z, a hidden layer's output),
+# which the forward made outside the graph.
 
-    def backward(ctx, *grads):
-        if not _grad_enabled():
-            return fn(ctx, *grads)
-        return guarded(ctx, *grads)
 
-    backward.__doc__ = fn.__doc__
-    return backward
+def _requires_grad(tensors) -> bool:
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _autocast_off(t: torch.Tensor):
+    """No autocast for the graph backwards' ops: the saved tensors are already in the dtypes
+    the forward ran in."""
+    if _any_autocast() and t.device.type in ("cpu", "cuda"):
+        return torch.autocast(t.device.type, enabled=False)
+    return nullcontext()
+
+
+def _with_graph(graph):
+    """Decorator of a Function's kernel backward: in autograd's usual backward (grad mode off)
+    the kernels; under create_graph, `graph(ctx, dy)` where dY or a saved tensor requires grad
+    (gradients that autograd can differentiate again), else the kernels under no_grad."""
+
+    def decorate(fn):
+        def backward(ctx, *grads):
+            if not _grad_enabled():
+                return fn(ctx, *grads)
+            if not _is_compiling() and _requires_grad((*ctx.saved_tensors, *grads)):
+                with _autocast_off(grads[0]):
+                    return graph(ctx, *grads)
+            with torch.no_grad():
+                return fn(ctx, *grads)
+
+        backward.__doc__ = fn.__doc__
+        backward.kernels = fn  # the kernel backward itself
+        return backward
+
+    return decorate
+
+
+def _delta_graph(g: torch.Tensor, s: torch.Tensor, act: Activation) -> torch.Tensor:
+    """reference.delta(g, s, act) by ops that have derivatives (aten.silu_backward has none:
+    PyTorch's own composite form then)."""
+    if act.name == "silu":
+        sig = torch.sigmoid(s)
+        return g * sig * (1 + s * (1 - sig))
+    return reference.delta(g, s, act)
+
+
+def _graph_layer(dy, x, weight, bias, s, act: Activation, needs) -> tuple:
+    """One layer's (dX, dW, db) from PyTorch ops (differentiable): D = reference.delta(dY, S),
+    S the saved output Y, or Z recomputed from x, W and b for an activation that saves Z (the
+    saved Z is outside the graph). `needs`: which of dX, dW, db to compute; x is None where
+    only dX is, W where dX is not."""
+    n, k = dy.shape[-1], (weight if x is None else x).shape[-1]
+    dy2d = dy.reshape(-1, n)
+    if act.saves == "z":
+        s2d = F.linear(x.reshape(-1, k), weight, bias)
+    else:
+        s2d = dy2d if act.saves == "none" else s.reshape(-1, n)
+    d = _delta_graph(dy2d, s2d, act)
+    dx = (d @ weight).reshape(*dy.shape[:-1], k) if needs[0] else None
+    dw = d.t() @ x.reshape(-1, k) if needs[1] else None
+    db = d.sum(0) if needs[2] else None
+    return dx, dw, db
+
+
+def _graph_network(dy, x, weights, biases, acts, needs) -> list:
+    """A network's gradients (x, w_1, b_1, ..., w_L, b_L; None where `needs` says no) by
+    recomputing its forward in PyTorch ops from the saved inputs and differentiating that
+    with create_graph: differentiable to any order PyTorch's own layers are."""
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+    inputs = (x, *params)
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs, strict=True)) if need and t is not None]
+    if not wanted:
+        return [None] * len(inputs)
+    with torch.enable_grad():
+        out = reference.fnn_forward(x, weights, biases, acts)
+        got = torch.autograd.grad(out, [inputs[i] for i in wanted], dy, create_graph=True, allow_unused=True)
+    grads: list = [None] * len(inputs)
+    for i, g in zip(wanted, got, strict=True):
+        grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
+_GRAD_TRANSFORMS = (_functorch.TransformType.Grad, _functorch.TransformType.Jvp)
+
+
+def _outer_differentiates(saved, grads) -> bool:
+    """Under a torch.func transform, in the backward of a Function that has setup_context:
+    whether something outside the backward's own level will differentiate its gradients: an
+    enclosing grad, vjp, jacrev, jvp or jacfwd (a grad-type level alive besides the one the
+    saved tensors are wrapped at, which is dead after vjp), or plain autograd on the tensors
+    underneath (a leaf that requires grad)."""
+    first = next(t for t in saved if t is not None)
+    own = _functorch.maybe_get_level(first) if _functorch.is_gradtrackingtensor(first) else None
+    levels = [i.level() for i in retrieve_all_functorch_interpreters() if i.key() in _GRAD_TRANSFORMS]
+    if len(levels) > (1 if own in levels else 0):
+        return True
+    for t in (*saved, *grads):
+        if t is None:
+            continue
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _linear_forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias, act: Activation):
@@ -196,7 +299,15 @@ def _linear_forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bia
         if not flat:
             y = y.view(*x.shape[:-1], n)
         saved = y if saves == "y" else None
-    ctx.save_for_backward(x2d if (need_w or need_b) else None, weight if need_x else None, saved)
+    # Z is outside the graph: a differentiable backward recomputes it, from x, W and b.
+    keep_x = need_w or need_b or saves == "z"
+    ctx.save_for_backward(
+        x2d if keep_x else None,
+        weight if (need_x or saves == "z") else None,
+        saved,
+        x if (keep_x and not flat) else None,  # x2d is outside the graph then
+        bias if saves == "z" else None,
+    )
     ctx.activation = act
     ctx.x_shape = x.shape
     ctx.n_out = n
@@ -215,7 +326,11 @@ class LinearActFunction(torch.autograd.Function):
     alpha < 0, leaky_relu with a negative slope, softplus with threshold < 17: see
     fnn.Activation), nothing for identity. Z is written by the forward kernel as a second
     output only when a gradient will be needed. X is saved only when dW or db is needed, W
-    only when dX is. Only the gradients `ctx.needs_input_grad` asks for are computed.
+    only when dX is, except with Z: then X, W and b too. Only the gradients
+    `ctx.needs_input_grad` asks for are computed.
+    Under create_graph=True, where dY or a saved tensor requires grad, the backward computes
+    the same formulas with PyTorch ops instead (differentiable: double backward), D read off
+    the saved Y, or off Z recomputed from X, W and b (the saved Z is outside the graph).
     Call as `LinearActFunction.apply(x, weight, bias, activation)` (a name or an fnn.Activation);
     the arguments are checked as fnn.linear_act checks them.
     """
@@ -231,9 +346,15 @@ class LinearActFunction(torch.autograd.Function):
         return _linear_forward(ctx, x, weight, bias, _check_linear(x, weight, bias, activation))
 
     @staticmethod
-    @_once_differentiable
+    def _graph(ctx: FunctionCtx, dy: torch.Tensor):
+        x2d, weight, saved, x, bias = ctx.saved_tensors
+        x = x2d if x is None else x
+        return *_graph_layer(dy, x, weight, bias, saved, ctx.activation, ctx.needs_input_grad), None
+
+    @staticmethod
+    @_with_graph(lambda ctx, dy: LinearActFunction._graph(ctx, dy))
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, weight, saved = ctx.saved_tensors
+        x2d, weight, saved = ctx.saved_tensors[:3]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _ops(dy)
         n = ctx.n_out
@@ -275,8 +396,12 @@ class _FuncLinearAct(torch.autograd.Function):
     arguments, `activation` an Activation. The forward runs the ops fnn.dispatch picks (the
     registered ones while a transform is active at its level) and returns Y, or (Y, Z) for an
     activation that saves Z (Z not differentiable); the backward is LinearActFunction's, on
-    the same saved tensors (x, W and Y or Z: a transform always needs a gradient). vmap
-    batches the ops through PyTorch's per-sample fallback."""
+    the same saved tensors (x, W, b and Y or Z: a transform always needs a gradient), its
+    kernels unless something outside the transform's own level differentiates the gradients
+    (jacrev of jacrev, hessian: then LinearActFunction's differentiable form). `jvp` gives
+    forward mode (torch.func.jvp, jacfwd, hessian, forward_ad), in PyTorch ops: plain
+    forward-mode calls of fnn come here too. vmap batches the ops through PyTorch's
+    per-sample fallback."""
 
     generate_vmap_rule = True
 
@@ -291,18 +416,47 @@ class _FuncLinearAct(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, activation = inputs
+        x, weight, bias, activation = inputs
         if activation.saves == "z":
             y, saved = output
             ctx.mark_non_differentiable(saved)
         else:
             saved = output if activation.saves == "y" else None
-        ctx.save_for_backward(x, weight, saved)
+        ctx.save_for_backward(x, weight, saved, bias)
+        ctx.save_for_forward(x, weight, saved, bias)
         ctx.activation = activation
 
     @staticmethod
+    def jvp(ctx, tx, tw, tb, _):
+        """Forward mode: dY = act'(Z) * dZ with dZ = dx W^T + x dW^T + db (reference.delta with
+        dZ for the gradient), and dZ itself for Z. PyTorch ops: differentiable."""
+        x, weight, saved, _bias = ctx.saved_tensors
+        act = ctx.activation
+        tz = None
+        for term in (
+            None if tx is None else F.linear(tx, weight),
+            None if tw is None else F.linear(x, tw),
+            tb,
+        ):
+            if term is not None:
+                tz = term if tz is None else tz + term
+        if tz is None:
+            tz = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        if act.saves == "z":
+            z = saved.view(tz.shape)
+            return _delta_graph(tz, z, act), None  # Z: not differentiable
+        return _delta_graph(tz, tz if saved is None else saved, act)
+
+    @staticmethod
     def backward(ctx, dy, *_):
-        x, weight, saved = ctx.saved_tensors
+        x, weight, saved, bias = ctx.saved_tensors
+        if (
+            _outer_differentiates((x, weight, saved, bias), (dy,))  # jacrev of jacrev, hessian, ...
+            if _functorch_active()
+            else _grad_enabled() and _requires_grad((x, weight, saved, bias, dy))  # create_graph
+        ):
+            with _autocast_off(dy):
+                return *_graph_layer(dy, x, weight, bias, saved, ctx.activation, ctx.needs_input_grad), None
         n = weight.shape[0]
         as_saved = SimpleNamespace(  # what LinearActFunction's forward would have saved
             saved_tensors=(
@@ -315,7 +469,8 @@ class _FuncLinearAct(torch.autograd.Function):
             n_out=n,
             x_shape=x.shape,
         )
-        return LinearActFunction.backward(as_saved, dy)
+        with torch.no_grad():
+            return LinearActFunction.backward.kernels(as_saved, dy)
 
 
 def _func_linear_act(x, weight, bias, act: Activation) -> torch.Tensor:
@@ -358,7 +513,8 @@ def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, h
     out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
     if saved[-1] is h:
         saved[-1] = out  # the output itself, as autograd expects a saved output to be
-    ctx.save_for_backward(x2d, *saved, *weights)
+    # the biases, and x where x2d is a reshape, for a differentiable backward only (_graph_network)
+    ctx.save_for_backward(x2d, *saved, *weights, *params[1::2], None if flat else x)
     ctx.activations = acts
     ctx.has_bias = has_bias
     ctx.x_shape = x.shape
@@ -368,8 +524,9 @@ def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, h
 class FNNFunction(torch.autograd.Function):
     """A whole feed-forward network as one autograd node.
 
-    Forward: h_0 = X, h_l = act_l(Z_l), Z_l = h_{l-1} W_l^T + b_l. Saves X, every W_l and, per
-    layer, one tensor S_l: h_l where act_l's derivative is read off its output; Z_l where it
+    Forward: h_0 = X, h_l = act_l(Z_l), Z_l = h_{l-1} W_l^T + b_l. Saves X, every W_l and b_l
+    (the biases for the differentiable backward only) and, per layer, one tensor S_l: h_l
+    where act_l's derivative is read off its output; Z_l where it
     saves Z (gelu, gelu_tanh, silu, ...; see fnn.Activation), and then h_l is not kept: the
     next layer's weight-gradient kernel recomputes it on load as act_l(Z_l); h_l for a hidden
     identity layer (the next layer's input), nothing for an identity last layer. So a network
@@ -380,7 +537,9 @@ class FNNFunction(torch.autograd.Function):
         dX = D_1 W_1.
     A layer whose W fits the fused kernel's tile, below a layer whose derivative its output
     tells (kernels.configs.fused_backward_fits), takes dW_l, db_l and D_{l-1} (or dX) from one
-    kernel. No elementwise kernel runs between layers. Call as
+    kernel. No elementwise kernel runs between layers. Under create_graph=True, where dY or a
+    saved tensor requires grad, the backward recomputes the network with PyTorch ops from X
+    and the parameters and differentiates that (double backward). Call as
     `FNNFunction.apply(x, activations, w_1, b_1, ..., w_L, b_L)` (a bias may be None; an
     activation is a name or an fnn.Activation); `fnn_forward` checks the arguments first.
     """
@@ -394,14 +553,24 @@ class FNNFunction(torch.autograd.Function):
         return _fnn_forward(ctx, x, acts, saves, tuple(b is not None for b in params[1::2]), params)
 
     @staticmethod
-    @_once_differentiable
+    def _graph(ctx: FunctionCtx, dy: torch.Tensor):
+        n_layers = len(ctx.activations)
+        saved = ctx.saved_tensors
+        x = saved[0] if saved[-1] is None else saved[-1]
+        weights, biases = saved[n_layers + 1 : 2 * n_layers + 1], saved[2 * n_layers + 1 : -1]
+        needs = ctx.needs_input_grad
+        dx, *grads = _graph_network(dy, x, weights, biases, ctx.activations, (needs[0], *needs[2:]))
+        return (dx, None, *grads)
+
+    @staticmethod
+    @_with_graph(lambda ctx, dy: FNNFunction._graph(ctx, dy))
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
         acts = ctx.activations
         n_layers = len(acts)
         saved = ctx.saved_tensors
         x2d = saved[0]
         ss = list(saved[1 : n_layers + 1])  # S_1..S_L (None where nothing is saved)
-        weights = saved[n_layers + 1 :]
+        weights = saved[n_layers + 1 : 2 * n_layers + 1]
         needs = ctx.needs_input_grad
         need_w = [needs[2 + 2 * i] for i in range(n_layers)]
         need_b = [needs[3 + 2 * i] and ctx.has_bias[i] for i in range(n_layers)]
@@ -476,7 +645,7 @@ class _EagerLayers(FNNFunction):
         out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
         if saved[-1] is h:
             saved[-1] = out  # the output itself, as autograd expects a saved output to be
-        ctx.save_for_backward(x2d, *saved, *params[0::2])
+        ctx.save_for_backward(x2d, *saved, *params[0::2], *params[1::2], None if flat else x)
         ctx.program = prog
         ctx.x_shape = x.shape
         return out
@@ -497,7 +666,7 @@ class _EagerLayers(FNNFunction):
             if ss[-1] is not None:
                 ss[-1] = ss[-1].reshape(-1, p.sizes[-1])
         steps = prog.backward(ctx.needs_input_grad, dy.stride())
-        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 :])
+        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 : 2 * n_layers + 1])
         if dx is not None and not flat:
             dx = dx.view(ctx.x_shape)
         return (dx, None, *grads)
@@ -530,14 +699,14 @@ def linear_act(
     (act' read off the saved output, or off the saved Z: see LinearActFunction).
     Under torch.autocast the tensors are first cast to the autocast dtype, as F.linear's are.
     """
-    if forward_ad._current_level >= 0:
-        no_tangents((x, weight, bias), "fnn.linear_act")
     if _any_autocast():
         x, weight, bias = _autocast((x, weight, bias))
     cls = activation.__class__
     act = activation if cls is Activation else _NAMED.get(activation) if cls is str else None  # type: ignore
     if act is None or not _linear_ok(x, weight, bias):
         act = _check_linear(x, weight, bias, activation)
+    if forward_ad._current_level >= 0 and has_tangents((x, weight, bias)):
+        return _func_linear_act(x, weight, bias, act)  # forward mode: its jvp
     if _grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -686,9 +855,10 @@ def fnn_forward(
             f"fnn_forward: need one weight, bias and activation per layer, got "
             f"{len(weights)} weights, {len(biases)} biases, {len(activations)} activations"
         )
-    if forward_ad._current_level >= 0:
-        no_tangents((x, *weights, *biases), "fnn.fnn_forward")
     if _any_autocast():
         x, *cast = _autocast((x, *weights, *biases))
         weights, biases = cast[: len(weights)], cast[len(weights) :]
-    return run_layers(x, weights, biases, check_layers(x, weights, biases, activations))
+    acts = check_layers(x, weights, biases, activations)
+    if forward_ad._current_level >= 0 and has_tangents((x, *weights, *biases)):  # forward mode
+        return _func_layers(x, acts, [t for pair in zip(weights, biases, strict=True) for t in pair])
+    return run_layers(x, weights, biases, acts)

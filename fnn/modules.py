@@ -17,8 +17,8 @@ from .functional import (
     _linear_ok,
     backend,
     fnn_forward,
+    has_tangents,
     linear_act,
-    no_tangents,
     run_layers,
     run_program,
 )
@@ -214,8 +214,6 @@ class FNN(nn.Module):
         if torch.compiler.is_compiling():
             return self._traced_forward(x)
         p = plan(self)  # sizes, activations, flags: made once (fnn.plan)
-        if forward_ad._current_level >= 0:
-            no_tangents((x, *p.parameters()), "FNN")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FNN input must be a torch.Tensor, got {type(x).__name__}")
         if x.layout is not _STRIDED:
@@ -226,6 +224,8 @@ class FNN(nn.Module):
                 f"FNN with sizes {list(p.sizes)} expects inputs of width {n_in} "
                 f"(shape (..., {n_in})), got shape {tuple(x.shape)}"
             )
+        if forward_ad._current_level >= 0 and has_tangents((x, *p.parameters())):
+            return fnn_forward(x, *parameters(p), p.acts)  # forward mode: layer by layer
         fusion = p.fusion
         if fusion == "layer":
             mode = "layer"

@@ -29,7 +29,15 @@ from kernels.checks import Activation, as_activation, check_linear_args
 
 from . import network_ops
 from .dispatch import backend, use_registered_ops
-from .functional import _C_APPLY, _func_layers, _grad_enabled, _once_differentiable, fast_apply, no_tangents
+from .functional import (
+    _C_APPLY,
+    _func_layers,
+    _grad_enabled,
+    _graph_network,
+    _with_graph,
+    fast_apply,
+    has_tangents,
+)
 from .network_ops import layer_sizes, padded_width
 from .plan import FNNPlan, flat_views, plan
 
@@ -195,7 +203,7 @@ def _network_forward(ctx: FunctionCtx, x, sizes, activations, biased, flat, para
     ctx.kernel_args = kernel_args
     if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
         s_out = z if last == "z" else (y if last == "y" else None)
-        ctx.save_for_backward(x2d, s_out, h, flat, *params)
+        ctx.save_for_backward(x2d, s_out, h, flat, *params, None if x2d is x else x)  # x: see _graph
     ctx.activations = activations
     ctx.sizes = sizes
     ctx.biased = biased
@@ -218,7 +226,9 @@ class NetworkFunction(torch.autograd.Function):
         dW_l = D_l^T h_l,   db_l = sum over rows of D_l,
         D_{l-1} = (D_l W_l) * act_{l-1}'(Z_{l-1}) read off S_{l-1},   dX = D_0 W_0,
     where h_l is recomputed on load as act_{l-1}(Z_{l-1}) for a layer that keeps Z.
-    Call as `NetworkFunction.apply(x, activations, flat, w_1, b_1, ..., w_L, b_L)` (a bias
+    Under create_graph=True, where dY or a saved tensor requires grad, the backward recomputes
+    the network with PyTorch ops from X and the parameters and differentiates that (double
+    backward). Call as `NetworkFunction.apply(x, activations, flat, w_1, b_1, ..., w_L, b_L)` (a bias
     may be None; an activation is a name or an fnn.Activation). `flat` is the parameters'
     flat buffer when they are its views
     (`flat_buffer`), read as it is; None concatenates them for the call (`concat_parameters`).
@@ -235,7 +245,18 @@ class NetworkFunction(torch.autograd.Function):
         return _network_forward(ctx, x, sizes, tuple(activations), biased, flat, params)
 
     @staticmethod
-    @_once_differentiable
+    def _graph(ctx: FunctionCtx, dy: torch.Tensor):
+        """The gradients from PyTorch ops, differentiable (create_graph): the network recomputed
+        from the saved inputs (x, or x2d where that is x, and the parameters)."""
+        saved = ctx.saved_tensors
+        x = saved[0] if saved[-1] is None else saved[-1]
+        params, needs = saved[4:-1], ctx.needs_input_grad
+        weights, biases = params[0::2], params[1::2]
+        dx, *grads = _graph_network(dy, x, weights, biases, ctx.activations, (needs[0], *needs[3:]))
+        return (dx, None, None, *grads)
+
+    @staticmethod
+    @_with_graph(lambda ctx, dy: NetworkFunction._graph(ctx, dy))
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
         x2d, s_out, h, flat = ctx.saved_tensors[:4]
         needs = ctx.needs_input_grad
@@ -300,7 +321,8 @@ class _EagerNetwork(NetworkFunction):
         K = _K or _kernels()
         z = K.new((x2d.shape[0], p.sizes[-1]), x.dtype, device) if last == "z" else None
         y, h = K.forward_unchecked(x2d, flat, mt, p.sizes, p.biased, True, ap, z, p.bits)
-        ctx.save_for_backward(x2d, z if last == "z" else (y if last == "y" else None), h, flat, *params)
+        s_out = z if last == "z" else (y if last == "y" else None)
+        ctx.save_for_backward(x2d, s_out, h, flat, *params, None if flat_x else x)
         ctx.plan = p
         ctx.kernel_args = (mt, ap, p.bits)
         ctx.x_shape = x.shape
@@ -369,14 +391,14 @@ def network_forward(
     (NetworkFunction), the parameters concatenated into one flat buffer for the call (one
     `torch.cat`). On the reference backend it runs fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
-    if forward_ad._current_level >= 0:
-        no_tangents((x, *weights, *biases), "fnn.network.network_forward")
     if backend(x.device) == "reference":
         from .functional import fnn_forward
 
         return fnn_forward(x, weights, biases, activations)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    if torch._C._are_functorch_transforms_active():  # torch.func: layer by layer (_FuncLinearAct)
+    if torch._C._are_functorch_transforms_active() or (  # torch.func, forward mode: layer by layer
+        forward_ad._current_level >= 0 and has_tangents((x, *params))
+    ):
         return _func_layers(x, [as_activation(a) for a in activations], params)
     return NetworkFunction.apply(x, tuple(activations), None, *params)
 

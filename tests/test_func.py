@@ -1,5 +1,6 @@
-"""torch.func's reverse-mode transforms over fnn: grad, vjp, jacrev and vmap of grad (per-sample
-gradients), against the same transforms over PyTorch's own layers in float64.
+"""torch.func's transforms over fnn: grad, vjp, jacrev and vmap of grad (per-sample gradients),
+forward mode (jvp, jacfwd, forward_ad) and second order (hessian, jacrev of jacrev, grad of
+grad), against the same transforms over PyTorch's own layers in float64.
 
 Under a functorch transform fnn runs each layer through fnn.functional._FuncLinearAct (a
 Function with setup_context, which the transforms require) and the registered ops: the
@@ -106,27 +107,96 @@ def test_grad_of_the_functional_network_entry_points(device):
         _close(grad(ours, argnums=(0, 1))(w1, w2), want, entry.__name__)
 
 
-def test_forward_mode_raises_instead_of_dropping_the_tangent(device):
-    """fnn has no forward-mode derivatives; its ops would return a zero tangent (torch.func.jvp)
-    or none (forward_ad). Every entry point raises instead, and a dual level whose duals do not
-    reach fnn changes nothing."""
+def _entry_points(x, model, params):
+    """fnn's four entry points as functions of a first-layer weight w (3 -> 2 here)."""
+    return {
+        "fnn.linear_act": lambda w: fnn.linear_act(x, w, None, "gelu"),
+        "fnn.fnn_forward": lambda w: fnn.fnn_forward(x, [w], [None], ["tanh"]),
+        "fnn.network.network_forward": lambda w: fnn.network.network_forward(x, [w], [None], ["silu"]),
+        "FNN": lambda w: functional_call(model, {**params, "layers.0.weight": w}, (x,)),
+    }
+
+
+def _reference_entry_points(x, model, params):
+    b = params["layers.0.bias"]
+    return {
+        "fnn.linear_act": lambda w: F.gelu(F.linear(x, w)),
+        "fnn.fnn_forward": lambda w: torch.tanh(F.linear(x, w)),
+        "fnn.network.network_forward": lambda w: F.silu(F.linear(x, w)),
+        "FNN": lambda w: torch.sigmoid(F.linear(x, w, b)),
+    }
+
+
+def test_forward_mode(device):
+    """torch.func.jvp and jacfwd, and forward_ad's dual tensors, through every entry point:
+    the call runs layer by layer through _FuncLinearAct, whose jvp gives the tangent (the
+    kernels' ops alone would drop it). A dual level whose duals do not reach fnn changes
+    nothing."""
     import torch.autograd.forward_ad as fwAD
 
     x, w = _randn(4, 3, seed=10, device=device), _randn(2, 3, seed=11, device=device)
-    v = torch.ones_like(w)
+    v = _randn(2, 3, seed=12, device=device)
     model = fnn.FNN([3, 2], dtype=DT, device=device)
     params = {k: v.detach() for k, v in model.named_parameters()}
-    calls = {
-        "fnn.linear_act": lambda w: fnn.linear_act(x, w),
-        "fnn.fnn_forward": lambda w: fnn.fnn_forward(x, [w], [None], ["tanh"]),
-        "fnn.network.network_forward": lambda w: fnn.network.network_forward(x, [w], [None], ["tanh"]),
-        "FNN": lambda w: functional_call(model, {**params, "layers.0.weight": w}, (x,)),
-    }
-    for who, call in calls.items():
-        with pytest.raises(NotImplementedError, match="forward-mode"):
-            torch.func.jvp(call, (w,), (v,))
-        with fwAD.dual_level(), pytest.raises(NotImplementedError, match=who):
-            call(fwAD.make_dual(w, v))
+    theirs = _reference_entry_points(x, model, params)
+    for who, call in _entry_points(x, model, params).items():
+        _close(torch.func.jvp(call, (w,), (v,)), torch.func.jvp(theirs[who], (w,), (v,)), f"{who} jvp")
+        _close((torch.func.jacfwd(call)(w),), (torch.func.jacfwd(theirs[who])(w),), f"{who} jacfwd")
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(call(fwAD.make_dual(w, v)))
+            want = fwAD.unpack_dual(theirs[who](fwAD.make_dual(w, v)))
+        assert got.tangent is not None, f"{who}: forward_ad dropped the tangent"
+        _close((got.primal, got.tangent), (want.primal, want.tangent), f"{who} forward_ad")
     with fwAD.dual_level():
         y = fnn.linear_act(x, w)  # no dual reaches fnn
     assert torch.equal(y, fnn.linear_act(x, w))
+
+
+def test_second_order(device):
+    """hessian (jacfwd of jacrev), jacrev of jacrev and grad of grad through every entry point:
+    the inner backward sees that an outer level differentiates it and takes the
+    differentiable form (LinearActFunction's, in PyTorch ops)."""
+    x, w = _randn(4, 3, seed=13, device=device), _randn(2, 3, seed=14, device=device)
+    model = fnn.FNN([3, 2], dtype=DT, device=device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    theirs = _reference_entry_points(x, model, params)
+    for who, call in _entry_points(x, model, params).items():
+        f, g = (lambda w, c=call: c(w).square().sum()), (lambda w, c=theirs[who]: c(w).square().sum())
+        _close((torch.func.hessian(f)(w),), (torch.func.hessian(g)(w),), f"{who} hessian")
+        _close((jacrev(jacrev(f))(w),), (jacrev(jacrev(g))(w),), f"{who} jacrev of jacrev")
+        gg, gg_ref = (grad(lambda w, h=h: grad(h)(w).sin().sum()) for h in (f, g))
+        _close((gg(w),), (gg_ref(w),), f"{who} grad of grad")
+        assert torch.func.hessian(g)(w).abs().max() > 1e-3, "the test cannot tell a zero hessian"
+
+
+def test_one_level_of_grad_runs_the_kernel_backward(device, monkeypatch):
+    """With nothing outside it to differentiate the gradients, torch.func.grad (and vmap of it)
+    runs the kernels' backward; grad of grad takes the differentiable form for the inner
+    gradient (the outer one, of Y through the saved output, then runs the kernels again); the
+    result of grad on a leaf that requires grad is differentiable by plain autograd."""
+    calls: list[str] = []
+    real_ops, real_graph = fnn.functional._ops, fnn.functional._graph_layer
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real_ops(torch.zeros(1)), name)
+            return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    monkeypatch.setattr(fnn.functional, "_ops", lambda t: Spy())
+    monkeypatch.setattr(fnn.functional, "_graph_layer", lambda *a: calls.append("graph") or real_graph(*a))
+    x, w = _randn(4, 3, seed=15, device=device), _randn(2, 3, seed=16, device=device)
+    f = lambda w: fnn.linear_act(x, w, None, "sigmoid").square().sum()  # noqa: E731
+    grad(f)(w)
+    assert calls == ["linear_act_forward", "linear_act_backward_weight"], calls
+    calls.clear()
+    vmap(grad(f))(torch.stack([w, 2 * w]))
+    assert "graph" not in calls and "linear_act_backward_weight" in calls, calls
+    calls.clear()
+    grad(lambda w: grad(f)(w).sum())(w)
+    assert calls == ["linear_act_forward", "graph", "linear_act_backward_weight"], calls
+    leaf = w.clone().requires_grad_()
+    g = grad(f)(leaf)
+    assert g.requires_grad
+    (second,) = torch.autograd.grad(g.sum(), leaf)
+    want = torch.autograd.functional.hessian(lambda w: torch.sigmoid(F.linear(x, w)).square().sum(), w)
+    _close((second,), (want.sum(dim=(0, 1)),), "autograd of torch.func.grad")

@@ -126,7 +126,7 @@ EAGER_FUNCTIONS = {
 }
 
 
-@pytest.mark.parametrize("route", ["plain", "dispatch_mode", "create_graph", "partial"])
+@pytest.mark.parametrize("route", ["plain", "dispatch_mode", "partial"])
 @pytest.mark.parametrize("fusion", ["network", "layer"])
 def test_eager_functions_routes_agree(fusion, route, device, monkeypatch):
     """The eager Functions == the full path bit for bit: the network path's (fnn.network.
@@ -134,8 +134,8 @@ def test_eager_functions_routes_agree(fusion, route, device, monkeypatch):
     layer path's launch program (fnn.programs, applied by fnn.functional._EagerLayers). A 3-D
     input, a heavy Z-saving output layer (its D formed first; an identity hidden layer on the
     layer path), some gradients only, and a backward that is not plain eager: under a dispatch
-    mode or with create_graph it hands over to the full Function's backward (the registered
-    ops)."""
+    mode it hands over to the full Function's backward (the registered ops). (create_graph
+    takes the differentiable backward: tests/test_double_backward.py.)"""
     sizes, acts, eager_node, full_node = EAGER_FUNCTIONS[fusion]
     torch.manual_seed(0)
     model = fnn.FNN(sizes, activation=acts, device=device, fusion=fusion)
@@ -153,7 +153,7 @@ def test_eager_functions_routes_agree(fusion, route, device, monkeypatch):
             m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
             other = torch.autograd.grad(out, inputs, dy)
     else:
-        other = torch.autograd.grad(out, inputs, dy, create_graph=route == "create_graph")
+        other = torch.autograd.grad(out, inputs, dy)
     with monkeypatch.context() as m:
         m.setattr(fnn.dispatch, "_dispatch_modes", lambda: 1)
         full_out = model._traced_forward(x)
