@@ -85,3 +85,21 @@ def run_script(script: str, cwd: Path, timeout: int = 600) -> dict:
     assert run.returncode == 0, run.stderr[-4000:]
     line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+def spy_layer_ops(monkeypatch, calls: list[str]) -> None:
+    """Make fnn.functional's per-layer launchers (what its `_ops(t)` returns for t's device)
+    append their name to `calls` before they run."""
+    import fnn.functional
+
+    real = fnn.functional._ops
+
+    class Spy:
+        def __init__(self, t: torch.Tensor):
+            self._ops = real(t)
+
+        def __getattr__(self, name: str):
+            fn = getattr(self._ops, name)
+            return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
+    monkeypatch.setattr(fnn.functional, "_ops", Spy)

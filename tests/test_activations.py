@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPES, assert_close, assert_fused_like_original
+from helpers import DTYPES, assert_close, assert_fused_like_original, spy_layer_ops
 from test_linear_act import SHAPES, _assert_same_specials, _gen, _randn, check_linear_act
 
 import fnn
@@ -338,15 +338,8 @@ def test_linear_act_saves_x_w_and_y_or_z(act, device):
 
 
 def test_z_is_written_only_when_a_gradient_is_needed(device, monkeypatch):
-    calls = []
-    real = fnn.functional._ops
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real(torch.zeros(1)), name)
-            return lambda *a, **k: calls.append(name) or fn(*a, **k)
-
-    monkeypatch.setattr(fnn.functional, "_ops", lambda t: Spy())
+    calls: list[str] = []
+    spy_layer_ops(monkeypatch, calls)
     x = torch.randn(4, 3, device=device)
     w = torch.randn(2, 3, device=device, requires_grad=True)
     with torch.no_grad():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, spy_layer_ops
 
 import fnn
 import fnn.functional
@@ -145,14 +145,7 @@ def test_plain_backward_runs_the_kernels_and_create_graph_does_not(device, monke
     """The usual backward (no create_graph) calls the kernels' launchers; create_graph computes
     the same gradients with PyTorch ops, and agrees with the kernels' to rounding."""
     calls: list[str] = []
-    real = fnn.functional._ops
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real(torch.zeros(1)), name)
-            return lambda *a, **k: calls.append(name) or fn(*a, **k)
-
-    monkeypatch.setattr(fnn.functional, "_ops", lambda t: Spy())
+    spy_layer_ops(monkeypatch, calls)
     x = _randn((6, 3), 16, device).requires_grad_()
     w = _randn((4, 3), 17, device).requires_grad_()
     y = fnn.linear_act(x, w, None, "gelu")

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import spy_layer_ops
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import fnn
@@ -175,14 +176,8 @@ def test_one_level_of_grad_runs_the_kernel_backward(device, monkeypatch):
     gradient (the outer one, of Y through the saved output, then runs the kernels again); the
     result of grad on a leaf that requires grad is differentiable by plain autograd."""
     calls: list[str] = []
-    real_ops, real_graph = fnn.functional._ops, fnn.functional._graph_layer
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(real_ops(torch.zeros(1)), name)
-            return lambda *a, **k: calls.append(name) or fn(*a, **k)
-
-    monkeypatch.setattr(fnn.functional, "_ops", lambda t: Spy())
+    spy_layer_ops(monkeypatch, calls)
+    real_graph = fnn.functional._graph_layer
     monkeypatch.setattr(fnn.functional, "_graph_layer", lambda *a: calls.append("graph") or real_graph(*a))
     x, w = _randn(4, 3, seed=15, device=device), _randn(2, 3, seed=16, device=device)
     f = lambda w: fnn.linear_act(x, w, None, "sigmoid").square().sum()  # noqa: E731
