@@ -428,8 +428,9 @@ class _FuncLinearAct(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, tx, tw, tb, _):
-        """Forward mode: dY = act'(Z) * dZ with dZ = dx W^T + x dW^T + db (reference.delta with
-        dZ for the gradient), and dZ itself for Z. PyTorch ops: differentiable."""
+        """Forward mode: dY = act'(Z) * dZ, dZ = dx W^T + x dW^T + db (the delta rule, with dZ in
+        the place of the gradient), in PyTorch ops: differentiable. Z gets no tangent: it is
+        marked not differentiable."""
         x, weight, saved, _bias = ctx.saved_tensors
         act = ctx.activation
         tz = None
