@@ -38,6 +38,9 @@ _FLOATS = frozenset(FLOAT_DTYPES)
 _STRIDED = torch.strided
 _any_autocast = torch._C._is_any_autocast_enabled
 _grad_enabled = torch.is_grad_enabled
+# A Function's output of another shape than the tensor its kernel wrote: a reshape that autograd
+# does not treat as a view (as F.linear's own is), so that the output can be changed in place.
+_unsafe_view = torch.ops.aten._unsafe_view.default
 
 
 def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -184,6 +187,29 @@ def _requires_grad(tensors) -> bool:
     return False
 
 
+def _keep(ctx: FunctionCtx, tensors: tuple) -> None:
+    """Keep the inputs a differentiable backward needs beyond what the kernels' backward saves
+    (the biases, x where the kernels read a reshape of it, x and W for a Z-saving layer), with
+    their versions: as attributes, not saved, so that an in-place change of one fails only a
+    differentiable backward (`_kept`), never the usual one, which does not read it."""
+    ctx.kept = tensors
+    ctx.kept_versions = [None if t is None else t._version for t in tensors]
+
+
+def _kept(ctx: FunctionCtx) -> tuple:
+    """What `_keep` kept, after checking that none was changed in place since the forward."""
+    for t, version in zip(ctx.kept, ctx.kept_versions, strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: a {tuple(t.shape)} {t.dtype} input of fnn's "
+                f"{type(ctx).__name__.removesuffix('Backward')} is at version {t._version}; "
+                f"expected version {version} instead (fnn's differentiable backward, "
+                f"create_graph=True, reads it)"
+            )
+    return ctx.kept
+
+
 def _autocast_off(t: torch.Tensor):
     """No autocast for the graph backwards' ops: the saved tensors are already in the dtypes
     the forward ran in."""
@@ -194,14 +220,15 @@ def _autocast_off(t: torch.Tensor):
 
 def _with_graph(graph):
     """Decorator of a Function's kernel backward: in autograd's usual backward (grad mode off)
-    the kernels; under create_graph, `graph(ctx, dy)` where dY or a saved tensor requires grad
-    (gradients that autograd can differentiate again), else the kernels under no_grad."""
+    the kernels; under create_graph, `graph(ctx, dy)` where dY or a saved or kept (`_keep`)
+    tensor requires grad (gradients that autograd can differentiate again), else the kernels
+    under no_grad."""
 
     def decorate(fn):
         def backward(ctx, *grads):
             if not _grad_enabled():
                 return fn(ctx, *grads)
-            if not _is_compiling() and _requires_grad((*ctx.saved_tensors, *grads)):
+            if not _is_compiling() and _requires_grad((*ctx.saved_tensors, *ctx.kept, *grads)):
                 with _autocast_off(grads[0]):
                     return graph(ctx, *grads)
             with torch.no_grad():
@@ -293,21 +320,19 @@ def _linear_forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bia
     if saves == "z" and (need_x or need_w or need_b):
         y, saved = ops.linear_act_forward_z(x2d, weight, bias, act)
         if not flat:
-            y = y.view(*x.shape[:-1], n)
+            y = _unsafe_view(y, (*x.shape[:-1], n))
     else:
         y = ops.linear_act_forward(x2d, weight, bias, act)
         if not flat:
-            y = y.view(*x.shape[:-1], n)
+            y = _unsafe_view(y, (*x.shape[:-1], n))
         saved = y if saves == "y" else None
-    # Z is outside the graph: a differentiable backward recomputes it, from x, W and b.
-    keep_x = need_w or need_b or saves == "z"
-    ctx.save_for_backward(
-        x2d if keep_x else None,
-        weight if (need_x or saves == "z") else None,
-        saved,
-        x if (keep_x and not flat) else None,  # x2d is outside the graph then
-        bias if saves == "z" else None,
-    )
+    ctx.save_for_backward(x2d if (need_w or need_b) else None, weight if need_x else None, saved)
+    # For a differentiable backward: Z is outside the graph, so recomputed from x, W and b; x2d
+    # is outside it where it is a reshape of x.
+    if saves == "z":
+        _keep(ctx, (x, weight, bias))
+    else:
+        _keep(ctx, (None if flat or not (need_w or need_b) else x, None, None))
     ctx.activation = act
     ctx.x_shape = x.shape
     ctx.n_out = n
@@ -347,14 +372,15 @@ class LinearActFunction(torch.autograd.Function):
 
     @staticmethod
     def _graph(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, weight, saved, x, bias = ctx.saved_tensors
-        x = x2d if x is None else x
+        x2d, weight, saved = ctx.saved_tensors
+        x, w, bias = _kept(ctx)
+        x, weight = (x2d if x is None else x), (weight if w is None else w)
         return *_graph_layer(dy, x, weight, bias, saved, ctx.activation, ctx.needs_input_grad), None
 
     @staticmethod
     @_with_graph(lambda ctx, dy: LinearActFunction._graph(ctx, dy))
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
-        x2d, weight, saved = ctx.saved_tensors[:3]
+        x2d, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _ops(dy)
         n = ctx.n_out
@@ -411,8 +437,9 @@ class _FuncLinearAct(torch.autograd.Function):
         ops = _ops(x)
         if activation.saves == "z":
             y, z = ops.linear_act_forward_z(x2d, weight, bias, activation)
-            return y.view(*x.shape[:-1], weight.shape[0]), z
-        return ops.linear_act_forward(x2d, weight, bias, activation).view(*x.shape[:-1], weight.shape[0])
+            return _unsafe_view(y, (*x.shape[:-1], weight.shape[0])), z
+        y = ops.linear_act_forward(x2d, weight, bias, activation)
+        return _unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -511,11 +538,11 @@ def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, h
         else:
             h = ops.linear_act_forward(h, params[2 * i], params[2 * i + 1], act)
             saved.append(h if keeps == "y" or (keeps == "none" and i < last) else None)
-    out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
+    out = h if flat else _unsafe_view(h, (*x.shape[:-1], h.shape[-1]))  # a reshape only if needed
     if saved[-1] is h:
         saved[-1] = out  # the output itself, as autograd expects a saved output to be
-    # the biases, and x where x2d is a reshape, for a differentiable backward only (_graph_network)
-    ctx.save_for_backward(x2d, *saved, *weights, *params[1::2], None if flat else x)
+    ctx.save_for_backward(x2d, *saved, *weights)
+    _keep(ctx, (None if flat else x, *params[1::2]))  # for a differentiable backward (_graph)
     ctx.activations = acts
     ctx.has_bias = has_bias
     ctx.x_shape = x.shape
@@ -525,9 +552,8 @@ def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, h
 class FNNFunction(torch.autograd.Function):
     """A whole feed-forward network as one autograd node.
 
-    Forward: h_0 = X, h_l = act_l(Z_l), Z_l = h_{l-1} W_l^T + b_l. Saves X, every W_l and b_l
-    (the biases for the differentiable backward only) and, per layer, one tensor S_l: h_l
-    where act_l's derivative is read off its output; Z_l where it
+    Forward: h_0 = X, h_l = act_l(Z_l), Z_l = h_{l-1} W_l^T + b_l. Saves X, every W_l and, per
+    layer, one tensor S_l: h_l where act_l's derivative is read off its output; Z_l where it
     saves Z (gelu, gelu_tanh, silu, ...; see fnn.Activation), and then h_l is not kept: the
     next layer's weight-gradient kernel recomputes it on load as act_l(Z_l); h_l for a hidden
     identity layer (the next layer's input), nothing for an identity last layer. So a network
@@ -557,8 +583,8 @@ class FNNFunction(torch.autograd.Function):
     def _graph(ctx: FunctionCtx, dy: torch.Tensor):
         n_layers = len(ctx.activations)
         saved = ctx.saved_tensors
-        x = saved[0] if saved[-1] is None else saved[-1]
-        weights, biases = saved[n_layers + 1 : 2 * n_layers + 1], saved[2 * n_layers + 1 : -1]
+        x, *biases = _kept(ctx)
+        x, weights = (saved[0] if x is None else x), saved[n_layers + 1 :]
         needs = ctx.needs_input_grad
         dx, *grads = _graph_network(dy, x, weights, biases, ctx.activations, (needs[0], *needs[2:]))
         return (dx, None, *grads)
@@ -571,7 +597,7 @@ class FNNFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         x2d = saved[0]
         ss = list(saved[1 : n_layers + 1])  # S_1..S_L (None where nothing is saved)
-        weights = saved[n_layers + 1 : 2 * n_layers + 1]
+        weights = saved[n_layers + 1 :]
         needs = ctx.needs_input_grad
         need_w = [needs[2 + 2 * i] for i in range(n_layers)]
         need_b = [needs[3 + 2 * i] and ctx.has_bias[i] for i in range(n_layers)]
@@ -643,10 +669,11 @@ class _EagerLayers(FNNFunction):
         flat = x.dim() == 2
         x2d = x if flat else x.reshape(-1, x.shape[-1])
         h, saved = prog.run_forward(x2d, params)
-        out = h if flat else h.view(*x.shape[:-1], h.shape[-1])  # a view only if needed
+        out = h if flat else _unsafe_view(h, (*x.shape[:-1], h.shape[-1]))  # a reshape only if needed
         if saved[-1] is h:
             saved[-1] = out  # the output itself, as autograd expects a saved output to be
-        ctx.save_for_backward(x2d, *saved, *params[0::2], *params[1::2], None if flat else x)
+        ctx.save_for_backward(x2d, *saved, *params[0::2])
+        _keep(ctx, (None if flat else x, *params[1::2]))
         ctx.program = prog
         ctx.x_shape = x.shape
         return out
@@ -667,7 +694,7 @@ class _EagerLayers(FNNFunction):
             if ss[-1] is not None:
                 ss[-1] = ss[-1].reshape(-1, p.sizes[-1])
         steps = prog.backward(ctx.needs_input_grad, dy.stride())
-        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 : 2 * n_layers + 1])
+        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 :])
         if dx is not None and not flat:
             dx = dx.view(ctx.x_shape)
         return (dx, None, *grads)

@@ -34,6 +34,9 @@ from .functional import (
     _func_layers,
     _grad_enabled,
     _graph_network,
+    _keep,
+    _kept,
+    _unsafe_view,
     _with_graph,
     fast_apply,
     has_tangents,
@@ -200,15 +203,18 @@ def _network_forward(ctx: FunctionCtx, x, sizes, activations, biased, flat, para
         kernel_args = (None, None, None)
         last = as_activation(activations[-1]).saves
     y, h, z = network_ops.network_forward(x2d, flat, sizes, activations, biased, need, *kernel_args, last)
+    out = y if x2d is x else _unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # a reshape if needed
     ctx.kernel_args = kernel_args
     if need:  # the parameters only so that autograd sees their in-place changes, as for a layer
-        s_out = z if last == "z" else (y if last == "y" else None)
-        ctx.save_for_backward(x2d, s_out, h, flat, *params, None if x2d is x else x)  # x: see _graph
+        # Y saved as the output itself, so that an in-place change of the output raises
+        s_out = z if last == "z" else (out if last == "y" else None)
+        ctx.save_for_backward(x2d, s_out, h, flat, *params)
+        _keep(ctx, (None if x2d is x else x,))  # for a differentiable backward (_graph)
     ctx.activations = activations
     ctx.sizes = sizes
     ctx.biased = biased
     ctx.x_shape = x.shape
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
+    return out
 
 
 class NetworkFunction(torch.autograd.Function):
@@ -249,8 +255,8 @@ class NetworkFunction(torch.autograd.Function):
         """The gradients from PyTorch ops, differentiable (create_graph): the network recomputed
         from the saved inputs (x, or x2d where that is x, and the parameters)."""
         saved = ctx.saved_tensors
-        x = saved[0] if saved[-1] is None else saved[-1]
-        params, needs = saved[4:-1], ctx.needs_input_grad
+        (x,) = _kept(ctx)
+        x, params, needs = (saved[0] if x is None else x), saved[4:], ctx.needs_input_grad
         weights, biases = params[0::2], params[1::2]
         dx, *grads = _graph_network(dy, x, weights, biases, ctx.activations, (needs[0], *needs[3:]))
         return (dx, None, None, *grads)
@@ -262,7 +268,8 @@ class NetworkFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         flat_dy = dy.dim() == 2
         dy2d = dy if flat_dy else dy.reshape(-1, ctx.sizes[-1])
-        s_out = dy2d if s_out is None else s_out  # identity: nothing saved, nothing read
+        # identity: nothing saved, nothing read; Y: the output, of x's leading shape
+        s_out = dy2d if s_out is None else s_out.reshape(dy2d.shape)
         dx, dws, dbs = network_ops.network_backward(
             dy2d, s_out, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0], *ctx.kernel_args
         )
@@ -321,12 +328,14 @@ class _EagerNetwork(NetworkFunction):
         K = _K or _kernels()
         z = K.new((x2d.shape[0], p.sizes[-1]), x.dtype, device) if last == "z" else None
         y, h = K.forward_unchecked(x2d, flat, mt, p.sizes, p.biased, True, ap, z, p.bits)
-        s_out = z if last == "z" else (y if last == "y" else None)
-        ctx.save_for_backward(x2d, s_out, h, flat, *params, None if flat_x else x)
+        out = y if flat_x else _unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # a reshape if needed
+        s_out = z if last == "z" else (out if last == "y" else None)  # Y: the output itself
+        ctx.save_for_backward(x2d, s_out, h, flat, *params)
+        _keep(ctx, (None if flat_x else x,))
         ctx.plan = p
         ctx.kernel_args = (mt, ap, p.bits)
         ctx.x_shape = x.shape
-        return y if flat_x else y.view(*x.shape[:-1], y.shape[-1])  # a view only if needed
+        return out
 
     @staticmethod
     def backward(ctx: FunctionCtx, dy: torch.Tensor):
@@ -339,7 +348,8 @@ class _EagerNetwork(NetworkFunction):
         flat_dy = dy.dim() == 2
         dy2d = dy if flat_dy else dy.reshape(-1, p.sizes[-1])
         mt, ap, bits = ctx.kernel_args
-        s_out = dy2d if s_out is None else s_out  # identity: nothing saved, nothing read
+        # identity: nothing saved, nothing read; Y: the output, of x's leading shape
+        s_out = dy2d if s_out is None else s_out.reshape(dy2d.shape)
         dx, grads = (_K or _kernels()).backward_unchecked(
             dy2d, s_out, h, x2d, flat, mt, p.sizes, p.biased, needs[0], ap, None, bits
         )

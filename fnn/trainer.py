@@ -54,7 +54,8 @@ class Trainer:
     is one flat buffer in the same layout, owned by the Trainer, and starts again from zero
     when the flat parameter buffer is replaced. Otherwise (a frozen parameter included: SGD
     leaves it as it is): autograd and torch.optim.SGD, the same maths. The momentum state is
-    not carried from one path to the other if a model changes path between steps.
+    not carried from one path to the other if a model changes path between steps, and starts
+    again from zero on the autograd path when the model's Parameter objects are replaced.
 
     torch.compile: the fused step is one launch already, with nothing around it for a
     compiler to fuse, so the Trainer is not meant to be compiled. A model given as
@@ -169,8 +170,12 @@ class Trainer:
         return [self.step(x, y).item() for _ in range(epochs)]
 
     def _autograd_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._optimizer is None:
-            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
+        params = list(self.model.parameters())
+        opt = self._optimizer
+        if opt is None or not _same_objects(opt.param_groups[0]["params"], params):
+            # first step, or Parameter objects replaced (load_state_dict(assign=True), a new
+            # layer): an optimizer over the old ones would step tensors the model no longer has
+            self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         for group in self._optimizer.param_groups:
             group["lr"], group["momentum"] = self.lr, self.momentum
         self._optimizer.zero_grad()
@@ -309,3 +314,7 @@ def _trainable(weights: list, biases: list) -> bool:
 
 # Under torch.compile, `step` is run as it is, outside any graph (see Trainer's docstring).
 _step_outside_graph = torch.compiler.disable(Trainer.step)
+
+
+def _same_objects(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(p is q for p, q in zip(a, b, strict=True))

@@ -185,3 +185,55 @@ def test_frozen_parameters_and_a_penalty_on_the_input(device):
         got.append(torch.autograd.grad((g * g).sum(), x)[0])
     assert_close(got[0], got[1], 1e-10, 1e-12, "input-gradient penalty, frozen model")
     assert got[1].abs().max() > 1e-6, "the test cannot tell a zero second derivative"
+
+
+def test_in_place_changes_fail_only_the_backward_that_reads_them(device):
+    """What only the differentiable backward reads (the biases, x and W of a Z-saving layer) is
+    kept beside the saved tensors, not saved: changing it in place after the forward leaves the
+    usual backward alone, as PyTorch's layers do, and makes a create_graph backward raise."""
+    x = _randn((5, 3), 21, device)
+
+    def changed(make, create_graph):
+        w = _randn((4, 3), 22, device).requires_grad_()
+        b = _randn((4,), 23, device).requires_grad_()
+        y = make(x, w, b)
+        with torch.no_grad():
+            b.add_(1.0)
+        return torch.autograd.grad(y.sum(), (w, b), create_graph=create_graph)
+
+    model = fnn.FNN([3, 4], activation="gelu", dtype=DT, device=device, fusion="layer")
+    makers = {
+        "linear_act (gelu)": lambda x, w, b: fnn.linear_act(x, w, b, "gelu"),
+        "fnn_forward": lambda x, w, b: fnn.fnn_forward(x, [w], [b], ["sigmoid"]),
+        "FNN (layer)": lambda x, w, b: torch.func.functional_call(
+            model, {"layers.0.weight": w, "layers.0.bias": b}, (x,)
+        ),
+        "torch": lambda x, w, b: F.gelu(F.linear(x, w, b)),
+    }
+    for what, make in makers.items():
+        changed(make, create_graph=False)  # no error, as for PyTorch's layers
+        if what != "torch":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                changed(make, create_graph=True)
+    # x of a Z-saving layer whose weight is frozen: kept for the recomputation of Z only
+    xl = x.clone().requires_grad_()
+    w = _randn((4, 3), 24, device)
+    y = fnn.linear_act(xl, w, None, "silu")
+    with torch.no_grad():
+        xl.mul_(2.0)
+    torch.autograd.grad(y.sum(), xl)
+
+
+@pytest.mark.parametrize("act", ["gelu", "sigmoid"])
+def test_a_constant_dy_and_one_gradient(act, device):
+    """dY that does not require grad (y.sum()), and W the only input that does: the graph runs
+    through what the layer keeps (gelu: W, for Z) or saves (sigmoid: Y), and dW comes out
+    differentiable: d/dW of |dW|^2 against PyTorch's."""
+    x, c = _randn((5, 3), 25, device), _randn((5, 4), 26, device)
+    got = []
+    for f in (fnn.linear_act, reference.linear_act):
+        w = _randn((4, 3), 27, device).requires_grad_()
+        (dw,) = torch.autograd.grad((f(x, w, None, act) * c).sum(), w, create_graph=True)
+        assert dw.requires_grad, f"{f.__module__}: dW is not differentiable"
+        got.append(torch.autograd.grad((dw * dw).sum(), w)[0])
+    _agree(got[:1], got[1:], f"{act}: d|dW|^2/dW")

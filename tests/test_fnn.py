@@ -439,3 +439,40 @@ def test_fnn_output_dtype(dtype, device):
     y = model(_randn((5, 3), 12, dtype, device))
     assert y.dtype == dtype and y.device.type == device.type
     assert fnn.FusedLinear(3, 2, dtype=dtype, device=device)(_randn((5, 3), 13, dtype, device)).dtype == dtype
+
+
+@pytest.mark.parametrize("act", ["gelu", "identity", "tanh"])
+def test_outputs_of_nd_inputs_can_be_changed_in_place(act, device):
+    """`y += r` on the output of a 3-D input (a residual, an in-place dropout), as PyTorch allows
+    on `act(F.linear(x, w, b))`: the Functions return their output reshaped by a reshape that
+    autograd does not count as a view made inside them (which it forbids changing in place).
+    Where the backward reads the output (tanh), the change raises, as it does in PyTorch."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64).to(device)
+    layer = fnn.FNN([4, 5, 3], activation=[act, act], dtype=torch.float64, device=device, fusion="layer")
+    network = fnn.FNN([4, 5, 3], activation=[act, act], dtype=torch.float64, device=device, fusion="network")
+    network.load_state_dict(layer.state_dict())
+    w, b = layer.layers[0].weight, layer.layers[0].bias
+    ps = [t.detach() for lin in layer.layers for t in (lin.weight, lin.bias)]
+    cases = {
+        "linear_act": (lambda x: fnn.linear_act(x, w, b, act), lambda x: reference.linear_act(x, w, b, act)),
+        "FNN layer": (layer, lambda x: reference.fnn_forward(x, ps[0::2], ps[1::2], [act, act])),
+        "FNN network": (network, lambda x: reference.fnn_forward(x, ps[0::2], ps[1::2], [act, act])),
+    }
+    for what, (ours, theirs) in cases.items():
+        grads = []
+        for f in (ours, theirs):
+            xl = x.clone().requires_grad_()
+            y = f(xl)
+            y.add_(1.0)
+            try:
+                (y * y).sum().backward()
+            except RuntimeError as e:
+                assert "inplace" in str(e), e
+                grads.append(None)
+                continue
+            grads.append(xl.grad)
+        if act == "tanh":
+            assert grads == [None, None], f"{what}: the in-place change of a saved output did not raise"
+        else:
+            assert_close(grads[0], grads[1], 1e-12, 1e-12, f"{what} ({act}): dx after an in-place change")

@@ -376,3 +376,28 @@ def test_float64_wider_than_64_trains_through_autograd(device, launches):
 
 def _wb(model):
     return [la.weight for la in model.layers], [la.bias for la in model.layers]
+
+
+def test_autograd_step_follows_replaced_parameters(device):
+    """On the autograd path (a layer-fused model here), load_state_dict(assign=True) replaces the
+    Parameter objects; the step then trains the new ones, as a fresh torch.optim.SGD over them
+    would (it stepped the old, detached ones before)."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    model = fnn.FNN([3, 4, 1], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="layer")
+    x = torch.randn(8, 3, device=device, dtype=torch.float64)
+    y = torch.rand(8, 1, device=device, dtype=torch.float64)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.5, momentum=0.9)
+    trainer.step(x, y)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        loss = trainer.step(x, y)
+        opt.zero_grad()
+        want = torch.nn.functional.mse_loss(ref(x), y)
+        want.backward()
+        opt.step()
+        assert torch.allclose(loss, want.detach(), rtol=1e-12, atol=0), (loss, want)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
