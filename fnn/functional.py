@@ -193,13 +193,16 @@ def _keep(ctx: FunctionCtx, tensors: tuple) -> None:
     their versions: as attributes, not saved, so that an in-place change of one fails only a
     differentiable backward (`_kept`), never the usual one, which does not read it."""
     ctx.kept = tensors
-    ctx.kept_versions = [None if t is None else t._version for t in tensors]
+    if _is_compiling():  # a version is data to Dynamo; a compiled backward is never differentiable
+        ctx.kept_versions = [None] * len(tensors)
+    else:
+        ctx.kept_versions = [None if t is None else t._version for t in tensors]
 
 
 def _kept(ctx: FunctionCtx) -> tuple:
     """What `_keep` kept, after checking that none was changed in place since the forward."""
     for t, version in zip(ctx.kept, ctx.kept_versions, strict=True):
-        if t is not None and t._version != version:
+        if version is not None and t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: a {tuple(t.shape)} {t.dtype} input of fnn's "
