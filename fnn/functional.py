@@ -676,7 +676,8 @@ class _EagerLayers(FNNFunction):
         if saved[-1] is h:
             saved[-1] = out  # the output itself, as autograd expects a saved output to be
         ctx.save_for_backward(x2d, *saved, *params[0::2])
-        _keep(ctx, (None if flat else x, *params[1::2]))
+        kept = ctx.kept = (None if flat else x, *params[1::2])  # _keep, for a plain eager call
+        ctx.kept_versions = [None if t is None else t._version for t in kept]
         ctx.program = prog
         ctx.x_shape = x.shape
         return out

@@ -269,7 +269,7 @@ class NetworkFunction(torch.autograd.Function):
         flat_dy = dy.dim() == 2
         dy2d = dy if flat_dy else dy.reshape(-1, ctx.sizes[-1])
         # identity: nothing saved, nothing read; Y: the output, of x's leading shape
-        s_out = dy2d if s_out is None else s_out.reshape(dy2d.shape)
+        s_out = dy2d if s_out is None else (s_out if s_out.dim() == 2 else s_out.reshape(dy2d.shape))
         dx, dws, dbs = network_ops.network_backward(
             dy2d, s_out, h, x2d, flat, ctx.sizes, ctx.activations, ctx.biased, needs[0], *ctx.kernel_args
         )
@@ -331,7 +331,10 @@ class _EagerNetwork(NetworkFunction):
         out = y if flat_x else _unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # a reshape if needed
         s_out = z if last == "z" else (out if last == "y" else None)  # Y: the output itself
         ctx.save_for_backward(x2d, s_out, h, flat, *params)
-        _keep(ctx, (None if flat_x else x,))
+        if flat_x:  # _keep, for a plain eager call (no versions to take)
+            ctx.kept, ctx.kept_versions = _NOTHING_KEPT
+        else:
+            _keep(ctx, (x,))
         ctx.plan = p
         ctx.kernel_args = (mt, ap, p.bits)
         ctx.x_shape = x.shape
@@ -349,7 +352,7 @@ class _EagerNetwork(NetworkFunction):
         dy2d = dy if flat_dy else dy.reshape(-1, p.sizes[-1])
         mt, ap, bits = ctx.kernel_args
         # identity: nothing saved, nothing read; Y: the output, of x's leading shape
-        s_out = dy2d if s_out is None else s_out.reshape(dy2d.shape)
+        s_out = dy2d if s_out is None else (s_out if s_out.dim() == 2 else s_out.reshape(dy2d.shape))
         dx, grads = (_K or _kernels()).backward_unchecked(
             dy2d, s_out, h, x2d, flat, mt, p.sizes, p.biased, needs[0], ap, None, bits
         )
@@ -362,6 +365,7 @@ class _EagerNetwork(NetworkFunction):
 
 
 _eager_network = _C_APPLY.__get__(None, _EagerNetwork)
+_NOTHING_KEPT = ((None,), (None,))
 
 
 def _any_requires_grad(tensors) -> bool:
