@@ -181,6 +181,7 @@ def _ops(t: torch.Tensor):
 
 
 def _requires_grad(tensors) -> bool:
+    """Whether one of the tensors (None allowed) requires grad."""
     for t in tensors:
         if t is not None and t.requires_grad:
             return True
@@ -469,10 +470,8 @@ class _FuncLinearAct(torch.autograd.Function):
             None if tw is None else F.linear(x, tw),
             tb,
         ):
-            if term is not None:
+            if term is not None:  # autograd calls jvp only when one tangent is there
                 tz = term if tz is None else tz + term
-        if tz is None:
-            tz = torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
         if act.saves == "z":
             z = saved.view(tz.shape)
             return _delta_graph(tz, z, act), None  # Z: not differentiable

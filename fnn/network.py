@@ -36,6 +36,7 @@ from .functional import (
     _graph_network,
     _keep,
     _kept,
+    _requires_grad,
     _unsafe_view,
     _with_graph,
     fast_apply,
@@ -368,13 +369,6 @@ _eager_network = _C_APPLY.__get__(None, _EagerNetwork)
 _NOTHING_KEPT = ((None,), (None,))
 
 
-def _any_requires_grad(tensors) -> bool:
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
 def check_network_args(
     x: object,
     weights: Sequence[torch.Tensor],
@@ -443,7 +437,7 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
     ):
         check_network_args(x, weights, biases, p.acts)  # raises where an argument is wrong
         flat = None  # the parameters are not the flat buffer's views: concatenate them
-    if _grad_enabled() and (x.requires_grad or _any_requires_grad(params)):
+    if _grad_enabled() and (x.requires_grad or _requires_grad(params)):
         if use_registered_ops():
             return _planned_network(x, p, flat, *params)
         return _eager_network(unwrap_if_dead(x), p, flat, *params)

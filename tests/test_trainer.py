@@ -32,6 +32,21 @@ def _assert_params(model, expected, what, rtol=1e-5):
         assert err <= rtol * scale + 1e-7, f"{what}: {name} off by {err:.3e} (scale {scale:.3e})"
 
 
+def _steps_match_sgd(trainer, model, ref, x, y, loss, lr, momentum, rtol, steps=3):
+    """`steps` Trainer steps on `model` against autograd on `ref` (a copy) and
+    torch.optim.SGD: the same loss each step (within rtol) and the same parameters."""
+    opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum)
+    for step in range(steps):
+        got = trainer.step(x, y)
+        opt.zero_grad()
+        want = TORCH_LOSSES[loss](ref(x), y)
+        want.backward()
+        opt.step()
+        assert got.shape == () and got.dtype == x.dtype
+        assert abs(got.item() - want.item()) <= rtol * abs(want.item()), f"step {step} loss"
+        _assert_params(model, list(ref.parameters()), f"step {step}", rtol=max(rtol, 1e-12))
+
+
 @pytest.mark.parametrize("loss", ["bce", "mse", "sse"])
 @pytest.mark.parametrize("momentum,batch", [(0.0, 37), (0.9, 37), (0.9, 1000)])
 def test_step_equals_autograd_and_sgd(device, loss, momentum, batch):
@@ -50,16 +65,7 @@ def test_step_equals_autograd_and_sgd(device, loss, momentum, batch):
     trainer = fnn.Trainer(model, loss=loss, lr=0.05, momentum=momentum)
     assert trainer.fused(device)
     flat, params = model._flat, list(model.parameters())
-    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=momentum)
-    for step in range(3):
-        got = trainer.step(x, y)
-        opt.zero_grad()
-        want = TORCH_LOSSES[loss](ref(x), y)
-        want.backward()
-        opt.step()
-        assert got.shape == () and got.dtype == torch.float32
-        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item()), f"step {step} loss"
-        _assert_params(model, list(ref.parameters()), f"step {step}")
+    _steps_match_sgd(trainer, model, ref, x, y, loss, 0.05, momentum, rtol=1e-5)
     # The kernel updated the FNN's flat buffer in place: the same Parameter objects, still its
     # views; the momentum buffer is the Trainer's, flat, in the same layout.
     assert model._flat is flat and list(model.parameters()) == params
@@ -78,15 +84,7 @@ def test_float64_step(device):
     x = torch.randn(50, 4, dtype=torch.float64, device=device)
     y = torch.rand(50, 1, dtype=torch.float64, device=device)
     trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.5)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.5)
-    for _ in range(3):
-        got = trainer.step(x, y)
-        opt.zero_grad()
-        want = torch.nn.functional.mse_loss(ref(x), y)
-        want.backward()
-        opt.step()
-        assert abs(got.item() - want.item()) <= 1e-12 * want.item()
-        _assert_params(model, list(ref.parameters()), "float64", rtol=1e-12)
+    _steps_match_sgd(trainer, model, ref, x, y, "mse", 0.3, 0.5, rtol=1e-12)
 
 
 def _seed000_manual(x, y, w1, w2, lr, epochs):
@@ -385,19 +383,8 @@ def test_autograd_step_follows_replaced_parameters(device):
     torch.manual_seed(0)
     dt = torch.float64
     model = fnn.FNN([3, 4, 1], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="layer")
-    x = torch.randn(8, 3, device=device, dtype=torch.float64)
-    y = torch.rand(8, 1, device=device, dtype=torch.float64)
+    x, y = torch.randn(8, 3, device=device, dtype=dt), torch.rand(8, 1, device=device, dtype=dt)
     trainer = fnn.Trainer(model, loss="mse", lr=0.5, momentum=0.9)
     trainer.step(x, y)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-    ref = copy.deepcopy(model)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
-    for _ in range(3):
-        loss = trainer.step(x, y)
-        opt.zero_grad()
-        want = torch.nn.functional.mse_loss(ref(x), y)
-        want.backward()
-        opt.step()
-        assert torch.allclose(loss, want.detach(), rtol=1e-12, atol=0), (loss, want)
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+    _steps_match_sgd(trainer, model, copy.deepcopy(model), x, y, "mse", 0.5, 0.9, rtol=1e-12)
