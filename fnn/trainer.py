@@ -53,9 +53,10 @@ class Trainer:
     touched; bce targets are not checked for [0, 1] (that would sync). The momentum buffer
     is one flat buffer in the same layout, owned by the Trainer, and starts again from zero
     when the flat parameter buffer is replaced. Otherwise (a frozen parameter included: SGD
-    leaves it as it is): autograd and torch.optim.SGD, the same maths. The momentum state is
-    not carried from one path to the other if a model changes path between steps, and starts
-    again from zero on the autograd path when the model's Parameter objects are replaced.
+    leaves it as it is): autograd and torch.optim.SGD, the same maths. A model that changes path
+    between steps (a layer frozen, then thawed) keeps its momentum: the flat buffer's slices
+    become the optimizer's momentum buffers, and back, so the steps are one SGD run's. The
+    momentum starts again from zero when the model's Parameter objects are replaced.
 
     torch.compile: the fused step is one launch already, with nothing around it for a
     compiler to fuse, so the Trainer is not meant to be compiled. A model given as
@@ -87,6 +88,9 @@ class Trainer:
         self._hyper: tuple[tuple, torch.Tensor] | None = None
         # (the flat parameter buffer it belongs to, weakly; the flat momentum buffer)
         self._momentum: tuple[weakref.ref, torch.Tensor] | None = None
+        # Which path's momentum is current: "fused" (the flat buffer above) or "autograd" (the
+        # optimizer's state); the other's is handed over when the model changes path.
+        self._momentum_at: str | None = None
         self._model_fnn: tuple = (None, None)  # (self.model, the FNN it is or wraps, or None)
 
     def _fnn(self) -> FNN | None:
@@ -178,6 +182,10 @@ class Trainer:
             self._optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
         for group in self._optimizer.param_groups:
             group["lr"], group["momentum"] = self.lr, self.momentum
+        if self.momentum > 0:
+            if self._momentum_at == "fused":
+                self._momentum_to_optimizer(params)
+            self._momentum_at = "autograd"
         self._optimizer.zero_grad()
         if y.requires_grad:
             y = y.detach()
@@ -266,7 +274,40 @@ class Trainer:
             if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
                 state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
             buf = state[1]
+            if self._momentum_at == "autograd":
+                self._momentum_from_optimizer(flat, buf)
+            self._momentum_at = "fused"
         return self._hyper[1], buf
+
+    def _momentum_to_optimizer(self, params: list) -> None:
+        """Fused path -> autograd path: each parameter's slice of the flat momentum buffer
+        becomes its torch.optim.SGD momentum buffer (what the fused steps left), in place of
+        whatever an earlier autograd phase left there. A parameter that is no longer a view of
+        that flat buffer starts from zero, as for replaced parameters."""
+        state = self._optimizer.state
+        flat, buf = (self._momentum[0](), self._momentum[1]) if self._momentum is not None else (None, None)
+        for p in params:
+            state[p].pop("momentum_buffer", None)
+            view = _flat_slice(flat, buf, p)
+            if view is not None:
+                state[p]["momentum_buffer"] = view.clone()
+
+    def _momentum_from_optimizer(self, flat: torch.Tensor, buf: torch.Tensor) -> None:
+        """Autograd path -> fused path: the flat momentum buffer `buf` (of the parameter
+        buffer `flat`) takes each parameter's torch.optim.SGD momentum buffer, zero where it
+        has none (SGD's first step, buf = grad, is the fused step's from zero)."""
+        opt = self._optimizer
+        params = list(self.model.parameters())
+        carried = opt is not None and _same_objects(opt.param_groups[0]["params"], params)
+        with torch.no_grad():
+            buf.zero_()
+            if not carried:
+                return
+            for p in params:
+                src = opt.state.get(p, {}).get("momentum_buffer")
+                view = _flat_slice(flat, buf, p)
+                if src is not None and view is not None:
+                    view.copy_(src)
 
     def _fused_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The one-launch step on the FNN's flat parameter buffer (flattening its parameters
@@ -314,6 +355,20 @@ def _trainable(weights: list, biases: list) -> bool:
 
 # Under torch.compile, `step` is run as it is, outside any graph (see Trainer's docstring).
 _step_outside_graph = torch.compiler.disable(Trainer.step)
+
+
+def _flat_slice(flat: torch.Tensor | None, buf: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:
+    """The part of `buf` (laid out as the flat parameter buffer `flat`) at parameter p, shaped
+    as p; None where p is not a contiguous view of `flat`."""
+    if flat is None or buf is None or p.dtype != flat.dtype or p.device != flat.device:
+        return None
+    if not p.is_contiguous():
+        return None
+    size = flat.element_size()
+    start, rem = divmod(p.data_ptr() - flat.data_ptr(), size)
+    if rem or start < 0 or start + p.numel() > flat.numel():
+        return None
+    return buf[start : start + p.numel()].view(p.shape)
 
 
 def _same_objects(a: list, b: list) -> bool:

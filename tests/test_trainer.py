@@ -332,6 +332,41 @@ def test_momentum_buffer_follows_the_flat_buffer(device):
         buf = trainer._momentum[1]
 
 
+@pytest.mark.parametrize("switch", ["freeze", "fusion"])
+def test_momentum_carries_across_path_changes(device, launches, switch):
+    """A model that changes path between steps (a layer frozen and thawed, or its fusion
+    switched) keeps its momentum, as one torch.optim.SGD run throughout would: the fused
+    step's flat buffer is handed to the optimizer and back (each used to start from zero, or
+    from its stale state)."""
+    torch.manual_seed(11)
+    dt = torch.float64
+    model = fnn.FNN([3, 8, 2], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    x, y = torch.randn(10, 3, device=device, dtype=dt), torch.rand(10, 2, device=device, dtype=dt)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    paths = []
+    for phase, fused in enumerate((True, False, True, False)):
+        for m in (model, ref):
+            if switch == "freeze":
+                m.layers[1].bias.requires_grad_(fused)
+            elif m is model:
+                m.fusion = "network" if fused else "layer"
+        assert trainer.fused(device) == fused
+        for step in range(2):
+            launches.calls.clear()
+            got = trainer.step(x, y)
+            paths.append("fused" if launches.calls == ["network_bwd_kernel"] else "autograd")
+            opt.zero_grad()
+            want = torch.nn.functional.mse_loss(ref(x), y)
+            want.backward()
+            opt.step()
+            assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item()), f"phase {phase}, step {step}"
+            _assert_params(model, list(ref.parameters()), f"phase {phase}, step {step}", rtol=1e-12)
+    assert paths == ["fused"] * 2 + ["autograd"] * 2 + ["fused"] * 2 + ["autograd"] * 2, paths
+
+
 def test_float64_wider_than_64_trains_through_autograd(device, launches):
     """The one-launch step takes float64 up to width 64 (its width-128 kernel spills, see
     kernels.network.TRAIN_STEP_MAX_WIDTH_FLOAT64): a wider float64 network steps through the
