@@ -13,7 +13,8 @@
   both fusions; the Trainer on the network path with every loss, with and without momentum,
   with batches that fit one program and batches that take the second (reduce) launch, for
   two activation sets (the network kernels are compiled per set of activation codes):
-  sigmoid alone, and the heavy and Z-saving codes.
+  sigmoid alone, and the heavy and Z-saving codes; per-sample gradients (torch.func.vmap
+  of grad) of an FNN in every dtype class.
   The grid is an all-pairs design (`all_pairs`): every pair of values of any two of its
   dimensions occurs in some call (dtype x shape and dtype x width in full; float16 and
   bfloat16 share one dtype class, see DTYPE_CLASSES), not the full product, which would
@@ -399,6 +400,36 @@ def layer_grid_calls() -> list[Call]:
     return out
 
 
+def per_sample_calls() -> list[Call]:
+    """torch.func.vmap(grad) of an FNN's loss over shared parameters (per-sample gradients),
+    whose weight gradients are the kernels' row slices (`rows`), with samples of one row (a
+    slice of 1 row, which Triton specializes) and of 3: every dtype class, a width the fused
+    backward serves and one it does not."""
+    import fnn
+
+    by_tag = {d[0]: d for d in DTYPES}
+    out = []
+    for i, (tag, dtype, precision) in enumerate(by_tag[c[-1]] for c in DTYPE_CLASSES):
+        for p, rows in ((16, 1), (64 if dtype is torch.float64 else 128, 3)):
+            sizes = [NETWORKS[p][0], p, NETWORKS[p][-1]]
+            acts = ["tanh", "gelu"] if i % 2 else ["relu", "sigmoid"]
+
+            def run(sizes=sizes, dtype=dtype, acts=acts, rows=rows) -> None:
+                model = fnn.FNN(sizes, activation=acts, dtype=dtype)
+                params = {k: v.detach() for k, v in model.named_parameters()}
+
+                def loss(params, x):
+                    return torch.func.functional_call(model, params, (x,)).sum()
+
+                x = _empty(NETWORK_ROWS_MANY // rows, rows, sizes[0], dtype=dtype)
+                torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+            shape = "-".join(map(str, sizes))
+            label = f"grid:per-sample grads {tag} {shape} {'/'.join(acts)} {rows}-row samples"
+            out.append(Call(label, run, precision))
+    return out
+
+
 def calls(only: Sequence[str] = ()) -> list[Call]:
     """Every call of the coverage, or those whose label contains one of `only`."""
     everything = (
@@ -408,6 +439,7 @@ def calls(only: Sequence[str] = ()) -> list[Call]:
         + linear_grid_calls()
         + network_grid_calls()
         + layer_grid_calls()
+        + per_sample_calls()
     )
     if only:
         everything = [c for c in everything if any(s in c.label for s in only)]

@@ -430,8 +430,8 @@ class _FuncLinearAct(torch.autograd.Function):
     kernels unless something outside the transform's own level differentiates the gradients
     (jacrev of jacrev, hessian: then LinearActFunction's differentiable form). `jvp` gives
     forward mode (torch.func.jvp, jacfwd, hessian, forward_ad), in PyTorch ops: plain
-    forward-mode calls of fnn come here too. vmap batches the ops through PyTorch's
-    per-sample fallback."""
+    forward-mode calls of fnn come here too. vmap batches the ops by their own rules
+    (fnn/ops.py): the samples as more rows where the parameters are shared."""
 
     generate_vmap_rule = True
 

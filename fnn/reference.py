@@ -156,14 +156,19 @@ def linear_act_backward_weight(
     need_bias: bool,
     split: int | None = None,
     x_activation: str | Activation = "identity",
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dW = D^T @ X and db = sum of D over rows (if `need_bias`), D = delta(dy, y); X = x, or
-    x_activation(x) (the layer input recomputed from the previous layer's Z).
+    x_activation(x) (the layer input recomputed from the previous layer's Z). `rows`: each
+    slice of that many consecutive rows' own dW and db, (M / rows, N, K) and (M / rows, N).
 
     `split` is accepted for signature parity with the kernel launcher and ignored.
     """
     d = delta(dy, y, activation)
     xs = apply_activation(x, x_activation)
+    if rows is not None:
+        d = d.reshape(-1, rows, d.shape[-1])
+        return d.transpose(1, 2) @ xs.reshape(-1, rows, xs.shape[-1]), (d.sum(1) if need_bias else None)
     return d.t() @ xs, (d.sum(0) if need_bias else None)
 
 
@@ -176,9 +181,11 @@ def linear_act_backward(
     need_bias: bool,
     prev_activation: str | Activation = "identity",
     split: int | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dX, dW, db): linear_act_backward_input(dy, y, weight, activation, x, prev_activation)
-    and linear_act_backward_weight(dy, y, x, activation, need_bias), `x` being the layer input
-    (the previous layer's output where `prev_activation` is given). `split` is ignored."""
+    and linear_act_backward_weight(dy, y, x, activation, need_bias, rows=rows), `x` being the
+    layer input (the previous layer's output where `prev_activation` is given). `split` is
+    ignored."""
     dx = linear_act_backward_input(dy, y, weight, activation, x, prev_activation)
-    return (dx, *linear_act_backward_weight(dy, y, x, activation, need_bias))
+    return (dx, *linear_act_backward_weight(dy, y, x, activation, need_bias, rows=rows))

@@ -596,15 +596,26 @@ def backward_input_step(
     return _BWD_INPUT_STEPS.get(key) or cached_plan(_BWD_INPUT_STEPS, key, lambda: _make_backward_input(key))
 
 
-def _make_backward_weight(key: tuple) -> tuple:
-    M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, a, b, xcode, xa, xb, need_bias, dtype, _, prec = key
-    _light(code)
-    cfg = tile_config("dw", N, K, M, dtype, prec, xcode in HEAVY_DELTA)  # rows N, cols K, reduced over M
+_MAX_SLICES = 65535  # CUDA's limit on a grid's second axis: the weight kernel's slices
+
+
+def _rows_per_split(M: int, split: int | None, auto: int, block: int) -> int:
+    """Rows each program of a split weight gradient reduces: M over `split` slices (`auto`
+    when None), rounded up to whole blocks."""
     if split is None:
-        split = weight_grad_split(M, N, K, cfg)
+        split = auto
     if split < 1:
         raise ValueError(f"split must be >= 1, got {split}")
-    rows_per_split = cdiv(cdiv(M, split), cfg.block_k) * cfg.block_k
+    return cdiv(cdiv(M, split), block) * block
+
+
+def _make_backward_weight(key: tuple) -> tuple:
+    M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, a, b, xcode, xa, xb, need_bias, dtype, _, prec, rows = key
+    _light(code)
+    cfg = tile_config("dw", N, K, M, dtype, prec, xcode in HEAVY_DELTA)  # rows N, cols K, reduced over M
+    if rows is None:
+        rows = _rows_per_split(M, split, weight_grad_split(M, N, K, cfg), cfg.block_k)
+    rows_per_split = rows
     split = cdiv(M, rows_per_split)
     grid = (cdiv(N, cfg.block_m) * cdiv(K, cfg.block_n), split)
     args = (
@@ -624,15 +635,17 @@ def _make_backward_weight(key: tuple) -> tuple:
 def backward_weight_step(
     M: int, N: int, K: int, dy_strides: tuple, s_strides: tuple, x_strides: tuple,
     activation: Activation, x_activation: Activation, need_bias: bool, split: int | None,
-    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
+    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str, rows: int | None = None,
 ) -> tuple:
     """The weight-gradient kernel's step (tensors: dy, s, x, dW, db or dW), M > 0, with a fourth
     entry: the number of batch slices (1: dW (N, K) and db (N,); more: float partials
-    (split, N, K) and (split, N), to be summed in order). `split` None: chosen from the shape."""
+    (split, N, K) and (split, N), to be summed in order). `split` None: chosen from the shape.
+    `rows` (M a multiple of it; `split` then unused): slices of exactly that many rows, whose
+    gradients are the result, (M / rows, N, K) and (M / rows, N) (`weight_grad_slices`)."""
     code, a, b = activation.kernel_args
     xcode, xa, xb = x_activation.kernel_args
     key = (M, N, K, split, *dy_strides, *s_strides, *x_strides, code, a, b, xcode, xa, xb, need_bias, dtype,
-           dy_dtype, prec)
+           dy_dtype, prec, rows)
     return _BWD_WEIGHT_STEPS.get(key) or cached_plan(_BWD_WEIGHT_STEPS, key, lambda: _make_backward_weight(key))
 
 
@@ -656,16 +669,12 @@ def delta_step(
 
 
 def _make_backward_fused(key: tuple, prev: Activation) -> tuple:
-    M, N, K, split, sdm, sdn, ssm, ssn, swn, swk, sxm, sxk, code, a, b, pcode, pa, pb, need_bias, dtype, _, prec = key
+    M, N, K, split, sdm, sdn, ssm, ssn, swn, swk, sxm, sxk, code, a, b, pcode, pa, pb, need_bias, dtype, _, prec, rows = key
     _light(code)
     if not fused_backward_fits(N, K, dtype, prev):
         raise ValueError(f"the fused backward does not serve ({N}, {K}) in {dtype} after {prev!r}")
     cfg, auto_split = fused_backward_config(M, N, K, dtype)
-    if split is None:
-        split = auto_split
-    if split < 1:
-        raise ValueError(f"split must be >= 1, got {split}")
-    rows_per_split = cdiv(cdiv(M, split), cfg.block_m) * cfg.block_m
+    rows_per_split = rows if rows is not None else _rows_per_split(M, split, auto_split, cfg.block_m)
     split = cdiv(M, rows_per_split)
     args = (
         M, N, K, rows_per_split,
@@ -685,16 +694,17 @@ def _make_backward_fused(key: tuple, prev: Activation) -> tuple:
 def backward_fused_step(
     M: int, N: int, K: int, dy_strides: tuple, s_strides: tuple, w_strides: tuple, x_strides: tuple,
     activation: Activation, prev_activation: Activation, need_bias: bool, split: int | None,
-    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str,
+    dtype: torch.dtype, dy_dtype: torch.dtype, prec: str, rows: int | None = None,
 ) -> tuple:
     """The fused backward kernel's step (tensors: dy, s, weight, x, dx, dW, db or dW), M > 0,
     `fused_backward_fits(N, K, dtype, prev_activation)`, with a fourth entry: the number of batch
     slices (1: dW (N, K) and db (N,); more: float partials, as backward_weight_step's). `x` is
-    the layer input (with a `prev_activation`: the previous layer's output)."""
+    the layer input (with a `prev_activation`: the previous layer's output). `rows`: slices of
+    exactly that many rows, as in backward_weight_step."""
     code, a, b = activation.kernel_args
     pcode, pa, pb = prev_activation.kernel_args
     key = (M, N, K, split, *dy_strides, *s_strides, *w_strides, *x_strides, code, a, b, pcode, pa, pb,
-           need_bias, dtype, dy_dtype, prec)
+           need_bias, dtype, dy_dtype, prec, rows)
     return _FUSED_STEPS.get(key) or cached_plan(
         _FUSED_STEPS, key, lambda: _make_backward_fused(key, prev_activation)
     )
@@ -936,8 +946,10 @@ def backward_weight_unchecked(
     need_bias: bool,
     split: int | None = None,
     x_activation: Activation | str = "identity",
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """linear_act_backward_weight for arguments known good (2-D, matching shapes, one dtype)."""
+    """linear_act_backward_weight for arguments known good (2-D, matching shapes, one dtype;
+    M a multiple of `rows` when given)."""
     if activation.__class__ is not Activation:
         activation = as_activation(activation)
     if x_activation.__class__ is not Activation:
@@ -946,8 +958,17 @@ def backward_weight_unchecked(
     N = dy.shape[1]
     dtype, device = x.dtype, x.device
     if M == 0:
-        dw = torch.zeros((N, K), dtype=dtype, device=device)
-        return dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
+        shape = (N, K) if rows is None else (0, N, K)
+        dw = torch.zeros(shape, dtype=dtype, device=device)
+        return dw, (torch.zeros(shape[:-1], dtype=dtype, device=device) if need_bias else None)
+    if rows is not None and M > _MAX_SLICES * rows:  # the slices are the grid's second axis
+        parts = [
+            backward_weight_unchecked(dy[i : i + _MAX_SLICES * rows], y[i : i + _MAX_SLICES * rows],
+                                      x[i : i + _MAX_SLICES * rows], activation, need_bias, None,
+                                      x_activation, rows)
+            for i in range(0, M, _MAX_SLICES * rows)
+        ]
+        return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if need_bias else None)
     prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
     if dtype is _F32:
         prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
@@ -956,11 +977,11 @@ def backward_weight_unchecked(
         activation = _IDENTITY
     step = backward_weight_step(
         M, N, K, dy.stride(), y.stride(), x.stride(), activation, x_activation, need_bias, split,
-        dtype, dy.dtype, prec,
+        dtype, dy.dtype, prec, rows,
     )
-    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias)
+    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias, rows is not None)
     _bwd_weight.keyed(step[0], step[1], dy, y, x, dw, dw if db is None else db, *step[2])  # db unused without HAS_BIAS
-    if step[3] == 1:
+    if step[3] == 1 or rows is not None:
         return dw, db
     return sum_partials(dw, db, dtype)
 
@@ -974,9 +995,10 @@ def backward_unchecked(
     need_bias: bool,
     prev_activation: Activation | str = "identity",
     split: int | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """linear_act_backward for arguments known good (2-D, matching shapes, one dtype, and
-    `fused_backward_fits`)."""
+    `fused_backward_fits`; M a multiple of `rows` when given)."""
     if activation.__class__ is not Activation:
         activation = as_activation(activation)
     if prev_activation.__class__ is not Activation:
@@ -986,8 +1008,9 @@ def backward_unchecked(
     dtype, device = weight.dtype, weight.device
     dx = new((M, K), dtype, device)
     if M == 0:
-        dw = torch.zeros((N, K), dtype=dtype, device=device)
-        return dx, dw, (torch.zeros((N,), dtype=dtype, device=device) if need_bias else None)
+        shape = (N, K) if rows is None else (0, N, K)
+        dw = torch.zeros(shape, dtype=dtype, device=device)
+        return dx, dw, (torch.zeros(shape[:-1], dtype=dtype, device=device) if need_bias else None)
     prec = "ieee"  # layer_precision(dtype), inline: this runs on every launch
     if dtype is _F32:
         prec = "tf32" if _matmul_precision() != "highest" else configs.FLOAT32_HIGHEST_DOT
@@ -996,20 +1019,24 @@ def backward_unchecked(
         activation = _IDENTITY
     step = backward_fused_step(
         M, N, K, dy.stride(), y.stride(), weight.stride(), x.stride(), activation, prev_activation,
-        need_bias, split, dtype, dy.dtype, prec,
+        need_bias, split, dtype, dy.dtype, prec, rows,
     )
-    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias)
+    dw, db = weight_grad_outputs(step[3], N, K, dtype, device, need_bias, rows is not None)
     _bwd_fused.keyed(step[0], step[1], dy, y, weight, x, dx, dw, dw if db is None else db, *step[2])
-    if step[3] == 1:
+    if step[3] == 1 or rows is not None:
         return dx, dw, db
     return (dx, *sum_partials(dw, db, dtype))
 
 
 def weight_grad_outputs(
-    split: int, N: int, K: int, dtype: torch.dtype, device: torch.device, need_bias: bool
+    split: int, N: int, K: int, dtype: torch.dtype, device: torch.device, need_bias: bool,
+    slices: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the weight-gradient kernel writes: dW (N, K) and db (N,) in `dtype` for one slice,
-    else float partials (split, N, K) and (split, N) (db None without a bias)."""
+    else float partials (split, N, K) and (split, N) (db None without a bias); with `slices`,
+    each slice's own gradients, (split, N, K) and (split, N) in `dtype`."""
+    if slices:
+        return new((split, N, K), dtype, device), (new((split, N), dtype, device) if need_bias else None)
     if split == 1:
         return new((N, K), dtype, device), (new((N,), dtype, device) if need_bias else None)
     acc = delta_dtype(dtype)
@@ -1101,6 +1128,7 @@ def linear_act_backward(
     need_bias: bool,
     prev_activation: str | Activation = "identity",
     split: int | None = None,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dX, dW, db) of one layer from one kernel that reads dy, `y` and `x` once: what
     linear_act_backward_input and linear_act_backward_weight return, for a layer whose weight
@@ -1112,7 +1140,7 @@ def linear_act_backward(
     layer's delta (D @ W) * prev_act'(Z_prev), read off `x`, that layer's output, as the FNN
     backward chains layers (prev_activation one whose derivative its output tells: see
     fused_backward_fits). `split` slices the batch as in linear_act_backward_weight (default:
-    chosen from the shape).
+    chosen from the shape); `rows` gives each slice's own dW and db, as there.
     """
     act = as_activation(activation)
     prev = as_activation(prev_activation, "prev_activation")
@@ -1130,9 +1158,8 @@ def linear_act_backward(
             "N and K up to FUSED_BACKWARD_MAX, a light prev_activation that saves its output); use "
             "linear_act_backward_input and linear_act_backward_weight"
         )
-    if split is not None and split < 1:
-        raise ValueError(f"split must be >= 1, got {split}")
-    return backward_unchecked(dy, y, weight, x, act, need_bias, prev, split)
+    _check_split(split, rows, M)
+    return backward_unchecked(dy, y, weight, x, act, need_bias, prev, split, rows)
 
 
 def linear_act_backward_weight(
@@ -1143,6 +1170,7 @@ def linear_act_backward_weight(
     need_bias: bool,
     split: int | None = None,
     x_activation: str | Activation = "identity",
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dW = D^T @ X (N, K) and, if `need_bias`, db = D summed over rows (N,); D = dy * act'(Z)
     read off `y`, what the forward saved (as in linear_act_backward_input).
@@ -1150,7 +1178,9 @@ def linear_act_backward_weight(
     X is `x`, or x_activation(x) when `x_activation` is not identity: the layer input recomputed
     on load from the previous layer's saved Z (FNN saves Z, not the output, of a gelu layer).
     `split` (default: chosen from the shape) slices the batch into that many parts reduced
-    in parallel, their float partials summed afterwards in a fixed order.
+    in parallel, their float partials summed afterwards in a fixed order. `rows` (dividing M)
+    instead returns each slice of that many consecutive rows' own gradients, dW (M / rows, N, K)
+    and db (M / rows, N): per-sample gradients in one launch (torch.func.vmap's rule).
     """
     act = as_activation(activation)
     xact = as_activation(x_activation, "x_activation")
@@ -1160,6 +1190,16 @@ def linear_act_backward_weight(
     N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
     _check_2d("dy", dy, (M, N), x)
     _check_2d("y", y, (M, N), x)
+    _check_split(split, rows, M)
+    return backward_weight_unchecked(dy, y, x, act, need_bias, split, xact, rows)
+
+
+def _check_split(split: object, rows: object, M: int) -> None:
+    """`split` None or >= 1; `rows` None or a positive divisor of M (0 when M is 0)."""
     if split is not None and split < 1:
         raise ValueError(f"split must be >= 1, got {split}")
-    return backward_weight_unchecked(dy, y, x, act, need_bias, split, xact)
+    if rows is not None:
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            raise TypeError(f"rows must be an int or None, got {type(rows).__name__}")
+        if rows < 1 or M % rows:
+            raise ValueError(f"rows must be a positive divisor of the batch's {M} rows, got {rows}")

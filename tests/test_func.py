@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import spy_layer_ops
+from test_network import LaunchCounter
 from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 import fnn
@@ -32,10 +33,11 @@ DT = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _quiet_vmap_fallback():
-    """vmap batches fnn's registered ops through PyTorch's per-sample fallback, which warns."""
+def _no_vmap_fallback():
+    """Every registered op has its own vmap rule (fnn/ops.py): PyTorch's per-sample fallback,
+    which warns, never runs."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        warnings.filterwarnings("error", message=".*batching rule.*")
         yield
 
 
@@ -195,3 +197,116 @@ def test_one_level_of_grad_runs_the_kernel_backward(device, monkeypatch):
     (second,) = torch.autograd.grad(g.sum(), leaf)
     want = torch.autograd.functional.hessian(lambda w: torch.sigmoid(F.linear(x, w)).square().sum(), w)
     _close((second,), (want.sum(dim=(0, 1)),), "autograd of torch.func.grad")
+
+
+def _per_sample_grads(model, seq, x, y):
+    """vmap(grad) of a squared-error loss over the samples of (x, y), for the FNN and for its
+    PyTorch twin `seq` (same parameters), each parameter's gradient per sample."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    renamed = {f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in params.items()}
+
+    def loss(m):
+        return lambda p, x, y: (functional_call(m, p, (x,)) - y).square().sum()
+
+    got = vmap(grad(loss(model)), in_dims=(None, 0, 0))(params, x, y)
+    want = vmap(grad(loss(seq)), in_dims=(None, 0, 0))(renamed, x, y)
+    return [got[k] for k in params], list(want.values())
+
+
+@pytest.mark.parametrize(
+    "sizes,acts",
+    [
+        ([3, 16, 2], ["tanh", "sigmoid"]),  # the fused backward (dX, dW, db per sample in one)
+        ([3, 40, 2], ["gelu", "relu"]),  # wider than it (float64: 32): dX and dW kernels; Z saved
+        ([5, 7, 6, 1], ["silu", "elu", "sigmoid"]),
+    ],
+)
+@pytest.mark.parametrize("rows", [None, 3])
+def test_per_sample_gradients_are_one_batch(sizes, acts, rows, device, monkeypatch):
+    """vmap(grad) with shared parameters (per-sample gradients) folds the samples into the
+    rows: as many launches for 11 samples as for 2, each sample's gradients its own (the
+    weight-gradient kernels reduce each sample's rows apart), equal to PyTorch's to 1e-12.
+    A sample is one row (rows None: 1-D) or 3 rows."""
+    model = fnn.FNN(sizes, acts, dtype=DT, device=device)
+    layers = []
+    for i, act in enumerate(acts):
+        layers += [torch.nn.Linear(sizes[i], sizes[i + 1]), TORCH_MODULES[act]()]
+    seq = torch.nn.Sequential(*layers).to(device=device, dtype=DT)
+    launches = LaunchCounter(monkeypatch)
+    counts = []
+    for batch in (2, 11):
+        shape = (batch, sizes[0]) if rows is None else (batch, rows, sizes[0])
+        x = _randn(*shape, seed=20 + batch, device=device)
+        y = _randn(*shape[:-1], sizes[-1], seed=30 + batch, device=device)
+        launches.calls.clear()
+        got, want = _per_sample_grads(model, seq, x, y)
+        counts.append(len(launches.calls))
+        for g in got:
+            assert g.shape[0] == batch
+            assert g.abs().max() > 0, "the test cannot tell a zero gradient"
+        _close(got, want, f"per-sample grads of {batch} samples")
+    assert counts[0] == counts[1] <= 3 * len(acts), f"launches for 2 and 11 samples: {counts}"
+
+
+TORCH_MODULES = {
+    "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "gelu": torch.nn.GELU, "relu": torch.nn.ReLU,
+    "silu": torch.nn.SiLU, "elu": torch.nn.ELU,
+}  # fmt: skip
+
+
+def test_vmap_over_weights_an_ensemble(device, monkeypatch):
+    """vmap over the parameters (an ensemble of models): a shared x's layer stacks the weights
+    into one wider launch; a layer whose x and weight both vary runs once per model, as
+    PyTorch's fallback would, without its warning. Outputs and per-model gradients against
+    PyTorch's to 1e-12."""
+    models, x = 4, _randn(6, 3, seed=40, device=device)
+    w1, b1 = _randn(models, 5, 3, seed=41, device=device), _randn(models, 5, seed=42, device=device)
+    w2 = _randn(models, 2, 5, seed=43, device=device)
+
+    def ours(w1, b1, w2):
+        return fnn.fnn_forward(x, [w1, w2], [b1, None], ["tanh", "sigmoid"])
+
+    def theirs(w1, b1, w2):
+        return torch.sigmoid(F.linear(torch.tanh(F.linear(x, w1, b1)), w2))
+
+    launches = LaunchCounter(monkeypatch)
+    got = vmap(ours)(w1, b1, w2)
+    assert launches.calls.count("linear_act_fwd_kernel") == 1 + models, launches.calls
+    _close((got,), (vmap(theirs)(w1, b1, w2),), "ensemble forward")
+    first = vmap(lambda w, b: fnn.linear_act(x, w, b, "gelu"), in_dims=(0, None))(w1, b1[0])
+    want = vmap(lambda w, b: F.gelu(F.linear(x, w, b)), in_dims=(0, None))(w1, b1[0])
+    _close((first,), (want,), "a weight per model, one bias")
+    every = (0, 1, 2)
+    _close(
+        vmap(grad(lambda *p: ours(*p).square().sum(), argnums=every))(w1, b1, w2),
+        vmap(grad(lambda *p: theirs(*p).square().sum(), argnums=every))(w1, b1, w2),
+        "ensemble gradients",
+    )
+
+
+def test_nested_vmap_of_per_sample_gradients(device):
+    """vmap of vmap(grad): the outer batch folds in too, the op's row slices nesting in it."""
+    model = fnn.FNN([3, 4, 2], ["tanh", "sigmoid"], dtype=DT, device=device)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2), torch.nn.Sigmoid()
+    ).to(device=device, dtype=DT)  # fmt: skip
+    x, y = _randn(3, 5, 2, 3, seed=50, device=device), _randn(3, 5, 2, 2, seed=51, device=device)
+    got, want = vmap(lambda x, y: _per_sample_grads(model, seq, x, y))(x, y)
+    for g in got:
+        assert g.shape[:2] == (3, 5)
+    _close(got, want, "vmap of per-sample grads")
+
+
+def test_per_sample_gradients_on_the_reference_backend(monkeypatch):
+    """The vmap rules on the CPU without the interpreter: fnn.reference computes each slice's
+    weight gradients (`rows`) as the kernels do."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert fnn.backend("cpu") == "reference"
+    model = fnn.FNN([3, 40, 2], ["gelu", "sigmoid"], dtype=DT)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(3, 40), torch.nn.GELU(), torch.nn.Linear(40, 2), torch.nn.Sigmoid()
+    )  # fmt: skip
+    x, y = _randn(6, 4, 3, seed=60, device="cpu"), _randn(6, 4, 2, seed=61, device="cpu")
+    got, want = _per_sample_grads(model, seq.to(DT), x, y)
+    assert got[0].shape == (6, 40, 3)
+    _close(got, want, "per-sample grads, reference backend")

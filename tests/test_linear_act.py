@@ -408,6 +408,60 @@ def test_weight_grad_split_bounds(device):
         ops.linear_act_backward_weight(dy, y, x, "sigmoid", True, split=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 37])
+def test_weight_grad_per_slice(rows, dtype, device):
+    """rows=r: each slice of r consecutive rows gets its own dW and db (vmap's per-sample
+    weight gradients), (M / r, N, K) and (M / r, N) in the layer's dtype, from one launch of
+    each kernel (the weight kernel, the fused one): against each slice's float64 gradients.
+    Slices that are not whole row blocks (1, 5, 37 rows) included."""
+    M, K, N = rows * 7, 13, 9
+    for act, x_act in [("tanh", "identity"), ("gelu", "identity"), ("sigmoid", "relu")]:
+        dy, s, w, x = _fused_inputs(M, K, N, act, x_act, dtype, device, seed=rows)
+        slices = [slice(i, i + rows) for i in range(0, M, rows)]
+        want = [reference.linear_act_backward_weight(*(t[r].cpu().double() for t in (dy, s, x)), act, True)
+                for r in slices]  # fmt: skip
+        in_dtype = [reference.linear_act_backward_weight(dy[r], s[r], x[r], act, True) for r in slices]
+        dw, db = ops.linear_act_backward_weight(dy, s, x, act, True, rows=rows)
+        assert dw.shape == (7, N, K) and db.shape == (7, N) and dw.dtype == dtype
+        for i in range(7):
+            _assert_result(dw[i], want[i][0], in_dtype[i][0], f"slice {i} of {rows} rows, {act} {dtype}: dW")
+            _assert_result(db[i], want[i][1], in_dtype[i][1], f"slice {i} of {rows} rows, {act} {dtype}: db")
+        if fused_backward_fits(N, K, dtype, as_activation(x_act)):
+            dx, dw2, db2 = ops.linear_act_backward(dy, s, w, x, act, True, x_act, rows=rows)
+            assert torch.equal(dx, ops.linear_act_backward_input(dy, s, w, act, x, x_act))
+            for i in range(7):
+                _assert_result(dw2[i], want[i][0], in_dtype[i][0], f"fused, slice {i}, {act} {dtype}: dW")
+                _assert_result(db2[i], want[i][1], in_dtype[i][1], f"fused, slice {i}, {act} {dtype}: db")
+            _, dw3, db3 = ops.linear_act_backward(dy, s, w, x, act, False, x_act, rows=rows)
+            assert db3 is None and dw3.shape == (7, N, K)
+
+
+def test_weight_grad_per_slice_edges(device, monkeypatch):
+    """More slices than a grid's second axis takes run in chunks (the limit lowered to 3 here);
+    an empty batch gives (0, N, K); rows that do not divide the batch, or are not an int, are
+    refused before any launch."""
+    dy, s, w, x = _fused_inputs(20, 4, 3, "sigmoid", "identity", torch.float64, device, seed=60)
+    want = reference.linear_act_backward_weight(dy, s, x, "sigmoid", True, rows=2)
+    monkeypatch.setattr(ops, "_MAX_SLICES", 3)
+    dw, db = ops.linear_act_backward_weight(dy, s, x, "sigmoid", True, rows=2)
+    assert dw.shape == (10, 3, 4)
+    assert_close(dw, want[0], 1e-12, 1e-12, "chunked slices: dW")
+    assert_close(db, want[1], 1e-12, 1e-12, "chunked slices: db")
+    e = dy[:0]
+    dw0, db0 = ops.linear_act_backward_weight(e, e, x[:0], "sigmoid", True, rows=4)
+    assert dw0.shape == (0, 3, 4) and db0.shape == (0, 3)
+    launched = []
+    monkeypatch.setattr(ops._bwd_weight, "keyed", lambda *a, **kw: launched.append(a))
+    monkeypatch.setattr(ops._bwd_fused, "keyed", lambda *a, **kw: launched.append(a))
+    for rows, err in [(3, ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)]:
+        with pytest.raises(err, match="rows"):
+            ops.linear_act_backward_weight(dy, s, x, "sigmoid", True, rows=rows)
+        with pytest.raises(err, match="rows"):
+            ops.linear_act_backward(dy, s, w, x, "sigmoid", True, rows=rows)
+    assert launched == []
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused backward kernel: dX, dW and db from one read of dY, S and X
 # ---------------------------------------------------------------------------------------------
