@@ -259,15 +259,15 @@ def _graph_layer(dy, x, weight, bias, s, act: Activation, needs) -> tuple:
     S the saved output Y, or Z recomputed from x, W and b for an activation that saves Z (the
     saved Z is outside the graph). `needs`: which of dX, dW, db to compute; x is None where
     only dX is, W where dX is not."""
-    n, k = dy.shape[-1], (weight if x is None else x).shape[-1]
-    dy2d = dy.reshape(-1, n)
+    k = (weight if x is None else x).shape[-1]
+    dy2d = _rows2d(dy)
     if act.saves == "z":
-        s2d = F.linear(x.reshape(-1, k), weight, bias)
+        s2d = F.linear(_rows2d(x), weight, bias)
     else:
-        s2d = dy2d if act.saves == "none" else s.reshape(-1, n)
+        s2d = dy2d if act.saves == "none" else _rows2d(s)
     d = _delta_graph(dy2d, s2d, act)
     dx = (d @ weight).reshape(*dy.shape[:-1], k) if needs[0] else None
-    dw = d.t() @ x.reshape(-1, k) if needs[1] else None
+    dw = d.t() @ _rows2d(x) if needs[1] else None
     db = d.sum(0) if needs[2] else None
     return dx, dw, db
 
@@ -318,7 +318,7 @@ def _linear_forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bia
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     ops = _ops(x)
     flat = x.dim() == 2
-    x2d = x if flat else x.reshape(-1, x.shape[-1])
+    x2d = x if flat else _rows2d(x)
     n = weight.shape[0]
     saves = act.saves
     if saves == "z" and (need_x or need_w or need_b):
@@ -388,11 +388,8 @@ class LinearActFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _ops(dy)
         n = ctx.n_out
-        dy2d = dy if dy.dim() == 2 else dy.reshape(-1, n)
-        if saved is None:
-            s2d = dy2d  # identity reads none
-        else:
-            s2d = saved if saved.dim() == 2 else saved.reshape(-1, n)
+        dy2d = _rows2d(dy)
+        s2d = dy2d if saved is None else _rows2d(saved)  # identity reads none
         dx = dw = db = None
         act = ctx.activation
         if need_x and (need_w or need_b):
@@ -437,7 +434,7 @@ class _FuncLinearAct(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, activation):
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2d = _rows2d(x)
         ops = _ops(x)
         if activation.saves == "z":
             y, z = ops.linear_act_forward_z(x2d, weight, bias, activation)
@@ -489,11 +486,7 @@ class _FuncLinearAct(torch.autograd.Function):
                 return *_graph_layer(dy, x, weight, bias, saved, ctx.activation, ctx.needs_input_grad), None
         n = weight.shape[0]
         as_saved = SimpleNamespace(  # what LinearActFunction's forward would have saved
-            saved_tensors=(
-                x.reshape(-1, x.shape[-1]),
-                weight,
-                None if saved is None else saved.reshape(-1, n),
-            ),
+            saved_tensors=(_rows2d(x), weight, None if saved is None else _rows2d(saved)),
             needs_input_grad=ctx.needs_input_grad,
             activation=ctx.activation,
             n_out=n,
@@ -501,6 +494,12 @@ class _FuncLinearAct(torch.autograd.Function):
         )
         with torch.no_grad():
             return LinearActFunction.backward.kernels(as_saved, dy)
+
+
+def _rows2d(t: torch.Tensor) -> torch.Tensor:
+    """t (..., n), n > 0, as (rows, n). The row count is spelled out: under vmap, a reshape to
+    -1 rows of a batch of no samples is ambiguous (PyTorch's batching rule refuses it)."""
+    return t if t.dim() == 2 else t.reshape(t.numel() // t.shape[-1], t.shape[-1])
 
 
 def _func_linear_act(x, weight, bias, act: Activation) -> torch.Tensor:
@@ -529,7 +528,7 @@ def _fnn_forward(ctx: FunctionCtx, x: torch.Tensor, acts: tuple, saves: tuple, h
     need = True in ctx.needs_input_grad
     ops = _ops(x)
     flat = x.dim() == 2
-    x2d = h = x if flat else x.reshape(-1, x.shape[-1])
+    x2d = h = x if flat else _rows2d(x)
     saved: list[torch.Tensor | None] = []
     last = len(acts) - 1
     for i, act in enumerate(acts):
@@ -669,7 +668,7 @@ class _EagerLayers(FNNFunction):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, prog, *params) -> torch.Tensor:
         flat = x.dim() == 2
-        x2d = x if flat else x.reshape(-1, x.shape[-1])
+        x2d = x if flat else _rows2d(x)
         h, saved = prog.run_forward(x2d, params)
         out = h if flat else _unsafe_view(h, (*x.shape[:-1], h.shape[-1]))  # a reshape only if needed
         if saved[-1] is h:
@@ -745,7 +744,7 @@ def linear_act(
     # inference: one kernel, nothing saved, no Z, no autograd node
     if x.dim() == 2:
         return _ops(x).linear_act_forward(x, weight, bias, act)
-    y = _ops(x).linear_act_forward(x.reshape(-1, x.shape[-1]), weight, bias, act)
+    y = _ops(x).linear_act_forward(_rows2d(x), weight, bias, act)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -848,7 +847,7 @@ def run_layers(
     # inference: no autograd node, nothing saved
     ops = _ops(x)
     flat = x.dim() == 2
-    h = x if flat else x.reshape(-1, x.shape[-1])
+    h = x if flat else _rows2d(x)
     for w, b, a in zip(weights, biases, acts, strict=True):
         h = ops.linear_act_forward(h, w, b, a)
     return h if flat else h.view(*x.shape[:-1], h.shape[-1])

@@ -37,6 +37,7 @@ from .functional import (
     _keep,
     _kept,
     _requires_grad,
+    _rows2d,
     _unsafe_view,
     _with_graph,
     fast_apply,
@@ -194,7 +195,7 @@ def _network_forward(ctx: FunctionCtx, x, sizes, activations, biased, flat, para
     and activation set at hand (else network_ops looks them up)."""
     if flat is None:
         flat = concat_parameters(params[0::2], params[1::2])
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2d = _rows2d(x)
     need = any(ctx.needs_input_grad)
     if p is not None:
         device = x.device
@@ -444,7 +445,7 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
     # inference: no autograd node, nothing stored for a backward
     if flat is None:
         flat = concat_parameters(weights, biases)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2d = _rows2d(x)
     y, _, _ = network_ops.network_forward(
         x2d, flat, p.sizes, p.acts, p.biased, False, p.meta(x.device), p.act_params(x.dtype, x.device), p.bits
     )

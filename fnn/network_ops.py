@@ -369,6 +369,38 @@ def _network_backward_fake(dy, y, h, x, params, sizes, activations, biased, need
     return dx, x.new_empty((param_count(sizes, biased),))
 
 
+# --- torch.func.vmap -------------------------------------------------------------------------
+# Under a transform fnn runs networks layer by layer (fnn.functional._func_layers), except an
+# inference forward, which reaches network_forward: with the parameters shared, the samples
+# are more rows of one launch. Anything else runs once per sample (fnn.ops._each_sample), as
+# PyTorch's fallback would, without its warning.
+
+
+@_network_forward_op.register_vmap
+def _network_forward_vmap(info, in_dims, x, params, sizes, activations, biased, store_hidden, act_params=()):
+    from .ops import _each_sample, _rows, _samples_rows
+
+    xd, pd = in_dims[:2]
+    args = (x, params, sizes, activations, biased, store_hidden, act_params)
+    if pd is not None:
+        return _each_sample(_network_forward_op, info, in_dims, args)
+    batch = info.batch_size
+    m = _samples_rows(x, xd)
+    y, h, z = _network_forward_op(_rows(x, xd, batch), *args[1:])
+    y = y.view(batch, m, y.shape[-1])
+    h, h_dim = (h.view(h.shape[0], batch, m, h.shape[-1]), 1) if store_hidden else (h, None)
+    if _keeps_z(decode(activations, act_params, "fnn::network_forward"), store_hidden):
+        return (y, h, z.view(batch, m, z.shape[-1])), (0, h_dim, 0)
+    return (y, h, z), (0, h_dim, None)
+
+
+@_network_backward_op.register_vmap
+def _network_backward_vmap(info, in_dims, *args):
+    from .ops import _each_sample
+
+    return _each_sample(_network_backward_op, info, in_dims, args)
+
+
 # --- Python signatures -----------------------------------------------------------------------
 
 

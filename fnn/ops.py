@@ -249,14 +249,23 @@ def _rows(t: torch.Tensor | None, dim: int | None, batch: int) -> torch.Tensor |
     if t is None:
         return None
     t = t.expand(batch, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(batch * t.shape[1], t.shape[2])  # no -1: ambiguous for an empty batch
 
 
 def _each_sample(op, info, in_dims: tuple, args: tuple):
     """The op once per sample, the results stacked (dim 0); an empty bias gradient (no bias)
-    stays unbatched."""
-    outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims, strict=False)))
-            for i in range(info.batch_size)]
+    stays unbatched. No samples: the op on one zero sample gives the shapes of the (empty)
+    results."""
+    batch = info.batch_size
+    # in_dims: an int for a batched tensor; None, or Nones in the argument's shape, otherwise
+    pairs = [(a, d if d.__class__ is int else None) for a, d in zip(args, in_dims, strict=False)]
+    if batch == 0:
+        sample = op(*(a if d is None else a.new_zeros(a.shape[:d] + a.shape[d + 1 :]) for a, d in pairs))
+        if isinstance(sample, torch.Tensor):
+            return sample.new_empty((0, *sample.shape)), 0
+        results, dims = _stacked([sample])
+        return tuple(r if d is None else r[:0] for r, d in zip(results, dims, strict=True)), dims
+    outs = [op(*(a if d is None else a.select(d, i) for a, d in pairs)) for i in range(batch)]
     if isinstance(outs[0], torch.Tensor):
         return torch.stack(outs), 0
     return _stacked(outs)
@@ -350,7 +359,7 @@ def _backward_weight_vmap(
     )
     dw = dw.view(*lead, *dw.shape[-2:])
     if need_bias:
-        return (dw, db.view(*lead, -1)), (0, 0)
+        return (dw, db.view(*lead, db.shape[-1])), (0, 0)
     return (dw, db), (0, None)
 
 
@@ -372,7 +381,7 @@ def _backward_vmap(
     )
     dx, dw = dx.view(batch, m, dx.shape[-1]), dw.view(*lead, *dw.shape[-2:])
     if need_bias:
-        return (dx, dw, db.view(*lead, -1)), (0, 0, 0)
+        return (dx, dw, db.view(*lead, db.shape[-1])), (0, 0, 0)
     return (dx, dw, db), (0, 0, None)
 
 

@@ -44,8 +44,16 @@ def _no_vmap_fallback():
 def _close(got, want, what):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)}, want {tuple(w.shape)}"
+        if w.numel() == 0:
+            continue
         err = (g - w).abs().max().item()
         assert err <= 1e-12 * max(1.0, w.abs().max().item()), f"{what}: off by {err:.3e}"
+
+
+def _as_sequential(params: dict) -> dict:
+    """An FNN's parameter names ("layers.1.weight") as those of its nn.Sequential twin, whose
+    Linear layers alternate with activations ("2.weight")."""
+    return {f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in params.items()}
 
 
 def _randn(*shape, seed, device):
@@ -85,7 +93,7 @@ def test_grad_of_an_fnn_through_functional_call(fusion, device):
         torch.nn.Linear(6, 2), torch.nn.Sigmoid(),
     ).to(device=device, dtype=DT)  # fmt: skip
     params = {k: v.detach() for k, v in model.named_parameters()}
-    renamed = {f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in params.items()}
+    renamed = _as_sequential(params)
     x = _randn(9, 3, seed=5, device=device)
     got = grad(lambda p, x: functional_call(model, p, (x,)).square().sum(), argnums=(0, 1))(params, x)
     want = grad(lambda p, x: functional_call(seq, p, (x,)).square().sum(), argnums=(0, 1))(renamed, x)
@@ -203,7 +211,7 @@ def _per_sample_grads(model, seq, x, y):
     """vmap(grad) of a squared-error loss over the samples of (x, y), for the FNN and for its
     PyTorch twin `seq` (same parameters), each parameter's gradient per sample."""
     params = {k: v.detach() for k, v in model.named_parameters()}
-    renamed = {f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in params.items()}
+    renamed = _as_sequential(params)
 
     def loss(m):
         return lambda p, x, y: (functional_call(m, p, (x,)) - y).square().sum()
@@ -310,3 +318,53 @@ def test_per_sample_gradients_on_the_reference_backend(monkeypatch):
     got, want = _per_sample_grads(model, seq.to(DT), x, y)
     assert got[0].shape == (6, 40, 3)
     _close(got, want, "per-sample grads, reference backend")
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 4, 3), (5, 0, 3)], ids=["none", "none-3d", "empty"])
+@pytest.mark.parametrize("act", ["sigmoid", "gelu"])
+def test_vmap_of_empty_batches(shape, act, device):
+    """vmap over no samples, or over samples of no rows, with shared and with per-sample
+    weights: PyTorch's shapes and values (zero gradients), as for its own layers."""
+    x = _randn(*shape, seed=70, device=device)
+    shared = (_randn(2, 3, seed=71, device=device), _randn(2, seed=72, device=device))
+    per_sample = (_randn(shape[0], 2, 3, seed=73, device=device), _randn(shape[0], 2, seed=74, device=device))
+    every = (0, 1, 2)
+
+    def ours(w, b, x):
+        return fnn.linear_act(x, w, b, act).square().sum()
+
+    def theirs(w, b, x):
+        return TORCH_ACTS[act](F.linear(x, w, b)).square().sum()
+
+    for (w, b), in_dims in [(shared, (None, None, 0)), (per_sample, (0, 0, 0))]:
+        got = vmap(grad(ours, argnums=every), in_dims=in_dims)(w, b, x)
+        want = vmap(grad(theirs, argnums=every), in_dims=in_dims)(w, b, x)
+        _close(got, want, f"vmap(grad) over {shape}, weights {in_dims[0]}")
+        y = vmap(lambda w, b, x: fnn.linear_act(x, w, b, act), in_dims=in_dims)(w, b, x)
+        assert y.shape == vmap(lambda w, b, x: F.linear(x, w, b), in_dims=in_dims)(w, b, x).shape
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_vmap_of_inference_forwards(fusion, device, monkeypatch):
+    """An FNN's forward without gradients under vmap (the whole-network op on the network
+    path): shared parameters take the same launches for 2 samples as for 9; parameters per
+    model (functional_call over stacked ones) run once per model. Against PyTorch to 1e-12."""
+    model = fnn.FNN([3, 5, 2], ["gelu", "sigmoid"], dtype=DT, device=device, fusion=fusion)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 2), torch.nn.Sigmoid()
+    ).to(device=device, dtype=DT)  # fmt: skip
+    seq.load_state_dict(_as_sequential(model.state_dict()))
+    launches = LaunchCounter(monkeypatch)
+    counts = []
+    with torch.no_grad():
+        for batch in (2, 9):
+            x = _randn(batch, 4, 3, seed=80 + batch, device=device)
+            launches.calls.clear()
+            got = vmap(model)(x)
+            counts.append(len(launches.calls))
+            _close((got,), (vmap(seq)(x),), f"vmap of {fusion} inference, {batch} samples")
+        assert counts[0] == counts[1] >= 1, counts
+        stacked = {k: torch.stack([v, 2 * v]) for k, v in model.state_dict().items()}
+        renamed = _as_sequential(stacked)
+        got = vmap(lambda p: functional_call(model, p, (x,)))(stacked)
+        _close((got,), (vmap(lambda p: functional_call(seq, p, (x,)))(renamed),), "vmap over parameters")
