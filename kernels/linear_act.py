@@ -613,9 +613,9 @@ def _make_backward_weight(key: tuple) -> tuple:
     M, N, K, split, sdm, sdn, sym, syn, sxm, sxk, code, a, b, xcode, xa, xb, need_bias, dtype, _, prec, rows = key
     _light(code)
     cfg = tile_config("dw", N, K, M, dtype, prec, xcode in HEAVY_DELTA)  # rows N, cols K, reduced over M
-    if rows is None:
-        rows = _rows_per_split(M, split, weight_grad_split(M, N, K, cfg), cfg.block_k)
     rows_per_split = rows
+    if rows is None:
+        rows_per_split = _rows_per_split(M, split, weight_grad_split(M, N, K, cfg), cfg.block_k)
     split = cdiv(M, rows_per_split)
     grid = (cdiv(N, cfg.block_m) * cdiv(K, cfg.block_n), split)
     args = (
@@ -641,7 +641,8 @@ def backward_weight_step(
     entry: the number of batch slices (1: dW (N, K) and db (N,); more: float partials
     (split, N, K) and (split, N), to be summed in order). `split` None: chosen from the shape.
     `rows` (M a multiple of it; `split` then unused): slices of exactly that many rows, whose
-    gradients are the result, (M / rows, N, K) and (M / rows, N) (`weight_grad_slices`)."""
+    gradients are the result, (M / rows, N, K) and (M / rows, N) (`weight_grad_outputs` with
+    `slices`)."""
     code, a, b = activation.kernel_args
     xcode, xa, xb = x_activation.kernel_args
     key = (M, N, K, split, *dy_strides, *s_strides, *x_strides, code, a, b, xcode, xa, xb, need_bias, dtype,
