@@ -217,7 +217,7 @@ def _kept(ctx: FunctionCtx) -> tuple:
 def _autocast_off(t: torch.Tensor):
     """No autocast for the graph backwards' ops: the saved tensors are already in the dtypes
     the forward ran in."""
-    if _any_autocast() and t.device.type in ("cpu", "cuda"):
+    if dispatch.autocast_on(t):
         return torch.autocast(t.device.type, enabled=False)
     return nullcontext()
 
@@ -272,12 +272,16 @@ def _graph_layer(dy, x, weight, bias, s, act: Activation, needs) -> tuple:
     return dx, dw, db
 
 
+def _interleave(weights: Sequence, biases: Sequence) -> list:
+    """[w_1, b_1, ..., w_L, b_L], the order fnn's Functions take the parameters in."""
+    return [t for pair in zip(weights, biases, strict=True) for t in pair]
+
+
 def _graph_network(dy, x, weights, biases, acts, needs) -> list:
     """A network's gradients (x, w_1, b_1, ..., w_L, b_L; None where `needs` says no) by
     recomputing its forward in PyTorch ops from the saved inputs and differentiating that
     with create_graph: differentiable to any order PyTorch's own layers are."""
-    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    inputs = (x, *params)
+    inputs = (x, *_interleave(weights, biases))
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs, strict=True)) if need and t is not None]
     if not wanted:
         return [None] * len(inputs)
@@ -840,7 +844,7 @@ def run_layers(
     Function when a gradient is needed, else the launchers alone. `plan`: the FNN's plan
     (fnn.plan) when the tensors are its own input and parameters."""
     if _needs_grad(x, weights, biases):
-        params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+        params = _interleave(weights, biases)
         if plan is not None:
             return _planned_fnn(x, plan, *params)
         return _fnn_apply(x, tuple(acts), *params)
@@ -890,5 +894,5 @@ def fnn_forward(
         weights, biases = cast[: len(weights)], cast[len(weights) :]
     acts = check_layers(x, weights, biases, activations)
     if forward_ad._current_level >= 0 and has_tangents((x, *weights, *biases)):  # forward mode
-        return _func_layers(x, acts, [t for pair in zip(weights, biases, strict=True) for t in pair])
+        return _func_layers(x, acts, _interleave(weights, biases))
     return run_layers(x, weights, biases, acts)

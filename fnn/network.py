@@ -32,8 +32,10 @@ from .dispatch import backend, use_registered_ops
 from .functional import (
     _C_APPLY,
     _func_layers,
+    _functorch_active,
     _grad_enabled,
     _graph_network,
+    _interleave,
     _keep,
     _kept,
     _requires_grad,
@@ -404,8 +406,8 @@ def network_forward(
         from .functional import fnn_forward
 
         return fnn_forward(x, weights, biases, activations)
-    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
-    if torch._C._are_functorch_transforms_active() or (  # torch.func, forward mode: layer by layer
+    params = _interleave(weights, biases)
+    if _functorch_active() or (  # torch.func, forward mode: layer by layer
         forward_ad._current_level >= 0 and has_tangents((x, *params))
     ):
         return _func_layers(x, [as_activation(a) for a in activations], params)
@@ -421,7 +423,7 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
         weights, biases = _layers_parameters(model)
         activations = model.activations
         check_network_args(x, weights, biases, activations)
-        params = [t for pair in zip(weights, biases, strict=True) for t in pair]
+        params = _interleave(weights, biases)
         return NetworkFunction.apply(x, tuple(activations), None, *params)
     if p is None:
         p = plan(model)
