@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch._C import _functorch
 from torch._C._functorch import unwrap_if_dead
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._functorch.pyfunctorch import (
+    retrieve_all_functorch_interpreters,
+    retrieve_current_functorch_interpreter,
+)
 from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
 
@@ -132,6 +135,40 @@ _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
+
+
+# torch.compile of a torch.func transform over fnn. Dynamo traces the transform's own Python
+# and fnn inside it, but not faithfully (torch 2.11 to 2.13): a GradTrackingTensor reads as not
+# requiring grad, a forward-mode tangent is not seen, and an autograd.Function's forward runs
+# on the transform's wrapped tensors, which a registered op refuses. fnn's kernels would then
+# fail, or (jvp) give a wrong tangent without an error; a graph break does not help (Dynamo
+# then compiles the transformed function's own frame, on wrapped tensors, and fails). So
+# there fnn's public entries trace their layers as PyTorch ops (fnn.reference: F.linear and
+# the activation), which Dynamo and the transform handle like any model's. One vmap of a
+# call that needs no gradient traces correctly and keeps the kernels.
+_VMAP = _functorch.TransformType.Vmap
+
+
+def _traced_transform(tensors) -> bool:
+    """Whether torch.compile is tracing fnn under a transform it cannot trace the kernels
+    through: forward AD, or any functorch transform but one vmap level over a call that needs
+    no gradient (`tensors`: the call's)."""
+    functorch = _functorch_active()
+    if not (functorch or forward_ad._current_level >= 0) or not _is_compiling():
+        return False
+    if forward_ad._current_level >= 0 or not functorch:
+        return True
+    top = retrieve_current_functorch_interpreter()
+    if top.key() != _VMAP or top.level() != 1:
+        return True
+    return _grad_enabled() and any(isinstance(t, _Tensor) and t.requires_grad for t in tensors)
+
+
+def _traced_layers(x, weights, biases, acts) -> torch.Tensor:
+    """Checked layers as fnn.reference's PyTorch ops, autocast off (the tensors already cast:
+    the output keeps their dtype, as the kernels' does), for `_traced_transform` calls."""
+    with torch.autocast(x.device.type, enabled=False) if dispatch.autocast_on(x) else nullcontext():
+        return reference.fnn_forward(x, weights, biases, acts)
 
 
 def fast_apply(cls: type[torch.autograd.Function], module_parameters: bool = False, functorch=None):
@@ -739,8 +776,11 @@ def linear_act(
     act = activation if cls is Activation else _NAMED.get(activation) if cls is str else None  # type: ignore
     if act is None or not _linear_ok(x, weight, bias):
         act = _check_linear(x, weight, bias, activation)
-    if forward_ad._current_level >= 0 and has_tangents((x, weight, bias)):
-        return _func_linear_act(x, weight, bias, act)  # forward mode: its jvp
+    if _functorch_active() or forward_ad._current_level >= 0:  # a transform, forward mode
+        if _traced_transform((x, weight, bias)):
+            return _traced_layers(x, (weight,), (bias,), (act,))
+        if forward_ad._current_level >= 0 and has_tangents((x, weight, bias)):
+            return _func_linear_act(x, weight, bias, act)  # forward mode: its jvp
     if _grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
@@ -893,6 +933,8 @@ def fnn_forward(
         x, *cast = _autocast((x, *weights, *biases))
         weights, biases = cast[: len(weights)], cast[len(weights) :]
     acts = check_layers(x, weights, biases, activations)
+    if _traced_transform((x, *weights, *biases)):
+        return _traced_layers(x, weights, biases, acts)
     if forward_ad._current_level >= 0 and has_tangents((x, *weights, *biases)):  # forward mode
         return _func_layers(x, acts, _interleave(weights, biases))
     return run_layers(x, weights, biases, acts)

@@ -15,6 +15,7 @@ from .dispatch import autocast_on
 from .functional import (
     _layers_ok,
     _linear_ok,
+    _traced_transform,
     backend,
     fnn_forward,
     has_tangents,
@@ -257,19 +258,17 @@ class FNN(nn.Module):
                 f"FNN with sizes {self.sizes} expects inputs of width {self.sizes[0]} "
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
+        weights = [layer.weight for layer in self.layers]
+        biases = [layer.bias for layer in self.layers]
         mode = resolve_fusion(self.fusion, self.sizes, x.device)
         if (
             mode == "network"
             and backend(x.device) != "reference"
             and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+            and not _traced_transform((x, *weights, *biases))
         ):
             return fnn_network_forward(self, x)
-        return fnn_forward(
-            x,
-            [layer.weight for layer in self.layers],
-            [layer.bias for layer in self.layers],
-            self.activations,
-        )
+        return fnn_forward(x, weights, biases, self.activations)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, fusion={self.fusion!r}"

@@ -40,6 +40,8 @@ from .functional import (
     _kept,
     _requires_grad,
     _rows2d,
+    _traced_layers,
+    _traced_transform,
     _unsafe_view,
     _with_graph,
     fast_apply,
@@ -402,6 +404,8 @@ def network_forward(
     (NetworkFunction), the parameters concatenated into one flat buffer for the call (one
     `torch.cat`). On the reference backend it runs fnn.reference's layers."""
     check_network_args(x, weights, biases, activations)
+    if _traced_transform((x, *weights, *biases)):
+        return _traced_layers(x, weights, biases, [as_activation(a) for a in activations])
     if backend(x.device) == "reference":
         from .functional import fnn_forward
 

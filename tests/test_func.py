@@ -368,3 +368,100 @@ def test_vmap_of_inference_forwards(fusion, device, monkeypatch):
         renamed = _as_sequential(stacked)
         got = vmap(lambda p: functional_call(model, p, (x,)))(stacked)
         _close((got,), (vmap(lambda p: functional_call(seq, p, (x,)))(renamed),), "vmap over parameters")
+
+
+# --- torch.compile of the transforms -----------------------------------------------------------
+
+
+def _compiled(fn, fullgraph=True):
+    """torch.compile(fn) with a backend that keeps the graphs Dynamo hands it (Dynamo reset
+    first, so that this call compiles instead of reusing another's cache)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=keep, fullgraph=fullgraph), graphs
+
+
+def _fnn_nodes(graphs) -> int:
+    """Calls of fnn's registered ops (torch.ops.fnn.*) in the graphs."""
+    return sum(str(n.target).startswith("fnn.") for g in graphs for n in g.graph.nodes)
+
+
+def test_compiled_transforms(device):
+    """torch.compile of grad, jvp, forward_ad and hessian over every entry point, fullgraph:
+    the same values as the uncompiled transform of PyTorch's layers (before, grad failed while
+    tracing and jvp gave a wrong tangent without an error). Dynamo cannot trace the kernels'
+    Functions under these transforms, so the graph holds the layers as PyTorch ops."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = _randn(4, 3, seed=90, device=device), _randn(2, 3, seed=91, device=device)
+    v = _randn(2, 3, seed=92, device=device)
+    model = fnn.FNN([3, 2], dtype=DT, device=device)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    theirs = _reference_entry_points(x, model, params)
+
+    def dual(call):
+        def run(w, v):
+            with fwAD.dual_level():
+                return fwAD.unpack_dual(call(fwAD.make_dual(w, v))).tangent
+
+        return run
+
+    for who, call in _entry_points(x, model, params).items():
+        ref = theirs[who]
+        cases = {
+            "grad": (lambda c: grad(lambda w: c(w).square().sum()), (w,)),
+            "jvp": (lambda c: lambda w, v: torch.func.jvp(c, (w,), (v,)), (w, v)),
+            "forward_ad": (dual, (w, v)),
+            "hessian": (lambda c: torch.func.hessian(lambda w: c(w).square().sum()), (w,)),
+        }
+        for what, (transform, args) in cases.items():
+            f, graphs = _compiled(transform(call))
+            got = torch.utils._pytree.tree_leaves(f(*args))
+            _close(got, torch.utils._pytree.tree_leaves(transform(ref)(*args)), f"{who} compiled {what}")
+            assert graphs and _fnn_nodes(graphs) == 0, f"{who} {what}: {len(graphs)} graphs"
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_compiled_per_sample_gradients(fusion, device):
+    """torch.compile(vmap(grad(loss))) over an FNN (functional_call), fullgraph: PyTorch's
+    per-sample gradients to 1e-12."""
+    model = fnn.FNN([3, 5, 2], ["gelu", "sigmoid"], dtype=DT, device=device, fusion=fusion)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 2), torch.nn.Sigmoid()
+    ).to(device=device, dtype=DT)  # fmt: skip
+    x, y = _randn(7, 3, seed=93, device=device), _randn(7, 2, seed=94, device=device)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(m):
+        return lambda p, x, y: (functional_call(m, p, (x,)) - y).square().sum()
+
+    f, graphs = _compiled(vmap(grad(loss(model)), in_dims=(None, 0, 0)))
+    got = f(params, x, y)
+    want = vmap(grad(loss(seq)), in_dims=(None, 0, 0))(_as_sequential(params), x, y)
+    _close([got[k] for k in params], [want[k] for k in _as_sequential(params)], f"{fusion} per-sample grads")
+    assert graphs
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_compiled_vmap_of_inference_keeps_the_kernels(fusion, device, monkeypatch):
+    """One vmap over a forward that needs no gradient traces through fnn's registered ops:
+    the compiled graph calls the kernels, and the values are PyTorch's."""
+    model = fnn.FNN([3, 5, 2], ["gelu", "sigmoid"], dtype=DT, device=device, fusion=fusion)
+    seq = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.GELU(), torch.nn.Linear(5, 2), torch.nn.Sigmoid()
+    ).to(device=device, dtype=DT)  # fmt: skip
+    seq.load_state_dict(_as_sequential(model.state_dict()))
+    x = _randn(3, 4, 3, seed=95, device=device)
+    params = dict(model.named_parameters())
+    launches = LaunchCounter(monkeypatch)
+    with torch.no_grad():
+        # vmap(model) itself breaks Dynamo's graph for any module holding a ModuleList (vmap
+        # formats the module's repr), so the module runs through functional_call
+        f, graphs = _compiled(vmap(lambda x: functional_call(model, params, (x,))))
+        _close((f(x),), (vmap(seq)(x),), f"compiled vmap of {fusion} inference")
+    assert _fnn_nodes(graphs) >= 1 and launches.calls, (_fnn_nodes(graphs), launches.calls)
