@@ -7,6 +7,7 @@ from torch import nn
 from kernels.checks import Activation
 
 from .modules import FusedLinear
+from .plan import has_hooks
 
 
 def _activation_of(module: nn.Module) -> str | Activation | None:
@@ -57,19 +58,38 @@ def fuse(module: nn.Module) -> nn.Module:
       others: the linear output they would overwrite never exists outside the kernel.
     - Only exact nn.Linear and activation classes are fused (subclasses may change forward),
       and only with parameters fnn takes (finite numbers; softplus's beta not 0): any other
-      module, or a pair split across two Sequentials or outside any Sequential, stays as it is;
-      so do hooks: those registered on a fused Linear or activation are dropped.
+      module, or a pair split across two Sequentials or outside any Sequential, stays as it is.
+      So does a pair with a hook on either module (a fused pair would never call them), and a
+      Linear whose weight or bias is not its own Parameter (torch.nn.utils.weight_norm and
+      spectral_norm recompute the weight before each call) or that has an empty dimension.
+    - All or nothing: the pairs are found first, then replaced.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse needs an nn.Module, got {type(module).__name__}")
+    pairs = []
     for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for name, next_name in zip(names[:-1], names[1:], strict=True):
             linear, act = seq._modules[name], seq._modules[next_name]
-            if type(linear) is not nn.Linear:
+            if not _plain_linear(linear) or has_hooks(act):
                 continue
             activation = _activation_of(act)
             if activation is not None:
-                setattr(seq, name, FusedLinear.from_linear(linear, activation))
-                setattr(seq, next_name, nn.Identity())
+                pairs.append((seq, name, next_name, FusedLinear.from_linear(linear, activation)))
+    for seq, name, next_name, fused in pairs:
+        setattr(seq, name, fused)
+        setattr(seq, next_name, nn.Identity())
     return module
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An exact nn.Linear, without hooks, that holds its weight (and bias, if any) as its own
+    Parameters, with no empty dimension: what FusedLinear computes exactly."""
+    if type(module) is not nn.Linear or has_hooks(module):
+        return False
+    params = module._parameters
+    weight = params.get("weight")
+    if type(weight) is not nn.Parameter or weight.dim() != 2 or 0 in weight.shape:
+        return False
+    bias = module.bias
+    return bias is None or (type(params.get("bias")) is nn.Parameter and params["bias"] is bias)

@@ -815,6 +815,7 @@ def _layers_ok(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | 
             and w.shape[1] == n
             and w.shape[0] > 0
             and w.device == device
+            and w.layout is _STRIDED
         ):
             return False
         n = w.shape[0]
@@ -824,6 +825,7 @@ def _layers_ok(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | 
             and b.dim() == 1
             and b.shape[0] == n
             and b.device == device
+            and b.layout is _STRIDED
         ):
             return False
     return True

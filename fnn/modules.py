@@ -24,7 +24,7 @@ from .functional import (
     run_program,
 )
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
-from .plan import parameters, plan
+from .plan import has_hooks, parameters, plan
 
 _any_autocast = torch._C._is_any_autocast_enabled
 _STRIDED = torch.strided
@@ -117,6 +117,9 @@ class FNN(nn.Module):
     name or an fnn.Activation (e.g. `["gelu", fnn.Activation("leaky_relu", negative_slope=0.2)]`).
     The backward chains the layers' kernels, each layer's delta computed in the epilogue of
     the next layer's input-gradient kernel.
+
+    A layer with a hook of its own (forward, forward-pre or backward) makes the FNN call its
+    layers one by one, so that the hook runs as in an nn.Sequential of them.
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
@@ -225,6 +228,8 @@ class FNN(nn.Module):
                 f"FNN with sizes {list(p.sizes)} expects inputs of width {n_in} "
                 f"(shape (..., {n_in})), got shape {tuple(x.shape)}"
             )
+        if p.layer_hooks():  # a layer's hooks run only if the layer is called
+            return self._call_layers(x)
         if forward_ad._current_level >= 0 and has_tangents((x, *p.parameters())):
             return fnn_forward(x, *parameters(p), p.acts)  # forward mode: layer by layer
         fusion = p.fusion
@@ -258,6 +263,8 @@ class FNN(nn.Module):
                 f"FNN with sizes {self.sizes} expects inputs of width {self.sizes[0]} "
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
+        if any(has_hooks(layer) for layer in self.layers):
+            return self._call_layers(x)
         weights = [layer.weight for layer in self.layers]
         biases = [layer.bias for layer in self.layers]
         mode = resolve_fusion(self.fusion, self.sizes, x.device)
@@ -269,6 +276,12 @@ class FNN(nn.Module):
         ):
             return fnn_network_forward(self, x)
         return fnn_forward(x, weights, biases, self.activations)
+
+    def _call_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers called one by one (each a FusedLinear: its kernel, its hooks)."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, fusion={self.fusion!r}"

@@ -20,7 +20,7 @@ from torch import nn
 
 from kernels.checks import Activation, act_set, as_activation
 
-__all__ = ["FNNPlan", "flat_views", "plan", "parameters"]
+__all__ = ["FNNPlan", "flat_views", "has_hooks", "plan", "parameters"]
 
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH (this module imports no triton)
 _is_compiling = torch.compiler.is_compiling
@@ -51,6 +51,7 @@ class FNNPlan:
         "act_tensors",
         "param_dicts",
         "programs",
+        "hook_dicts",
     )
 
     def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
@@ -89,6 +90,7 @@ class FNNPlan:
         self.metas: dict[torch.device, torch.Tensor] = {}
         self.act_tensors: dict[tuple, torch.Tensor] = {}
         self.programs: dict[tuple, object] = {}  # the layer path's launch programs (fnn.programs)
+        self.hook_dicts = tuple(d for layer in layers for d in _hook_dicts(layer))  # see layer_hooks
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""
@@ -110,11 +112,35 @@ class FNNPlan:
             t = self.act_tensors[key] = activation_params(self.acts, dtype, device)
         return t
 
+    def layer_hooks(self) -> bool:
+        """Whether one of the layers has a forward, forward-pre or backward hook of its own.
+        The FNN then calls its layers one by one, so that the hooks run as they would in an
+        nn.Sequential (the usual path reads the layers' parameters and never calls them)."""
+        for d in self.hook_dicts:
+            if d:
+                return True
+        return False
+
     def parameters(self) -> list[torch.Tensor | None]:
         """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
         from each layer's parameter dict, as nn.Module's attribute lookup finds them, without
         its Python __getattr__."""
         return [d.get(name) for d in self.param_dicts for name in ("weight", "bias")]
+
+
+def _hook_dicts(module: nn.Module) -> tuple:
+    """A module's own hook dicts (nn.Module fills them in place: the same objects for its life)."""
+    return (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` has a forward, forward-pre or backward hook of its own."""
+    return any(_hook_dicts(module))
 
 
 def plan(model: nn.Module) -> FNNPlan:

@@ -42,6 +42,7 @@ MAX_PROGRAMS = 64  # per plan (and backward programs per forward program); past 
 _K: Any = None  # kernels.linear_act, imported on first use (importing it imports triton)
 _Parameter, _Tensor = nn.Parameter, torch.Tensor
 _FLOATS = frozenset(FLOAT_DTYPES)
+_STRIDED = torch.strided
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -261,6 +262,7 @@ def layer_call(p: FNNPlan, x: torch.Tensor) -> tuple | None:
         if (
             (t.__class__ is not _Parameter and t.__class__ is not _Tensor)
             or t.dtype is not dtype
+            or t.layout is not _STRIDED
             or t.shape != shape
             or t.device != device
         ):

@@ -14,7 +14,7 @@ from . import network, network_ops
 from .dispatch import backend
 from .modules import FNN
 from .network import fits_network, flat_buffer, resolve_fusion, train_step_fits
-from .plan import FNNPlan, flat_views, parameters, plan
+from .plan import FNNPlan, flat_views, has_hooks, parameters, plan
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -94,15 +94,22 @@ class Trainer:
         self._model_fnn: tuple = (None, None)  # (self.model, the FNN it is or wraps, or None)
 
     def _fnn(self) -> FNN | None:
-        """The FNN the fused step would train: the model, or the one torch.compile wraps."""
+        """The FNN the fused step would train: the model, or the one torch.compile wraps. None
+        for an FNN subclass whose forward is its own (the fused step computes FNN.forward's)."""
         model = self.model
         cached = self._model_fnn
         if cached[0] is model:
             return cached[1]
         inner = getattr(model, "_orig_mod", model)
-        inner = inner if isinstance(inner, FNN) else None
+        inner = inner if isinstance(inner, FNN) and type(inner).forward is FNN.forward else None
         self._model_fnn = (model, inner)
         return inner
+
+    def _hooked(self, model: FNN, p: FNNPlan) -> bool:
+        """Whether a hook would run in `self.model(x)` (a forward, forward-pre or backward hook
+        of the model, of the FNN torch.compile wraps, or of a layer): the fused step, which
+        never calls the modules, would skip it, so the step takes autograd's path."""
+        return p.layer_hooks() or has_hooks(model) or (self.model is not model and has_hooks(self.model))
 
     def fused(self, device: torch.device | str) -> bool:
         """Whether `step` on tensors on `device` runs the whole-network kernel: an FNN whose
@@ -111,6 +118,7 @@ class Trainer:
         model = self._fnn()
         return (
             model is not None
+            and not self._hooked(model, plan(model))
             and fits_network(model.sizes)
             and train_step_fits(model.sizes, next(model.parameters()).dtype)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
@@ -200,7 +208,7 @@ class Trainer:
         are not), the batch has the model's widths and the flat buffer's dtype and device.
         None where anything differs: `step` then takes the full path (whose checks raise the
         errors, and which decides between the fused step and autograd)."""
-        if not p.fits or p.fusion == "layer" or self.loss not in LOSSES:
+        if not p.fits or p.fusion == "layer" or self.loss not in LOSSES or self._hooked(model, p):
             return None
         if self.loss == "bce" and p.names[-1] != "sigmoid":  # nn.BCELoss's range check: autograd's
             return None

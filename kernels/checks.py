@@ -265,8 +265,8 @@ def check_linear_args(
     Raises TypeError for non-tensors, non-float or mixed dtypes and a bad activation type;
     ValueError for bad shapes, mixed devices and unknown activation names.
     """
-    _check_tensor(x, "x")
-    _check_tensor(weight, "weight")
+    _check_tensor(x, f"{who}: x")
+    _check_tensor(weight, f"{who}: weight")
     check_activation(activation)
     if weight.dim() != 2:
         raise ValueError(
@@ -283,7 +283,7 @@ def check_linear_args(
         raise ValueError(f"{who}: weight shape {tuple(weight.shape)} has an empty dimension")
     tensors = {"x": x, "weight": weight}
     if bias is not None:
-        _check_tensor(bias, "bias")
+        _check_tensor(bias, f"{who}: bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"{who}: bias must have shape ({weight.shape[0]},) to match weight "

@@ -62,6 +62,41 @@ def test_fuse_replaces_exactly_the_linear_activation_pairs():
     assert fnn.fuse(model) is model and _fused_paths(model) == ["0.0", "1.mlp.0", "3", "8"], "idempotent"
 
 
+def test_fuse_leaves_what_it_cannot_express(device):
+    """Pairs fuse would change stay as they are: a Linear whose weight a hook recomputes
+    (torch.nn.utils.weight_norm, spectral_norm: before, fuse raised and left the model half
+    converted), a Linear or activation with a hook of its own (a fused pair never calls
+    them), an empty Linear. The rest of the model still fuses, and computes what it did."""
+    torch.manual_seed(2)
+    with pytest.warns(FutureWarning):  # weight_norm is deprecated, still used
+        normed = nn.utils.weight_norm(nn.Linear(5, 6))
+    hooked_linear, hooked_act = nn.Linear(6, 6), nn.Tanh()
+    seen = []
+    hooked_linear.register_forward_hook(lambda m, i, o: seen.append("linear"))
+    hooked_act.register_forward_pre_hook(lambda m, i: seen.append("act"))
+    model = nn.Sequential(
+        nn.Linear(5, 5), nn.ReLU(),  # fused
+        normed, nn.Tanh(),
+        nn.utils.spectral_norm(nn.Linear(6, 6)), nn.Sigmoid(),
+        hooked_linear, nn.ReLU(),
+        nn.Linear(6, 6), hooked_act,
+        nn.Linear(6, 0), nn.Tanh(),
+        nn.Linear(0, 3), nn.Sigmoid(),
+    ).double().to(device)  # fmt: skip
+    x = torch.randn(4, 5, dtype=torch.float64, device=device)
+    want = model(x)
+    assert fnn.fuse(model) is model
+    assert _fused_paths(model) == ["0"]
+    kept = [type(m).__name__ for m in model][2:]
+    assert kept == [
+        "Linear", "Tanh", "Linear", "Sigmoid", "Linear", "ReLU",
+        "Linear", "Tanh", "Linear", "Tanh", "Linear", "Sigmoid",
+    ]  # fmt: skip
+    seen.clear()
+    assert_close(model(x), want, 1e-12, 1e-12, "partly fused model")
+    assert seen == ["linear", "act"], seen
+
+
 def test_fused_model_has_the_same_outputs_and_gradients(device):
     original = _model().to(device)
     fused = fnn.fuse(copy.deepcopy(original))

@@ -168,6 +168,27 @@ def test_sparse_inputs_of_the_modules_and_trainer(device, no_launch):
     _raises(lambda: layer(xs), TypeError, "sparse", inputs=list(layer.parameters()))
 
 
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_sparse_parameters_of_a_later_layer(which, device, no_launch):
+    """A sparse weight or bias after the first layer is refused, naming the layer, before any
+    launch, through every network entry and an FNN under both fusions (before, the checks
+    looked at layer 0's layouts only, and layer 1's launch failed inside Triton)."""
+    x, w0 = _t(4, 3, device=device), _t(5, 3, device=device)
+    w1, b1 = _t(2, 5, device=device, grad=False), _t(2, device=device, grad=False)
+    dense = (x, w0)
+    weights, biases = [w0, w1.to_sparse() if which == "weight" else w1], [None, b1]
+    if which == "bias":
+        biases[1] = b1.to_sparse()
+    for entry in (fnn.fnn_forward, fnn.network.network_forward):
+        call = lambda e=entry: e(x, weights, biases, ["relu", "tanh"])  # noqa: E731
+        _raises(call, TypeError, "layer 1", which, "sparse", inputs=dense)
+    for fusion in ("layer", "network"):
+        model = fnn.FNN([3, 5, 2], device=device, fusion=fusion)
+        sparse = getattr(model.layers[1], which).detach().to_sparse()
+        setattr(model.layers[1], which, torch.nn.Parameter(sparse))
+        _raises(lambda m=model: m(x), TypeError, "layer 1", which, "sparse", inputs=dense)
+
+
 @pytest.mark.parametrize("entry", _entry_ids())
 def test_unknown_activation(entry, device, no_launch):
     x, w = _t(4, 3, device=device), _t(5, 3, device=device)

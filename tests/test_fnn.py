@@ -476,3 +476,37 @@ def test_outputs_of_nd_inputs_can_be_changed_in_place(act, device):
             assert grads == [None, None], f"{what}: the in-place change of a saved output did not raise"
         else:
             assert_close(grads[0], grads[1], 1e-12, 1e-12, f"{what} ({act}): dx after an in-place change")
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_hooks_on_the_layers_run(fusion, device):
+    """A forward, forward-pre or backward hook on one of an FNN's layers runs as it would in an
+    nn.Sequential of the same layers (the FNN then calls its layers one by one; before, the
+    hooks were skipped without a word), a hook that replaces the output included. Without
+    hooks the FNN is one autograd node again."""
+    model = _model([3, 5, 4, 2], "tanh", True, torch.float64, device, seed=12)
+    seq = torch.nn.Sequential(*model.layers)  # the same layers, hooks and all
+    x = _randn((6, 3), 13, torch.float64, device)
+    seen = []
+    handles = [
+        model.layers[0].register_forward_pre_hook(lambda m, i: seen.append("pre 0")),
+        model.layers[1].register_forward_hook(lambda m, i, o: o * 2),  # replaces the output
+        model.layers[2].register_full_backward_hook(lambda m, gi, go: seen.append("backward 2")),
+    ]
+    for what, net in (("FNN", model), ("Sequential", seq)):
+        seen.clear()
+        x.grad = None
+        xg = x.clone().requires_grad_()
+        y = net(xg)
+        y.square().sum().backward()
+        assert seen == ["pre 0", "backward 2"], (what, seen)
+        if what == "FNN":
+            got = (y.detach(), xg.grad, *(p.grad.clone() for p in model.parameters()))
+            model.zero_grad(set_to_none=True)
+    want = (y.detach(), xg.grad, *(p.grad for p in model.parameters()))
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, 1e-12, 1e-12, f"{fusion}: FNN with hooks vs Sequential")
+    for h in handles:
+        h.remove()
+    y = model(x.clone().requires_grad_())
+    assert "LinearAct" not in type(y.grad_fn).__name__, type(y.grad_fn).__name__  # one node again

@@ -423,3 +423,54 @@ def test_autograd_step_follows_replaced_parameters(device):
     trainer.step(x, y)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     _steps_match_sgd(trainer, model, copy.deepcopy(model), x, y, "mse", 0.5, 0.9, rtol=1e-12)
+
+
+class _Scaled(fnn.FNN):
+    """An FNN subclass whose forward is its own, with one more parameter."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_hooks_and_own_forwards_take_the_autograd_step(device, launches):
+    """The fused step computes FNN.forward without calling any module: an FNN subclass with its
+    own forward, and a model with a forward, forward-pre or backward hook (on the FNN or on a
+    layer), train through autograd and torch.optim.SGD instead, hooks and all (before, the
+    fused step skipped them: a wrong loss, an extra parameter never trained). Removing the
+    hook brings the fused step back."""
+    x = torch.rand(9, 3, device=device, dtype=torch.float64)
+    y = torch.rand(9, 1, device=device, dtype=torch.float64)
+    torch.manual_seed(6)
+    scaled = _Scaled([3, 4, 1], fusion="network", device=device, dtype=torch.float64)
+    trainer = fnn.Trainer(scaled, loss="mse", lr=0.5)
+    assert not trainer.fused(device)
+    _steps_match_sgd(trainer, scaled, copy.deepcopy(scaled), x, y, "mse", 0.5, 0.0, 1e-12)
+    assert scaled.scale.item() != 0.5
+    hooks = {
+        "pre": lambda m: m.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0.5,)),
+        "forward": lambda m: m.register_forward_hook(lambda mod, inp, out: out * 0.5),
+        "backward": lambda m: m.register_full_backward_hook(
+            lambda mod, gi, go: (None if gi[0] is None else gi[0] * 0.5,)
+        ),
+    }
+    for where in ("model", "layer"):
+        for kind, register in hooks.items():
+            torch.manual_seed(7)
+            model = fnn.FNN([3, 4, 1], fusion="network", device=device, dtype=torch.float64)
+            ref = copy.deepcopy(model)
+            target, ref_target = (model, ref) if where == "model" else (model.layers[1], ref.layers[1])
+            handle = register(target)
+            register(ref_target)
+            trainer = fnn.Trainer(model, loss="mse", lr=0.5, momentum=0.9)
+            assert not trainer.fused(device), (where, kind)
+            launches.calls.clear()
+            _steps_match_sgd(trainer, model, ref, x, y, "mse", 0.5, 0.9, 1e-12)
+            forwards = sum(name.endswith("fwd_kernel") for name in launches.calls)
+            assert forwards >= 3, (where, kind, launches.calls)  # a forward launch per step: autograd's
+            handle.remove()
+            assert trainer.fused(device), (where, kind)
