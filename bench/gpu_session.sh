@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command that makes a GPU session count (torch 2.11 + triton 3.6 + a CUDA GPU, < 9 min):
+# One command that makes a GPU session count (torch 2.11 + triton 3.6 + a CUDA GPU, < 9.5 min
+# with every step at its limit: the lent machines stop a command at 10):
 #
 #     bench/gpu_session.sh OUTDIR                       # OUTDIR must be new or empty
 #     bench/gpu_session.sh --sweeps OUTDIR              # the second command: the three sweeps
@@ -8,24 +9,27 @@
 # Steps, each under its own time limit (seconds):
 #   1. record the GPU (nvidia-smi), torch/triton/python/CUDA versions, the commit
 #   2. python -m bench.compile for the device's own capability (also warms Triton's cache
-#      for the tests: the same kernels, the same cache keys)                          130
-#   3. the whole test suite, compiled on the GPU (pytest's closing line kept)             270
+#      for the tests: the same kernels, the same cache keys)                          120
+#   3. the whole test suite, compiled on the GPU (pytest's closing line kept), in 8 processes
+#      where pytest-xdist is installed, each test under 120 s where pytest-timeout is  300
 #   4. python -m bench --quick (its seed-000 case also times both fusions, fwd_small_bf16 the
-#      descriptor forward: more compiling than the three cases alone)                    120
+#      descriptor forward: more compiling than the three cases alone)                    110
+# A step past its limit gets SIGINT, then SIGKILL 5 s later; either is reported as a timeout.
 # Files (8, one folder deep): summary.txt (GPU, versions, commit, each step's status and time,
 # the compile verdict, pytest's closing line), session.log (nvidia-smi, the compile table,
 # pytest's full output, the benchmark's output), bench/ (python -m bench's 6 files:
 # results.json, summary.md, run.log and 3 PNG plots).
 #
 # With --sweeps, after step 1:
-#   2. python -m bench.backward: the fused layer backward against two kernels         150
-#   3. python -m bench.tiles: the per-layer GEMM tiles against the heuristic              240
-#   4. python -m bench --host: host time per call, and the host cases end to end on the GPU 180
+#   2. python -m bench.backward: the fused layer backward against two kernels         130
+#   3. python -m bench.tiles: the per-layer GEMM tiles against the heuristic              200
+#   4. python -m bench --host: host time per call, and the host cases end to end on the GPU 150
 # Files (8, one folder deep): summary.txt, session.log, backward/ (backward.json, backward.md),
 # tiles/ (tiles.json, tiles.md), host/ (host.json, host.md).
 # Without CUDA it stops at once, before writing anything, with status 2. With a git checkout the
-# commit is read from git; otherwise set BENCH_GIT_COMMIT=<sha>. The exit status is 1 if a step
-# failed or ran out of time.
+# commit is read from git; otherwise (the lent machines copy the work tree without .git) set
+# BENCH_GIT_COMMIT=<sha> on the command line: every report of the session then carries it.
+# The exit status is 1 if a step failed or ran out of time.
 set -uo pipefail
 
 dry=0
@@ -40,18 +44,20 @@ if [[ $# -ne 1 || ${1:-} == -* ]]; then
     exit 2
 fi
 out=$1
+[[ $out == /* ]] || out=$PWD/$out  # relative to where the command was typed, not the repository
 repo=$(cd "$(dirname "$0")/.." && pwd)
-cd "$repo"
+cd "$repo" || exit 2
 # python3: on the lent GPU machines the interpreter that holds torch is `python3` (a plain
 # `python` may be missing there); PYTHON=... to choose another.
 PY=${PYTHON:-python3}
 
-COMPILE_S=130
-PYTEST_S=270
-BENCH_S=120
-BACKWARD_S=150
-TILES_S=240
-HOST_S=180
+COMPILE_S=120
+PYTEST_S=300
+BENCH_S=110
+BACKWARD_S=130
+TILES_S=200
+HOST_S=150
+GRACE_S=5  # SIGINT at the limit, SIGKILL this much later
 
 if ((dry && sweeps)); then
     cat <<EOF
@@ -74,7 +80,7 @@ if ((dry)); then
 bench/gpu_session.sh $out (dry run: nothing is run)
   1. record: nvidia-smi; $PY: torch, triton, python, CUDA versions, GPU name and capability; git commit
   2. [${COMPILE_S} s] $PY -m bench.compile --target <capability> --jobs 8 --all --out <tmp>
-  3. [${PYTEST_S} s] $PY -m pytest   (compiled kernels on the GPU)
+  3. [${PYTEST_S} s] $PY -m pytest [-n 8] [--timeout 120]   (compiled kernels on the GPU)
   4. [${BENCH_S} s] $PY -m bench --quick --no-progress --out $out/bench
 files:
   $out/summary.txt
@@ -114,10 +120,10 @@ step() {  # step NAME LIMIT command...: run with a time limit, output to the log
     shift 2
     section "$name: $*"
     local t0=$SECONDS
-    timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$log" 2>&1
+    timeout --signal=INT --kill-after="$GRACE_S" "$limit" "$@" >>"$log" 2>&1
     local rc=$?
     local what="ok"
-    if ((rc == 124)); then
+    if ((rc == 124 || rc == 137)); then  # 137: it ignored SIGINT and was killed
         what="TIMED OUT after ${limit} s"
         failed=1
     elif ((rc != 0)); then
@@ -153,6 +159,7 @@ if ((sweeps)); then
     step "bench.tiles" "$TILES_S" "$PY" -m bench.tiles --out "$out/tiles"
     grep -E "^best: " "$out/tiles/tiles.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
     step "bench --host" "$HOST_S" "$PY" -m bench --host --out "$out/host"
+    grep -E "^goals: " "$log" | tail -1 | sed 's/^/  /' | tee -a "$summary"
     say "total: $((SECONDS - start)) s"
     exit $failed
 fi
@@ -166,7 +173,10 @@ rm -rf "$tmp"
 
 # 3. The whole test suite, compiled.
 pytest_start=$(wc -l <"$log")
-step "pytest" "$PYTEST_S" "$PY" -m pytest -p no:cacheprovider
+pytest_args=(-p no:cacheprovider)
+"$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n 8)
+"$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
+step "pytest" "$PYTEST_S" "$PY" -m pytest "${pytest_args[@]}"
 closing=$(tail -n +"$((pytest_start + 1))" "$log" | grep -E "^=+ .*(passed|failed|error|no tests ran).* =+$" | tail -1)
 say "pytest closing line: ${closing:-(none: see session.log)}"
 
