@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -266,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per variant")
     p.add_argument("--out", metavar="DIR", help="write backward.json and backward.md here")
     args = p.parse_args(argv)
+    for name in ("m", "n", "k"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be >= 1, got {value}")
+    if not (math.isfinite(args.rep_ms) and args.rep_ms > 0):
+        p.error(f"--rep-ms must be a finite number > 0, got {args.rep_ms}")
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print(
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     shape = GPU_SHAPE if cuda else CPU_SHAPE
-    m, n, k = (args.m or shape["m"]), (args.n or shape["n"]), (args.k or shape["k"])
+    m, n, k = (shape[d] if getattr(args, d) is None else getattr(args, d) for d in ("m", "n", "k"))
     dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
     start = time.time()
     try:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 import torch
@@ -74,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [n for n in args.cases if n not in CASES]
         if unknown:
             parser().error(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
-    if args.rep is not None and args.rep <= 0:
-        parser().error("--rep must be > 0")
+    if args.rep is not None and not (math.isfinite(args.rep) and args.rep > 0):
+        parser().error(f"--rep must be a finite number > 0, got {args.rep}")
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
         print(NO_CUDA)
@@ -83,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cuda and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # fnn's kernels in Triton's interpreter
     from .runner import default_compile_options, run
+
+    _tiny_out(args)
 
     compile_options = default_compile_options(args.tiny)
     if args.compile_backend:
@@ -103,6 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def _tiny_out(args: argparse.Namespace) -> None:
+    """--tiny (a test run) without --out writes to a new temporary folder, never over the
+    committed results in bench/results/."""
+    if args.tiny and args.out is None:
+        args.out = tempfile.mkdtemp(prefix="fnn-bench-tiny-")
+        print(f"--tiny: results go to {args.out}")
+
+
 def _host(args: argparse.Namespace) -> int:
     from . import host
 
@@ -115,11 +127,12 @@ def _host(args: argparse.Namespace) -> int:
         unknown = [n for n in args.cases if n not in host.CASES]
         if unknown:
             parser().error(f"unknown host case(s): {', '.join(unknown)}; known: {', '.join(host.CASES)}")
-    if args.rep is not None and args.rep <= 0:
-        parser().error("--rep must be > 0")
+    if args.rep is not None and not (math.isfinite(args.rep) and args.rep > 0):
+        parser().error(f"--rep must be a finite number > 0, got {args.rep}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("python -m bench --host compiles fnn's kernels for sm_90a: unset TRITON_INTERPRET")
         return 2
+    _tiny_out(args)
     host.run_host(
         args.cases,
         tiny=args.tiny,

@@ -64,7 +64,7 @@ if ((dry && sweeps)); then
 bench/gpu_session.sh --sweeps $out (dry run: nothing is run)
   1. record: nvidia-smi; $PY: torch, triton, python, CUDA versions, GPU name and capability; git commit
   2. [${BACKWARD_S} s] $PY -m bench.backward --out $out/backward
-  3. [${TILES_S} s] $PY -m bench.tiles --out $out/tiles
+  3. [${TILES_S} s] $PY -m bench.tiles --budget-s $((TILES_S - 50)) --out $out/tiles
   4. [${HOST_S} s] $PY -m bench --host --out $out/host
 files:
   $out/summary.txt
@@ -156,7 +156,7 @@ nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | sed 's
 if ((sweeps)); then
     step "bench.backward" "$BACKWARD_S" "$PY" -m bench.backward --out "$out/backward"
     grep -E "^(two kernels / fused|fastest): " "$out/backward/backward.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
-    step "bench.tiles" "$TILES_S" "$PY" -m bench.tiles --out "$out/tiles"
+    step "bench.tiles" "$TILES_S" "$PY" -m bench.tiles --budget-s $((TILES_S - 50)) --out "$out/tiles"
     grep -E "^best: " "$out/tiles/tiles.md" 2>/dev/null | sed 's/^/  /' | tee -a "$summary"
     step "bench --host" "$HOST_S" "$PY" -m bench --host --out "$out/host"
     grep -E "^goals: " "$log" | tail -1 | sed 's/^/  /' | tee -a "$summary"

@@ -127,7 +127,7 @@ def write_sweep(doc: dict[str, Any], text: str, out: str | Path | None, stem: st
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        (folder / f"{stem}.md").write_text(text)
+        (folder / f"{stem}.md").write_text(text if text.endswith("\n") else text + "\n")
 
 
 def tally(results: dict[str, Any]) -> dict[str, int]:

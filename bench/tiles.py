@@ -40,6 +40,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import multiprocessing
 import os
 import sys
@@ -400,11 +401,16 @@ def measure(
     rep_ms: float = 100.0,
     margin: float = MARGIN,
     processes: int | None = None,
+    budget_s: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Prune, check and time the candidates of each problem (at SMALL_SHAPE with `small`;
-    pruned only with `compile_only`); the results document."""
+    pruned only with `compile_only`); the results document. Past `budget_s` seconds from the
+    start, only each problem's heuristic tile is still timed (the others: status "skipped"),
+    so that a run under a time limit ends with a report."""
     from .check import compare
+
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
 
     capability = 90
     if device.type == "cuda":
@@ -444,6 +450,10 @@ def measure(
                 row["status"] = "compiles"
                 regs = max((k["registers"] or 0 for k in verdict["kernels"]), default=0)
                 log(f"{name:<22} compiles ({regs} registers)")
+                continue
+            if deadline is not None and not is_heuristic(name) and time.perf_counter() > deadline:
+                row.update(status="skipped", message=f"the time budget ({budget_s:g} s) was spent")
+                log(f"{name:<22} SKIPPED {row['message']}")
                 continue
             with tuned({run_problem.table_key(): cfg}), settings(run_problem):
                 run = runner(run_problem, t)
@@ -537,12 +547,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="list the problems and their candidates")
     p.add_argument("--compile-only", action="store_true", help="the pruning alone (no GPU needed)")
     p.add_argument("--small", action="store_true", help="small shapes (the interpreter; not performance)")
-    p.add_argument("--max-candidates", type=int, help="the first N candidates of each problem")
+    p.add_argument("--max-candidates", type=int, help="the first N candidates of each problem (N >= 1)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per candidate")
     p.add_argument("--margin", type=float, default=MARGIN, help="how much faster a tuned entry must be")
     p.add_argument("--processes", type=int, help="compile-check processes (default: the cores, at most 8)")
+    p.add_argument(
+        "--budget-s", type=float, help="past this many seconds, time only each problem's heuristic tile"
+    )
     p.add_argument("--out", metavar="DIR", help="write tiles.json and tiles.md here")
     args = p.parse_args(argv)
+    for name, value, low in (
+        ("--max-candidates", args.max_candidates, 1),
+        ("--processes", args.processes, 1),
+    ):
+        if value is not None and value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    for name, value, strict in (
+        ("--rep-ms", args.rep_ms, True),
+        ("--budget-s", args.budget_s, False),
+        ("--margin", args.margin, False),
+    ):
+        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            p.error(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value}")
     try:
         chosen = select(args.problems)
     except ValueError as e:
@@ -567,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     doc = measure(
         chosen, device, small=small, compile_only=args.compile_only, max_candidates=args.max_candidates,
-        rep_ms=args.rep_ms, margin=args.margin, processes=args.processes,
+        rep_ms=args.rep_ms, margin=args.margin, processes=args.processes, budget_s=args.budget_s,
     )  # fmt: skip
     from .report import write_sweep
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -102,25 +103,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--no-plot", action="store_true", help="do not save a plot")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    error = t.error  # a usage error of `train` shows train's usage line
     if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+        error("--epochs must be >= 1")
     if not 0 < args.lr < float("inf"):  # NaN fails this too
-        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+        error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not -(2**63) <= args.seed < 2**64:  # what torch.manual_seed takes
+        error(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    plot = None
+    if not args.no_plot:
+        plot = Path(args.plot)
+        if plot.suffix.lower() != ".png":
+            error(f"--plot must name a .png file, got {args.plot!r}")
+        if not plot.parent.is_dir():
+            error(f"--plot {args.plot}: no folder {str(plot.parent)!r}")
     if args.device != "auto":
         try:
             dev = torch.device(args.device)
         except RuntimeError:
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda"):
-            parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+            error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            parser.error(f"--device {args.device}: no such CUDA device here")
+            error(f"--device {args.device}: no such CUDA device here")
     train(
         epochs=args.epochs,
         lr=args.lr,
         seed=args.seed,
         device=args.device,
-        plot=None if args.no_plot else args.plot,
+        plot=None if plot is None else str(plot),
         progress=not args.no_progress,
     )
     return 0

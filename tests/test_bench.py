@@ -562,8 +562,10 @@ def test_cli_list_and_bad_arguments(capsys):
         main(["--cases", "no_such_case"])
     assert exc.value.code == 2
     assert "unknown case" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--rep", "0"])
+    for rep in ("0", "nan", "inf", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--rep", rep])
+        assert exc.value.code == 2 and "--rep must be a finite number > 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,6 +627,18 @@ def test_backward_sweep_reports_a_disagreeing_variant(monkeypatch, capsys):
         backward.measure(64, 24, 20, torch.float32, rep_ms=1, only=["fused split=3000"])
     assert backward.main([*BACKWARD_ARGS, "--n", "80"]) == 2  # the fused kernel does not serve it
     assert "does not serve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args", [["--m", "-5"], ["--m", "0"], ["--n", "0"], ["--k", "-1"], ["--rep-ms", "0"], ["--rep-ms", "nan"]]
+)
+def test_backward_sweep_refuses_bad_numbers(args, capsys):
+    """Bad sizes and budgets: a usage error naming the option (exit 2), before anything runs."""
+    from bench import backward
+
+    with pytest.raises(SystemExit) as exc:
+        backward.main(args)
+    assert exc.value.code == 2 and args[0] in capsys.readouterr().err
 
 
 def test_backward_sweep_without_cuda_asks_for_the_interpreter(monkeypatch, capsys):

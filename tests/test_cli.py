@@ -165,6 +165,27 @@ def test_rejects_bad_lr(lr, capsys):
     assert "Epoch" not in out
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seed", str(2**64)], "--seed must be in"),
+        (["--seed", str(-(2**63) - 1)], "--seed must be in"),
+        (["--plot", "curve.jpg"], "--plot must name a .png file"),
+        (["--plot", "curve"], "--plot must name a .png file"),
+        (["--plot", "no/such/folder/curve.png"], "no folder"),
+    ],
+)
+def test_rejects_bad_seed_and_plot_before_training(args, message, capsys):
+    """A seed torch.manual_seed refuses, or a plot it could not write as that PNG file, is a
+    usage error of `train` before any training (before, the plot's failed after it)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "1", *args])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err and "usage: python -m fnn train" in err
+    assert "Epoch" not in out
+
+
 @pytest.mark.parametrize("bad", ["gpu", "cuda:x", "meta"])
 def test_rejects_bad_device(bad, capsys):
     with pytest.raises(SystemExit) as exc:

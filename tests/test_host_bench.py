@@ -61,6 +61,21 @@ def host_run(tmp_path_factory):
     return proc.stdout, json.loads((out / "host.json").read_text()), (out / "host.md").read_text()
 
 
+def test_tiny_without_out_leaves_the_committed_results_alone():
+    """--tiny is for tests: without --out it writes to a new temporary folder, which it names,
+    and bench/results/host/ stays as committed."""
+    results = ROOT / "bench" / "results" / "host"
+    before = {f.name: f.read_bytes() for f in results.iterdir()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--host", "--tiny", "--cases", "linear_act_fwd_2x32"],
+        cwd=ROOT, env=compiled_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {f.name: f.read_bytes() for f in results.iterdir()} == before
+    out = Path(proc.stdout.split("--tiny: results go to ", 1)[1].split("\n", 1)[0])
+    assert out != results and (out / "host.json").exists()
+
+
 def test_host_json_structure(host_run):
     stdout, doc, summary = host_run
     assert doc["benchmark"] == "host"

@@ -133,6 +133,38 @@ def test_small_run_prunes_checks_and_times(monkeypatch, tmp_path, capsys):
     assert "DISAGREES" in capsys.readouterr().out
 
 
+def test_a_spent_time_budget_still_times_the_heuristic(monkeypatch, tmp_path):
+    """--budget-s 0: past the budget only each problem's heuristic tile is checked and timed,
+    the others are reported as skipped, and the run ends with its report (exit status 0)."""
+    problem = tiles.select(["fwd_small_bf16:fwd"])[0]
+    real = tiles.candidates
+    monkeypatch.setattr(
+        tiles, "candidates", lambda p: [real(p)[0], ("32x32x32 w4 s2", TileConfig(32, 32, 32, num_warps=4))]
+    )
+    status = tiles.main(["--problems", problem.name, "--small", "--rep-ms", "1", "--processes", "1",
+                         "--budget-s", "0", "--out", str(tmp_path)])  # fmt: skip
+    assert status == 0
+    (p,) = json.loads((tmp_path / "tiles.json").read_text())["problems"]
+    heuristic, other = p["candidates"]
+    assert tiles.is_heuristic(heuristic["name"]) and heuristic["status"] == "ok"
+    assert heuristic["median_ms"] > 0
+    assert other["status"] == "skipped" and "budget" in other["message"]
+    assert "| 32x32x32 w4 s2 | skipped: the time budget" in (tmp_path / "tiles.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max-candidates", "0"], ["--processes", "0"], ["--rep-ms", "nan"], ["--margin", "-1"],
+        ["--budget-s", "inf"],
+    ],  # fmt: skip
+)
+def test_bad_numbers_are_refused(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        tiles.main(["--compile-only", *args])
+    assert info.value.code == 2 and args[0] in capsys.readouterr().err
+
+
 def test_tuned_entry_text_is_python_that_builds_the_tile():
     problem = tiles.select(["fwd_large_bf16:fwd"])[0]
     tile = TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3)
