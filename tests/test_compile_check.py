@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,6 +398,13 @@ def test_gpu_session_without_cuda_stops_at_once(tmp_path):
     assert not out.exists()
 
 
+def _fits_ten_minutes(plan: str) -> None:
+    """The steps' time limits, with the 5 s before a step past its limit is killed, leave the
+    record step and the transfers 40 s of the lent machines' 10 minutes per command."""
+    limits = [int(s) for s in re.findall(r"\[(\d+) s\]", plan)]
+    assert len(limits) == 3 and sum(limits) + 5 * len(limits) <= 560, limits
+
+
 def test_gpu_session_dry_run_plans_at_most_8_files(tmp_path):
     out = tmp_path / "session"
     proc = _session("--dry-run", str(out))
@@ -407,6 +415,7 @@ def test_gpu_session_dry_run_plans_at_most_8_files(tmp_path):
     for name in ["summary.txt", "session.log", *bench_files]:
         assert name in text, name
     assert 2 + len(bench_files) <= 8
+    _fits_ten_minutes(text)
     assert not out.exists()
     assert _session().returncode == 2  # no OUTDIR: usage
 
@@ -416,8 +425,9 @@ def test_gpu_session_sweeps_dry_run_plans_8_files(tmp_path):
     proc = _session("--dry-run", "--sweeps", str(out))
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    for command in ("bench.backward --out", "bench.tiles --out", "bench --host --out"):
+    for command in ("bench.backward --out", "bench.tiles --budget-s", "bench --host --out"):
         assert command in text, command
+    _fits_ten_minutes(text)
     files = ["summary.txt", "session.log", "backward.json", "backward.md", "tiles.json", "tiles.md",
              "host.json", "host.md"]  # fmt: skip
     assert all(name in text for name in files) and len(files) <= 8
