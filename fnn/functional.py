@@ -731,13 +731,18 @@ class _EagerLayers(FNNFunction):
         n_layers = len(p.acts)
         saved = ctx.saved_tensors
         ss = list(saved[1 : n_layers + 1])
+        weights = saved[n_layers + 1 :]
         flat = dy.dim() == 2
+        dy_in = dy
         if not flat:
             dy = dy.reshape(-1, p.sizes[-1])
             if ss[-1] is not None:
                 ss[-1] = ss[-1].reshape(-1, p.sizes[-1])
+        if not prog.reads(saved[0], ss, weights):  # saved tensors given back in another layout
+            ctx.activations, ctx.has_bias = p.acts, p.biased
+            return FNNFunction.backward(ctx, dy_in)
         steps = prog.backward(ctx.needs_input_grad, dy.stride())
-        dx, grads = prog.run_backward(steps, dy, saved[0], ss, saved[n_layers + 1 :])
+        dx, grads = prog.run_backward(steps, dy, saved[0], ss, weights)
         if dx is not None and not flat:
             dx = dx.view(ctx.x_shape)
         return (dx, None, *grads)

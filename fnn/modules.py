@@ -24,7 +24,7 @@ from .functional import (
     run_program,
 )
 from .network import check_fusion, flatten_parameters, fnn_network_forward, resolve_fusion
-from .plan import has_hooks, parameters, plan
+from .plan import must_call, parameters, plan
 
 _any_autocast = torch._C._is_any_autocast_enabled
 _STRIDED = torch.strided
@@ -118,8 +118,9 @@ class FNN(nn.Module):
     The backward chains the layers' kernels, each layer's delta computed in the epilogue of
     the next layer's input-gradient kernel.
 
-    A layer with a hook of its own (forward, forward-pre or backward) makes the FNN call its
-    layers one by one, so that the hook runs as in an nn.Sequential of them.
+    A layer with a hook of its own (forward, forward-pre or backward), or a weight that
+    torch.nn.utils.parametrize computes, makes the FNN call its layers one by one, as an
+    nn.Sequential of them would.
 
     `fusion`: "layer" runs one fused kernel per layer (as above); "network" runs the whole
     network in one kernel per direction (fnn.network; every width must be <= 128, else
@@ -228,7 +229,7 @@ class FNN(nn.Module):
                 f"FNN with sizes {list(p.sizes)} expects inputs of width {n_in} "
                 f"(shape (..., {n_in})), got shape {tuple(x.shape)}"
             )
-        if p.layer_hooks():  # a layer's hooks run only if the layer is called
+        if p.calls_layers():  # a layer's hooks run only if the layer is called
             return self._call_layers(x)
         if forward_ad._current_level >= 0 and has_tangents((x, *p.parameters())):
             return fnn_forward(x, *parameters(p), p.acts)  # forward mode: layer by layer
@@ -263,7 +264,7 @@ class FNN(nn.Module):
                 f"FNN with sizes {self.sizes} expects inputs of width {self.sizes[0]} "
                 f"(shape (..., {self.sizes[0]})), got shape {tuple(x.shape)}"
             )
-        if any(has_hooks(layer) for layer in self.layers):
+        if any(must_call(layer) for layer in self.layers):
             return self._call_layers(x)
         weights = [layer.weight for layer in self.layers]
         biases = [layer.bias for layer in self.layers]

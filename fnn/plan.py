@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from kernels.checks import Activation, act_set, as_activation
 
-__all__ = ["FNNPlan", "flat_views", "has_hooks", "plan", "parameters"]
+__all__ = ["FNNPlan", "flat_views", "has_hooks", "must_call", "plan", "parameters"]
 
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH (this module imports no triton)
 _is_compiling = torch.compiler.is_compiling
@@ -52,19 +53,31 @@ class FNNPlan:
         "param_dicts",
         "programs",
         "hook_dicts",
+        "unplanned",
     )
 
     def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
         self.layers = layers  # the FusedLinear objects, in order
-        # (each layer's `activation` attribute, whether it has no bias), as read
+        # (each layer's `activation` attribute, whether it has no bias, its weight's shape (None
+        # without a weight Parameter of its own), its class), as read: see `plan`
         self.activation_attrs = activation_attrs
         self.fusion = fusion  # the model's `fusion` attribute, as read (validated by its user)
-        sizes = [layers[0].in_features] + [layer.out_features for layer in layers]
+        shapes = [shape for _, _, shape, _ in activation_attrs]
+        # A layer whose weight is not its own Parameter (torch.nn.utils.parametrize computes it
+        # on access) or is not 2-D: the FNN calls its layers (`calls_layers`), whose own checks
+        # and forward serve it.
+        self.unplanned = any(shape is None or len(shape) != 2 for shape in shapes) or any(
+            parametrize.is_parametrized(layer) for layer in layers
+        )
+        if self.unplanned:
+            sizes = [layers[0].in_features] + [layer.out_features for layer in layers]
+        else:  # the weights' shapes: what the kernels read (in/out_features may be stale)
+            sizes = [shapes[0][1]] + [shape[0] for shape in shapes]
         self.sizes: tuple[int, ...] = tuple(sizes)
-        self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _ in activation_attrs)
+        self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _, _, _ in activation_attrs)
         self.saves: tuple[str, ...] = tuple(a.saves for a in self.acts)  # what each layer saves
         self.names: tuple[str, ...] = tuple(a.name for a in self.acts)
-        self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias in activation_attrs)
+        self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias, _, _ in activation_attrs)
         self.has_bias = any(self.biased)
         self.bits = act_set(self.acts)  # the network kernels' activation set
         self.last_saves = self.saves[-1]  # what the output layer keeps for the backward
@@ -112,10 +125,13 @@ class FNNPlan:
             t = self.act_tensors[key] = activation_params(self.acts, dtype, device)
         return t
 
-    def layer_hooks(self) -> bool:
-        """Whether one of the layers has a forward, forward-pre or backward hook of its own.
-        The FNN then calls its layers one by one, so that the hooks run as they would in an
-        nn.Sequential (the usual path reads the layers' parameters and never calls them)."""
+    def calls_layers(self) -> bool:
+        """Whether the FNN calls its layers one by one, as an nn.Sequential of them would (the
+        usual path reads the layers' parameters and never calls them): a layer has a forward,
+        forward-pre or backward hook of its own, which runs only if the layer is called, or a
+        weight that is not its own Parameter (`unplanned`)."""
+        if self.unplanned:
+            return True
         for d in self.hook_dicts:
             if d:
                 return True
@@ -143,11 +159,29 @@ def has_hooks(module: nn.Module) -> bool:
     return any(_hook_dicts(module))
 
 
+def must_call(layer: nn.Module) -> bool:
+    """Whether an FNN must call `layer` rather than read its parameters (FNNPlan.calls_layers,
+    for the traced forward, which has no plan): hooks, or a parametrized weight or bias."""
+    return has_hooks(layer) or parametrize.is_parametrized(layer)
+
+
 def plan(model: nn.Module) -> FNNPlan:
     """The FNN's plan: the cached one while its layers, their activations, which of them have
-    a bias and its fusion are those it was made from, else a new one (which then replaces it)."""
+    a bias, their weights' shapes, their classes (torch.nn.utils.parametrize swaps a layer's
+    class) and its fusion are those it was made from, else a new one (which then replaces
+    it). A layer resized in place (new weight Parameters) gets a new plan."""
     layers = tuple(model._modules["layers"]._modules.values())
-    attrs = tuple([(layer.activation, layer._parameters.get("bias") is None) for layer in layers])
+    attrs = tuple(
+        [
+            (
+                layer.activation,
+                (d := layer._parameters).get("bias") is None,
+                getattr(d.get("weight"), "shape", None),
+                layer.__class__,
+            )
+            for layer in layers
+        ]
+    )
     fusion = model.__dict__.get("fusion")
     p = model.__dict__.get("_fnn_plan")
     if p is not None and p.layers == layers and p.activation_attrs == attrs and p.fusion == fusion:

@@ -108,6 +108,25 @@ class LayerProgram:
             i += 2
         return h, saved
 
+    def reads(self, x2d: torch.Tensor, saved, weights) -> bool:
+        """Whether the backward's tensors are as this program's backward steps read them: x and
+        the weights in the forward's dtype and strides, every saved tensor contiguous. Not
+        so where autograd's saved-tensor hooks give them back in another layout
+        (`torch.autograd.graph.save_on_cpu` returns contiguous copies of a sliced or
+        transposed x), or after `p.data = ...` between the forward and the backward: then
+        FNNFunction's backward serves, which reads every tensor's own strides."""
+        dtype = self.dtype
+        if x2d.dtype is not dtype or x2d.stride() != self.x_strides:
+            return False
+        strides = self.param_strides
+        for i, w in enumerate(weights):
+            if w.dtype is not dtype or w.stride() != strides[2 * i]:
+                return False
+        for s in saved:
+            if s is not None and (s.dtype is not dtype or not s.is_contiguous()):
+                return False
+        return True
+
     def backward(self, needs: tuple, dy_strides: tuple) -> tuple:
         """The backward's steps for `needs` (ctx.needs_input_grad: x, program, w_1, b_1, ...),
         dY's strides and the matmul precision now, made on first use."""

@@ -510,3 +510,76 @@ def test_hooks_on_the_layers_run(fusion, device):
         h.remove()
     y = model(x.clone().requires_grad_())
     assert "LinearAct" not in type(y.grad_fn).__name__, type(y.grad_fn).__name__  # one node again
+
+
+def _grads_vs_float64(model, x, what, fwd=None):
+    """model(x) (or fwd()) and its gradients for x and every parameter against the same network
+    in float64 PyTorch (fnn.reference) on the model's parameters as they are now."""
+    y = model(x) if fwd is None else fwd()
+    dy = _randn(tuple(y.shape), 31, y.dtype, y.device)
+    y.backward(dy)
+    want, xs, ws, bs = _reference(model, x, torch.float64, x.device)
+    want.backward(dy.double())
+    assert_close(y, want, 1e-12, 1e-12, f"{what}: output")
+    pairs = [(x.grad, xs.grad)]
+    for layer, w, b in zip(model.layers, ws, bs, strict=True):
+        pairs += [(layer.weight.grad, w.grad)] + ([] if b is None else [(layer.bias.grad, b.grad)])
+    for got, want_g in pairs:
+        assert got is not None and want_g is not None, what
+        assert_close(got, want_g, 1e-12, 1e-12, f"{what}: gradient")
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_saved_tensors_given_back_in_another_layout(fusion, device):
+    """The backward reads the tensors autograd gives back, whatever their layout: under
+    save_on_cpu (contiguous copies of a column slice and of a transposed x), and after
+    `w.data = ...` of another layout between the forward and the backward. Before, the layer
+    path's launch program read them with the forward's strides: wrong gradients, and reads
+    past the end of a sliced x's copy."""
+    model = _model([5, 7, 3], "tanh", True, torch.float64, device, seed=14)
+    wide = _randn((6, 40), 15, torch.float64, device)
+    for what, x in (("sliced x", wide[:, :5]), ("transposed x", wide[:5, :6].t())):
+        x = x.detach().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.graph.save_on_cpu(pin_memory=False):
+            _grads_vs_float64(model, x, f"{fusion}, save_on_cpu, {what}")
+    x = _randn((6, 5), 16, torch.float64, device).requires_grad_()
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    w = model.layers[1].weight
+    w.data = w.detach().t().contiguous().t()  # same values, column-major
+    _grads_vs_float64(model, x, f"{fusion}, weight relaid out before the backward", fwd=lambda: y)
+
+
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_layers_resized_or_parametrized_after_a_call(fusion, device):
+    """The plan follows the layers: a hidden layer pruned in place (new, smaller weight
+    Parameters) after a first call computes the new network (before, the network path kept the
+    old widths: wrong outputs, writes out of bounds), and a layer under
+    torch.nn.utils.parametrize (weight_norm: the weight computed on access) is called as a
+    module, as in an nn.Sequential (before: a TypeError)."""
+    model = _model([5, 7, 3], "tanh", True, torch.float64, device, seed=17)
+    x = _randn((6, 5), 18, torch.float64, device).requires_grad_()
+    model(x).sum().backward()
+    l0, l1 = model.layers
+    with torch.no_grad():
+        l0.weight, l0.bias = nn.Parameter(l0.weight[:4].clone()), nn.Parameter(l0.bias[:4].clone())
+        l1.weight = nn.Parameter(l1.weight[:, :4].clone())
+    l0.out_features = l1.in_features = 4
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    _grads_vs_float64(model, x, f"{fusion}, resized")
+    assert model.sizes == [5, 4, 3]
+    torch.nn.utils.parametrizations.weight_norm(model.layers[0])
+    seq = nn.Sequential(*model.layers)
+    xs = x.detach().clone().requires_grad_()
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    y, want = model(x), seq(xs)
+    assert_close(y, want, 1e-12, 1e-12, f"{fusion}, parametrized: output")
+    y.sum().backward()
+    grads = [x.grad] + [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    want.sum().backward()
+    for got, w in zip(grads, [xs.grad] + [p.grad for p in model.parameters()], strict=True):
+        assert_close(got, w, 1e-12, 1e-12, f"{fusion}, parametrized: gradient")
