@@ -53,16 +53,19 @@ class FNNPlan:
         "param_dicts",
         "programs",
         "hook_dicts",
+        "model_hook_dicts",
         "unplanned",
     )
 
-    def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object) -> None:
+    def __init__(
+        self, layers: tuple, activation_attrs: tuple, fusion: object, model: nn.Module | None = None
+    ) -> None:
         self.layers = layers  # the FusedLinear objects, in order
         # (each layer's `activation` attribute, whether it has no bias, its weight's shape (None
-        # without a weight Parameter of its own), its class), as read: see `plan`
+        # without a weight Parameter of its own)), as read: see `plan`
         self.activation_attrs = activation_attrs
         self.fusion = fusion  # the model's `fusion` attribute, as read (validated by its user)
-        shapes = [shape for _, _, shape, _ in activation_attrs]
+        shapes = [shape for _, _, shape in activation_attrs]
         # A layer whose weight is not its own Parameter (torch.nn.utils.parametrize computes it
         # on access) or is not 2-D: the FNN calls its layers (`calls_layers`), whose own checks
         # and forward serve it.
@@ -74,10 +77,10 @@ class FNNPlan:
         else:  # the weights' shapes: what the kernels read (in/out_features may be stale)
             sizes = [shapes[0][1]] + [shape[0] for shape in shapes]
         self.sizes: tuple[int, ...] = tuple(sizes)
-        self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _, _, _ in activation_attrs)
+        self.acts: tuple[Activation, ...] = tuple(as_activation(a) for a, _, _ in activation_attrs)
         self.saves: tuple[str, ...] = tuple(a.saves for a in self.acts)  # what each layer saves
         self.names: tuple[str, ...] = tuple(a.name for a in self.acts)
-        self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias, _, _ in activation_attrs)
+        self.biased: tuple[bool, ...] = tuple(not no_bias for _, no_bias, _ in activation_attrs)
         self.has_bias = any(self.biased)
         self.bits = act_set(self.acts)  # the network kernels' activation set
         self.last_saves = self.saves[-1]  # what the output layer keeps for the backward
@@ -103,7 +106,8 @@ class FNNPlan:
         self.metas: dict[torch.device, torch.Tensor] = {}
         self.act_tensors: dict[tuple, torch.Tensor] = {}
         self.programs: dict[tuple, object] = {}  # the layer path's launch programs (fnn.programs)
-        self.hook_dicts = tuple(d for layer in layers for d in _hook_dicts(layer))  # see layer_hooks
+        self.hook_dicts = tuple(d for layer in layers for d in _hook_dicts(layer))  # see calls_layers
+        self.model_hook_dicts = () if model is None else _hook_dicts(model)  # the FNN's own
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""
@@ -130,12 +134,7 @@ class FNNPlan:
         usual path reads the layers' parameters and never calls them): a layer has a forward,
         forward-pre or backward hook of its own, which runs only if the layer is called, or a
         weight that is not its own Parameter (`unplanned`)."""
-        if self.unplanned:
-            return True
-        for d in self.hook_dicts:
-            if d:
-                return True
-        return False
+        return self.unplanned or any(self.hook_dicts)
 
     def parameters(self) -> list[torch.Tensor | None]:
         """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
@@ -167,9 +166,9 @@ def must_call(layer: nn.Module) -> bool:
 
 def plan(model: nn.Module) -> FNNPlan:
     """The FNN's plan: the cached one while its layers, their activations, which of them have
-    a bias, their weights' shapes, their classes (torch.nn.utils.parametrize swaps a layer's
-    class) and its fusion are those it was made from, else a new one (which then replaces
-    it). A layer resized in place (new weight Parameters) gets a new plan."""
+    a bias, their weights' shapes and its fusion are those it was made from, else a new one
+    (which then replaces it). A layer resized in place gets a new plan; so does one that
+    torch.nn.utils.parametrize takes over (its weight, or bias, leaves `_parameters`)."""
     layers = tuple(model._modules["layers"]._modules.values())
     attrs = tuple(
         [
@@ -177,7 +176,6 @@ def plan(model: nn.Module) -> FNNPlan:
                 layer.activation,
                 (d := layer._parameters).get("bias") is None,
                 getattr(d.get("weight"), "shape", None),
-                layer.__class__,
             )
             for layer in layers
         ]
@@ -186,7 +184,7 @@ def plan(model: nn.Module) -> FNNPlan:
     p = model.__dict__.get("_fnn_plan")
     if p is not None and p.layers == layers and p.activation_attrs == attrs and p.fusion == fusion:
         return p
-    p = FNNPlan(layers, attrs, fusion)
+    p = FNNPlan(layers, attrs, fusion, model)
     model.__dict__["_fnn_plan"] = p
     return p
 

@@ -110,7 +110,7 @@ class LayerProgram:
 
     def reads(self, x2d: torch.Tensor, saved, weights) -> bool:
         """Whether the backward's tensors are as this program's backward steps read them: x and
-        the weights in the forward's dtype and strides, every saved tensor contiguous. Not
+        the weights in the forward's dtype and strides, every saved output contiguous. Not
         so where autograd's saved-tensor hooks give them back in another layout
         (`torch.autograd.graph.save_on_cpu` returns contiguous copies of a sliced or
         transposed x), or after `p.data = ...` between the forward and the backward: then
@@ -122,8 +122,8 @@ class LayerProgram:
         for i, w in enumerate(weights):
             if w.dtype is not dtype or w.stride() != strides[2 * i]:
                 return False
-        for s in saved:
-            if s is not None and (s.dtype is not dtype or not s.is_contiguous()):
+        for s in saved:  # the forward's own outputs: only their layout can have changed
+            if s is not None and not s.is_contiguous():
                 return False
         return True
 

@@ -109,7 +109,11 @@ class Trainer:
         """Whether a hook would run in `self.model(x)` (a forward, forward-pre or backward hook
         of the model, of the FNN torch.compile wraps, or of a layer): the fused step, which
         never calls the modules, would skip it, so the step takes autograd's path."""
-        return p.calls_layers() or has_hooks(model) or (self.model is not model and has_hooks(self.model))
+        return (
+            p.calls_layers()
+            or any(p.model_hook_dicts)
+            or (self.model is not model and has_hooks(self.model))
+        )
 
     def fused(self, device: torch.device | str) -> bool:
         """Whether `step` on tensors on `device` runs the whole-network kernel: an FNN whose
