@@ -696,6 +696,10 @@ def network_bwd_kernel(
             # rows, not to P: padding is skipped, and a run-time trip count is not unrolled
             # (unrolled, float64 at P = 128 spilled).
             tl.debug_barrier()  # the previous layer's readers of the scratch are done
+            # D's padded units set to exactly zero, as the forward's are: an inf in a real unit
+            # times a padded weight's zero made NaN there (in D_l W_l), which the next layer's
+            # chunked product then spread to the real units of its row.
+            d = tl.where((offs_p < n_out)[None, :], d, 0)
             tl.store(dsc + offs_r[:, None] * P + offs_p[None, :], cast(d, dtype, UPCAST))
             if HAS_BIAS:  # db_l += column sums of D; D itself is not needed in registers again
                 gb = tl.sum(d, axis=0)

@@ -295,6 +295,40 @@ def test_nan_inf_like_pytorch(act, device):
     )
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_inf_in_the_backward_stays_inf(dtype, device):
+    """An inf reaching the backward (in dY, or a float16 delta that overflows) gives PyTorch's
+    inf, not NaN, through layers narrower than the padded tile: padded units of D are zero,
+    as the forward's are (before, inf times a padded weight's zero made NaN, which the next
+    layer's product spread to every real unit of the row)."""
+    model = _model([3, 5, 4, 2], ["tanh", "identity", "identity"], True, dtype, device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5 if dtype == torch.float32 else 2.0)  # float16: D_l W_l overflows
+    x = torch.full((4, 3), 0.25, dtype=dtype, device=device)
+    dy = torch.ones(4, 2, dtype=dtype, device=device)
+    dy[0, 0] = float("inf") if dtype == torch.float32 else 60000.0
+    got = _run(model, x, dy)
+    layer = copy.deepcopy(model)
+    layer.fusion = "layer"
+    want = _run(layer, x, dy)
+    xr = x.double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in model.parameters()]
+    h = xr
+    for i, act in enumerate(model.activations):
+        h = reference.apply_activation(F.linear(h, params[2 * i], params[2 * i + 1]), act)
+    h.backward(dy.double())
+    for what, o, lay, e in zip(_names(model), _all(got), _all(want), [h, xr.grad, *(p.grad for p in params)],
+                               strict=True):  # fmt: skip
+        same = torch.equal(o.isnan(), lay.isnan()) and torch.equal(o.isinf(), lay.isinf())
+        assert same, f"{what}: NaN or inf where the layer path has none"
+        if dtype == torch.float32:
+            _assert_same_specials(o, e.float(), what)
+    assert got[1][0].isinf().any() and not any(t.isnan().any() for t in _all(got)), "no inf reached dX"
+
+
 @pytest.mark.parametrize(
     "acts,loss,batch,form",
     [
