@@ -205,8 +205,8 @@ class FNN(nn.Module):
 
     @property
     def sizes(self) -> list[int]:
-        if torch.compiler.is_compiling():
-            return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+        if torch.compiler.is_compiling():  # the weights' widths, as the plan's (in_features may be stale)
+            return [self.layers[0].weight.shape[1]] + [layer.weight.shape[0] for layer in self.layers]
         return list(plan(self).sizes)
 
     @property

@@ -78,7 +78,7 @@ from .activations import (
     tanh,
     tanh_grad,
 )
-from .checks import Activation, as_activation
+from .checks import FLOAT_DTYPES, Activation, as_activation
 from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, cast, input_precision, mma
@@ -1009,6 +1009,8 @@ def _check_net(
     n_layers = len(sizes) - 1
     if n_layers < 1:
         raise ValueError(f"{who}: sizes must list at least two widths, got {list(sizes)}")
+    if any(n < 1 for n in sizes):
+        raise ValueError(f"{who}: every width must be >= 1, got {list(sizes)}")
     if len(biased) != n_layers:
         raise ValueError(f"{who}: {len(biased)} bias flags for {n_layers} layers")
     if not fits_network(sizes):
@@ -1042,6 +1044,8 @@ def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.
 def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
         raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{who}: x has dtype {x.dtype}; fnn supports floating point tensors only")
 
 
 def act_rows(cfg: NetConfig, p: int) -> int:
@@ -1409,10 +1413,15 @@ def network_backward(
     m, n_layers = x.shape[0], len(sizes) - 1
     _check_rows("dy", dy, (m, sizes[-1]), x, who)
     _check_rows("y", y, (m, sizes[-1]), x, who)
-    if n_layers > 1 and (tuple(h.shape) != (n_layers - 1, m, p) or not h.is_contiguous()):
-        raise ValueError(
-            f"{who}: h must be contiguous with shape {(n_layers - 1, m, p)}, got {tuple(h.shape)}"
-        )
+    if n_layers > 1:
+        if not isinstance(h, torch.Tensor):
+            raise TypeError(f"{who}: h must be a torch.Tensor, got {type(h).__name__}")
+        if tuple(h.shape) != (n_layers - 1, m, p) or not h.is_contiguous():
+            raise ValueError(
+                f"{who}: h must be contiguous with shape {(n_layers - 1, m, p)}, got {tuple(h.shape)}"
+            )
+        if h.dtype != x.dtype or h.device != x.device:
+            raise TypeError(f"{who}: h is {h.dtype} on {h.device}; expected {x.dtype} on {x.device}")
     if programs is not None and programs < 1:
         raise ValueError(f"programs must be >= 1, got {programs}")
     return backward_unchecked(

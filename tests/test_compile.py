@@ -316,6 +316,20 @@ def test_compiled_empty_batch(device):
         assert torch.equal(p.grad, torch.zeros_like(p)), "an empty batch has zero gradients"
 
 
+@pytest.mark.parametrize("fusion", ["layer", "network"])
+def test_compiled_widths_follow_the_weights(fusion, device):
+    """A first layer given a weight of another input width (in_features left as it was) runs
+    compiled with fullgraph as in eager: the traced forward reads the widths off the weights,
+    as the eager plan does (before, the stale in_features failed the traced width check)."""
+    model = fnn.FNN([3, 6, 3], device=device, dtype=torch.float64, fusion=fusion)
+    model.layers[0].weight = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64, device=device))
+    x = torch.randn(5, 4, dtype=torch.float64, device=device)
+    torch._dynamo.reset()
+    got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert model.sizes == [4, 6, 3]
+    assert torch.allclose(got, model(x), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # The registrations themselves
 # ---------------------------------------------------------------------------------------------

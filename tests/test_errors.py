@@ -19,7 +19,7 @@ import fnn
 import fnn.functional
 import kernels.linear_act
 from fnn import reference
-from kernels.checks import check_linear_args
+from kernels.checks import as_activation, check_linear_args
 from kernels.launch import CachedLauncher
 
 
@@ -247,6 +247,40 @@ def test_mixed_devices(which, no_launch):
 # ---------------------------------------------------------------------------------------------
 # Launchers of the backward kernels
 # ---------------------------------------------------------------------------------------------
+
+
+def test_launchers_refuse_empty_layers_integers_and_mismatched_h(device, no_launch):
+    """The checked launchers, as the registered ops call them: an empty layer in the weight
+    gradient (before, db came back unwritten), integer tensors (before, an error from inside
+    Triton), negative widths in the network kernels (before, accepted: zeros) and an H of
+    another dtype than x for the network backward (before, not checked)."""
+    import kernels.network as kn
+    from fnn import network_ops
+
+    ops = kernels.linear_act
+    dy, y = _t(4, 5, device=device, grad=False), _t(4, 5, device=device, grad=False)
+    x0 = _t(4, 0, device=device, grad=False)
+    _raises(lambda: ops.linear_act_backward_weight(dy, y, x0, "sigmoid", True), ValueError, "K=0")
+    xi = torch.ones(4, 3, dtype=torch.int32, device=device)
+    wi = torch.ones(5, 3, dtype=torch.int32, device=device)
+    _raises(lambda: ops.linear_act_backward_weight(dy, y, xi, "sigmoid", True), TypeError, "torch.int32")
+    _raises(lambda: ops.linear_act_backward_input(dy, y, wi, "sigmoid"), TypeError, "torch.int32")
+    sizes, biased = [3, 4, 2], [True, True]
+    x = _t(6, 3, device=device, grad=False)
+    model = fnn.FNN(sizes, device=device)
+    meta = network_ops.meta(sizes, [as_activation("sigmoid")] * 2, biased, device)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    act_params = network_ops.activation_params([as_activation("sigmoid")] * 2, x.dtype, device)
+    forward_int = lambda: kn.network_forward(x.int(), flat, meta, sizes, biased, True, act_params)  # noqa: E731
+    _raises(forward_int, TypeError, "int32")
+    bad = [3, -1, -4, -1, 2]
+    _raises(lambda: kn.network_forward(x, flat, meta, bad, [True] * 4, True, act_params), ValueError, ">= 1")
+    h = torch.zeros(1, 6, kn.padded_width(sizes), dtype=torch.float64, device=device)
+    dy2, y2 = _t(6, 2, device=device, grad=False), _t(6, 2, device=device, grad=False)
+    _raises(
+        lambda: kn.network_backward(dy2, y2, h, x, flat, meta, sizes, biased, True, act_params),
+        TypeError, "h is torch.float64",
+    )  # fmt: skip
 
 
 def test_backward_launcher_arguments(device, no_launch):

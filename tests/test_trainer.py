@@ -474,3 +474,27 @@ def test_hooks_and_own_forwards_take_the_autograd_step(device, launches):
             assert forwards >= 3, (where, kind, launches.calls)  # a forward launch per step: autograd's
             handle.remove()
             assert trainer.fused(device), (where, kind)
+
+
+def test_a_step_under_autocast_follows_it(device, launches):
+    """Under torch.autocast the step takes autograd's path, which follows autocast as
+    FNN.forward does (before, the fused step computed in float32 and ignored it): the same
+    parameters as autograd + torch.optim.SGD under the same autocast."""
+    torch.manual_seed(8)
+    model = fnn.FNN([3, 4, 1], fusion="network", device=device)
+    ref = copy.deepcopy(model)
+    x, y = torch.rand(9, 3, device=device), torch.rand(9, 1, device=device)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.5)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for _ in range(2):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            launches.calls.clear()
+            got = trainer.step(x, y)
+            assert launches.calls != ["network_bwd_kernel"], "the fused step ran under autocast"
+            opt.zero_grad()
+            want = torch.nn.functional.mse_loss(ref(x), y)
+        want.backward()
+        opt.step()
+        assert got.dtype == want.dtype and torch.equal(got, want.detach())
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
