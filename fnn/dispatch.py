@@ -57,7 +57,12 @@ _any_autocast = torch._C._is_any_autocast_enabled
 def autocast_on(x: torch.Tensor) -> bool:
     """Whether torch.autocast is on for x's device (asked of CPU and CUDA tensors only:
     torch.is_autocast_enabled raises for others, e.g. meta)."""
-    return _any_autocast() and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    return _any_autocast() and autocast_for(x.device.type)
+
+
+def autocast_for(device_type: str) -> bool:
+    """Whether torch.autocast is on for a device type (CPU and CUDA; False for any other)."""
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
 def _reference_call(name: str):

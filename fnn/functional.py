@@ -51,9 +51,7 @@ def _autocast(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | Non
     autocast would: float32/16 and bfloat16 to the autocast dtype (float64 stays). The casts are
     differentiable, so float32 parameters receive float32 gradients."""
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or first.device.type not in ("cpu", "cuda"):
-        return list(tensors)
-    if not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, torch.Tensor) or not dispatch.autocast_for(first.device.type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(first.device.type)
     return [
@@ -153,10 +151,10 @@ def _traced_transform(tensors) -> bool:
     """Whether torch.compile is tracing fnn under a transform it cannot trace the kernels
     through: forward AD, or any functorch transform but one vmap level over a call that needs
     no gradient (`tensors`: the call's)."""
-    functorch = _functorch_active()
-    if not (functorch or forward_ad._current_level >= 0) or not _is_compiling():
+    functorch, forward = _functorch_active(), forward_ad._current_level >= 0
+    if not (functorch or forward) or not _is_compiling():
         return False
-    if forward_ad._current_level >= 0 or not functorch:
+    if forward or not functorch:
         return True
     top = retrieve_current_functorch_interpreter()
     if top.key() != _VMAP or top.level() != 1:
@@ -167,7 +165,7 @@ def _traced_transform(tensors) -> bool:
 def _traced_layers(x, weights, biases, acts) -> torch.Tensor:
     """Checked layers as fnn.reference's PyTorch ops, autocast off (the tensors already cast:
     the output keeps their dtype, as the kernels' does), for `_traced_transform` calls."""
-    with torch.autocast(x.device.type, enabled=False) if dispatch.autocast_on(x) else nullcontext():
+    with _autocast_off(x):
         return reference.fnn_forward(x, weights, biases, acts)
 
 

@@ -11,7 +11,7 @@ from torch.autograd import forward_ad
 
 from kernels.checks import Activation, check_activation
 
-from .dispatch import autocast_on
+from .dispatch import autocast_for, autocast_on
 from .functional import (
     _layers_ok,
     _linear_ok,
@@ -272,7 +272,7 @@ class FNN(nn.Module):
         if (
             mode == "network"
             and backend(x.device) != "reference"
-            and not (x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type))
+            and not autocast_for(x.device.type)
             and not _traced_transform((x, *weights, *biases))
         ):
             return fnn_network_forward(self, x)

@@ -309,7 +309,7 @@ def _forward_vmap(info, in_dims, x, weight, bias, activation, act_params=()):
         n = w.shape[1]
         if bias is not None:
             bias = (bias.expand(batch, n) if bd is None else bias.movedim(bd, 0)).reshape(-1)
-        y = _forward_op(x, w.reshape(batch * n, -1), bias, activation, act_params)
+        y = _forward_op(x, w.reshape(batch * n, w.shape[-1]), bias, activation, act_params)
         return y.view(x.shape[0], batch, n), 1
     return _each_sample(_forward_op, info, in_dims, (x, weight, bias, activation, act_params))
 

@@ -57,9 +57,7 @@ class FNNPlan:
         "unplanned",
     )
 
-    def __init__(
-        self, layers: tuple, activation_attrs: tuple, fusion: object, model: nn.Module | None = None
-    ) -> None:
+    def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object, model: nn.Module) -> None:
         self.layers = layers  # the FusedLinear objects, in order
         # (each layer's `activation` attribute, whether it has no bias, its weight's shape (None
         # without a weight Parameter of its own)), as read: see `plan`
@@ -107,7 +105,7 @@ class FNNPlan:
         self.act_tensors: dict[tuple, torch.Tensor] = {}
         self.programs: dict[tuple, object] = {}  # the layer path's launch programs (fnn.programs)
         self.hook_dicts = tuple(d for layer in layers for d in _hook_dicts(layer))  # see calls_layers
-        self.model_hook_dicts = () if model is None else _hook_dicts(model)  # the FNN's own
+        self.model_hook_dicts = _hook_dicts(model)  # the FNN's own (the Trainer's fused step checks them)
 
     def meta(self, device: torch.device) -> torch.Tensor:
         """The network kernels' int32 `meta` on `device` (fnn.network_ops.meta, cached)."""

@@ -11,19 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import network, network_ops
-from .dispatch import autocast_on, backend
+from .dispatch import autocast_for, autocast_on, backend
 from .modules import FNN
 from .network import fits_network, flat_buffer, resolve_fusion, train_step_fits
 from .plan import FNNPlan, flat_views, has_hooks, parameters, plan
 
 _is_compiling = torch.compiler.is_compiling
 _any_autocast = torch._C._is_any_autocast_enabled
-
-
-def _autocast_for(device: torch.device | str) -> bool:
-    """Whether torch.autocast is on for `device`'s type (CPU and CUDA; others have none here)."""
-    kind = torch.device(device).type
-    return _any_autocast() and kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -135,7 +129,7 @@ class Trainer:
             and train_step_fits(model.sizes, next(model.parameters()).dtype)
             and resolve_fusion(model.fusion, model.sizes, device) == "network"
             and backend(device) != "reference"
-            and not _autocast_for(device)  # autograd follows autocast, as FNN.forward does
+            and not autocast_for(torch.device(device).type)  # autograd follows it, as FNN.forward does
             and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
             and all(p.requires_grad for p in model.parameters())  # frozen ones: autograd's SGD skips them
             and (self.loss != "bce" or plan(model).names[-1] == "sigmoid")  # outputs in [0, 1]

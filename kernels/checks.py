@@ -244,7 +244,8 @@ def check_activation(activation: object, what: str = "activation") -> str | Acti
     return act.name if act.is_default else act
 
 
-def _check_tensor(t: object, name: str) -> torch.Tensor:
+def check_tensor(t: object, name: str) -> torch.Tensor:
+    """`t` a dense floating point tensor, else a TypeError naming it (`name`)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout is not torch.strided:
@@ -265,8 +266,8 @@ def check_linear_args(
     Raises TypeError for non-tensors, non-float or mixed dtypes and a bad activation type;
     ValueError for bad shapes, mixed devices and unknown activation names.
     """
-    _check_tensor(x, f"{who}: x")
-    _check_tensor(weight, f"{who}: weight")
+    check_tensor(x, f"{who}: x")
+    check_tensor(weight, f"{who}: weight")
     check_activation(activation)
     if weight.dim() != 2:
         raise ValueError(
@@ -283,7 +284,7 @@ def check_linear_args(
         raise ValueError(f"{who}: weight shape {tuple(weight.shape)} has an empty dimension")
     tensors = {"x": x, "weight": weight}
     if bias is not None:
-        _check_tensor(bias, f"{who}: bias")
+        check_tensor(bias, f"{who}: bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(
                 f"{who}: bias must have shape ({weight.shape[0]},) to match weight "

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import configs, memory
 from .activations import apply_activation, apply_delta, param
-from .checks import FLOAT_DTYPES, Activation, as_activation, check_linear_args
+from .checks import Activation, as_activation, check_linear_args, check_tensor
 from .configs import (
     HEAVY_DELTA,
     cached_plan,
@@ -778,11 +778,6 @@ def delta_once(
     return dy, s, activation
 
 
-def _check_float(who: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{who}: {name} has dtype {t.dtype}; fnn supports floating point tensors only")
-
-
 def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -1112,7 +1107,7 @@ def linear_act_backward_input(
     prev = as_activation(prev_activation, "prev_activation")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("linear_act_backward_input: weight must be a 2-D tensor")
-    _check_float("linear_act_backward_input", "weight", weight)
+    check_tensor(weight, "linear_act_backward_input: weight")
     N, K = weight.shape
     M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
     _check_2d("dy", dy, (M, N), weight)
@@ -1193,7 +1188,7 @@ def linear_act_backward_weight(
     xact = as_activation(x_activation, "x_activation")
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError("linear_act_backward_weight: x must be a 2-D tensor (M, K)")
-    _check_float("linear_act_backward_weight", "x", x)
+    check_tensor(x, "linear_act_backward_weight: x")
     M, K = x.shape
     N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
     if K == 0 or N == 0:  # as for the forward: no empty layer (its db would go unwritten)

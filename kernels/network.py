@@ -78,7 +78,7 @@ from .activations import (
     tanh,
     tanh_grad,
 )
-from .checks import FLOAT_DTYPES, Activation, as_activation
+from .checks import Activation, as_activation, check_tensor
 from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, cast, input_precision, mma
@@ -1044,8 +1044,7 @@ def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.
 def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
         raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{who}: x has dtype {x.dtype}; fnn supports floating point tensors only")
+    check_tensor(x, f"{who}: x")
 
 
 def act_rows(cfg: NetConfig, p: int) -> int:
