@@ -235,6 +235,7 @@ def test_per_sample_gradients_are_one_batch(sizes, acts, rows, device, monkeypat
     rows: as many launches for 11 samples as for 2, each sample's gradients its own (the
     weight-gradient kernels reduce each sample's rows apart), equal to PyTorch's to 1e-12.
     A sample is one row (rows None: 1-D) or 3 rows."""
+    torch.manual_seed(5)  # unseeded, the relu output layer could be dead for both samples
     model = fnn.FNN(sizes, acts, dtype=DT, device=device)
     layers = []
     for i, act in enumerate(acts):
