@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels.checks import Activation, as_activation
+from kernels.checks import CALL_CHECKS, Activation, as_activation
 
 __all__ = [
     "linear_act_backward",
@@ -49,12 +49,15 @@ __all__ = [
 
 def _run(name: str, t: torch.Tensor, *args):
     """Call `name` of the module serving `t`'s device: kernels.linear_act (Triton, compiled or
-    interpreted) or fnn.reference. The reference runs PyTorch ops, which autocast would recast,
-    so it runs with autocast off: an op computes in its inputs' dtype on every backend."""
+    interpreted), whose launchers check their arguments, or fnn.reference, after the same checks
+    (kernels.checks.CALL_CHECKS), so that a bad call fails alike on every backend. The reference
+    runs PyTorch ops, which autocast would recast, so it runs with autocast off: an op computes
+    in its inputs' dtype on every backend."""
     from . import reference
     from .dispatch import backend
 
     if backend(t.device) == "reference":
+        CALL_CHECKS[name](*args)
         with torch.autocast(t.device.type, enabled=False):
             return getattr(reference, name)(*args)
     from kernels import linear_act  # imports triton, so only when a kernel will run

@@ -299,3 +299,149 @@ def check_linear_args(
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n}: {d}" for n, d in devices.items())
         raise ValueError(f"{who}: all tensors must be on one device, got {listed}")
+
+
+# --- the per-layer launchers' calls ----------------------------------------------------------
+# Each takes the arguments of the launcher of the same name in kernels.linear_act (and of the
+# registered op torch.ops.fnn.* that calls it), raises before anything runs where one is wrong,
+# and returns the parsed activations. The launchers and the ops on the reference backend run
+# them, so a bad call fails the same way on every backend.
+
+
+def check_2d(name: str, t: object, shape: tuple[int, int], like: torch.Tensor) -> None:
+    """`t` a tensor of `shape` with `like`'s dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(f"{name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}")
+
+
+def check_split(split: object, rows: object, M: int) -> None:
+    """`split` None or >= 1; `rows` None or a positive divisor of M (0 when M is 0)."""
+    if split is not None:
+        if isinstance(split, bool) or not isinstance(split, int):
+            raise TypeError(f"split must be an int or None, got {type(split).__name__}")
+        if split < 1:
+            raise ValueError(f"split must be >= 1, got {split}")
+    if rows is not None:
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            raise TypeError(f"rows must be an int or None, got {type(rows).__name__}")
+        if rows < 1 or M % rows:
+            raise ValueError(f"rows must be a positive divisor of the batch's {M} rows, got {rows}")
+
+
+def check_forward_call(
+    x: object, weight: object, bias: object, activation: object, who: str = "linear_act_forward"
+) -> Activation:
+    """linear_act_forward(_z)'s arguments: check_linear_args, and x 2-D (M, K)."""
+    check_linear_args(x, weight, bias, activation, who=who)
+    if x.dim() != 2:  # type: ignore[union-attr]
+        raise ValueError(f"{who}: x must be 2-D (M, K), got shape {tuple(x.shape)}")  # type: ignore[union-attr]
+    return as_activation(activation)
+
+
+def _weight_2d(weight: object, who: str) -> tuple[int, int]:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{who}: weight must be a 2-D tensor")
+    check_tensor(weight, f"{who}: weight")
+    return weight.shape[0], weight.shape[1]
+
+
+def _rows(dy: object) -> int:
+    """dy's row count, or -1 where dy is not a 2-D tensor (check_2d then names it)."""
+    return dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+
+
+def check_backward_input_call(
+    dy: object,
+    y: object,
+    weight: object,
+    activation: object,
+    x: object = None,
+    prev_activation: object = "identity",
+) -> tuple[Activation, Activation]:
+    """linear_act_backward_input's arguments; returns (activation, prev_activation)."""
+    act = as_activation(activation)
+    prev = as_activation(prev_activation, "prev_activation")
+    N, K = _weight_2d(weight, "linear_act_backward_input")
+    M = _rows(dy)
+    check_2d("dy", dy, (M, N), weight)  # type: ignore[arg-type]
+    check_2d("y", y, (M, N), weight)  # type: ignore[arg-type]
+    if prev.code != 0:
+        if x is None:
+            raise ValueError(
+                "linear_act_backward_input: prev_activation needs x, the previous layer's saved tensor"
+            )
+        check_2d("x", x, (M, K), weight)  # type: ignore[arg-type]
+    return act, prev
+
+
+def check_backward_call(
+    dy: object,
+    y: object,
+    weight: object,
+    x: object,
+    activation: object,
+    need_bias: object,
+    prev_activation: object = "identity",
+    split: object = None,
+    rows: object = None,
+) -> tuple[Activation, Activation]:
+    """linear_act_backward's arguments, the weight one tile of the fused kernel
+    (kernels.configs.fused_backward_fits); returns (activation, prev_activation)."""
+    from .configs import fused_backward_fits  # configs imports this module
+
+    act = as_activation(activation)
+    prev = as_activation(prev_activation, "prev_activation")
+    N, K = _weight_2d(weight, "linear_act_backward")
+    M = _rows(dy)
+    check_2d("dy", dy, (M, N), weight)  # type: ignore[arg-type]
+    check_2d("y", y, (M, N), weight)  # type: ignore[arg-type]
+    check_2d("x", x, (M, K), weight)  # type: ignore[arg-type]
+    if not fused_backward_fits(N, K, weight.dtype, prev):  # type: ignore[union-attr]
+        raise ValueError(
+            f"linear_act_backward: the fused kernel does not serve weight {(N, K)} in "
+            f"{weight.dtype} with prev_activation {prev.name!r} (kernels.configs.fused_backward_fits: "  # type: ignore[union-attr]
+            "N and K up to FUSED_BACKWARD_MAX, a light prev_activation that saves its output); use "
+            "linear_act_backward_input and linear_act_backward_weight"
+        )
+    check_split(split, rows, M)
+    return act, prev
+
+
+def check_backward_weight_call(
+    dy: object,
+    y: object,
+    x: object,
+    activation: object,
+    need_bias: object,
+    split: object = None,
+    x_activation: object = "identity",
+    rows: object = None,
+) -> tuple[Activation, Activation]:
+    """linear_act_backward_weight's arguments; returns (activation, x_activation)."""
+    act = as_activation(activation)
+    xact = as_activation(x_activation, "x_activation")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError("linear_act_backward_weight: x must be a 2-D tensor (M, K)")
+    check_tensor(x, "linear_act_backward_weight: x")
+    M, K = x.shape
+    N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+    if K == 0 or N == 0:  # as for the forward: no empty layer (its db would go unwritten)
+        raise ValueError(f"linear_act_backward_weight: x and dy need K, N >= 1, got K={K}, N={N}")
+    check_2d("dy", dy, (M, N), x)
+    check_2d("y", y, (M, N), x)
+    check_split(split, rows, M)
+    return act, xact
+
+
+# Launcher name -> the check of its call (fnn.ops runs it before fnn.reference's version).
+CALL_CHECKS = {
+    "linear_act_forward": check_forward_call,
+    "linear_act_forward_z": lambda x, w, b, a: check_forward_call(x, w, b, a, "linear_act_forward_z"),
+    "linear_act_backward_input": check_backward_input_call,
+    "linear_act_backward": check_backward_call,
+    "linear_act_backward_weight": check_backward_weight_call,
+}

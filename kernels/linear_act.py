@@ -26,7 +26,14 @@ import triton.language as tl
 
 from . import configs, memory
 from .activations import apply_activation, apply_delta, param
-from .checks import Activation, as_activation, check_linear_args, check_tensor
+from .checks import (
+    Activation,
+    as_activation,
+    check_backward_call,
+    check_backward_input_call,
+    check_backward_weight_call,
+    check_forward_call,
+)
 from .configs import (
     HEAVY_DELTA,
     cached_plan,
@@ -778,17 +785,6 @@ def delta_once(
     return dy, s, activation
 
 
-def _check_2d(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.dtype != like.dtype or t.device != like.device:
-        raise TypeError(
-            f"{name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}"
-        )
-
-
 # --- unchecked entries: the arguments are known good (fnn checks them once, at its public entry)
 
 
@@ -1062,10 +1058,7 @@ def _forward(
     store_z: bool,
     who: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    check_linear_args(x, weight, bias, activation, who=who)
-    if x.dim() != 2:
-        raise ValueError(f"{who}: x must be 2-D (M, K), got shape {tuple(x.shape)}")
-    act = as_activation(activation)
+    act = check_forward_call(x, weight, bias, activation, who)
     if store_z:
         return forward_z_unchecked(x, weight, bias, act)
     return forward_unchecked(x, weight, bias, act), None
@@ -1103,21 +1096,7 @@ def linear_act_backward_input(
     delta of the previous layer, read off `x`, that layer's saved tensor (its output, which is
     this layer's input, or its Z). The FNN backward chains layers through this.
     """
-    act = as_activation(activation)
-    prev = as_activation(prev_activation, "prev_activation")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("linear_act_backward_input: weight must be a 2-D tensor")
-    check_tensor(weight, "linear_act_backward_input: weight")
-    N, K = weight.shape
-    M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
-    _check_2d("dy", dy, (M, N), weight)
-    _check_2d("y", y, (M, N), weight)
-    if prev.code != 0:
-        if x is None:
-            raise ValueError(
-                "linear_act_backward_input: prev_activation needs x, the previous layer's saved tensor"
-            )
-        _check_2d("x", x, (M, K), weight)
+    act, prev = check_backward_input_call(dy, y, weight, activation, x, prev_activation)
     return backward_input_unchecked(dy, y, weight, act, x, prev)
 
 
@@ -1144,23 +1123,7 @@ def linear_act_backward(
     fused_backward_fits). `split` slices the batch as in linear_act_backward_weight (default:
     chosen from the shape); `rows` gives each slice's own dW and db, as there.
     """
-    act = as_activation(activation)
-    prev = as_activation(prev_activation, "prev_activation")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("linear_act_backward: weight must be a 2-D tensor")
-    N, K = weight.shape
-    M = dy.shape[0] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
-    _check_2d("dy", dy, (M, N), weight)
-    _check_2d("y", y, (M, N), weight)
-    _check_2d("x", x, (M, K), weight)
-    if not fused_backward_fits(N, K, weight.dtype, prev):
-        raise ValueError(
-            f"linear_act_backward: the fused kernel does not serve weight {tuple(weight.shape)} in "
-            f"{weight.dtype} with prev_activation {prev.name!r} (kernels.configs.fused_backward_fits: "
-            "N and K up to FUSED_BACKWARD_MAX, a light prev_activation that saves its output); use "
-            "linear_act_backward_input and linear_act_backward_weight"
-        )
-    _check_split(split, rows, M)
+    act, prev = check_backward_call(dy, y, weight, x, activation, need_bias, prev_activation, split, rows)
     return backward_unchecked(dy, y, weight, x, act, need_bias, prev, split, rows)
 
 
@@ -1184,27 +1147,5 @@ def linear_act_backward_weight(
     instead returns each slice of that many consecutive rows' own gradients, dW (M / rows, N, K)
     and db (M / rows, N): per-sample gradients in one launch (torch.func.vmap's rule).
     """
-    act = as_activation(activation)
-    xact = as_activation(x_activation, "x_activation")
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError("linear_act_backward_weight: x must be a 2-D tensor (M, K)")
-    check_tensor(x, "linear_act_backward_weight: x")
-    M, K = x.shape
-    N = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
-    if K == 0 or N == 0:  # as for the forward: no empty layer (its db would go unwritten)
-        raise ValueError(f"linear_act_backward_weight: x and dy need K, N >= 1, got K={K}, N={N}")
-    _check_2d("dy", dy, (M, N), x)
-    _check_2d("y", y, (M, N), x)
-    _check_split(split, rows, M)
+    act, xact = check_backward_weight_call(dy, y, x, activation, need_bias, split, x_activation, rows)
     return backward_weight_unchecked(dy, y, x, act, need_bias, split, xact, rows)
-
-
-def _check_split(split: object, rows: object, M: int) -> None:
-    """`split` None or >= 1; `rows` None or a positive divisor of M (0 when M is 0)."""
-    if split is not None and split < 1:
-        raise ValueError(f"split must be >= 1, got {split}")
-    if rows is not None:
-        if isinstance(rows, bool) or not isinstance(rows, int):
-            raise TypeError(f"rows must be an int or None, got {type(rows).__name__}")
-        if rows < 1 or M % rows:
-            raise ValueError(f"rows must be a positive divisor of the batch's {M} rows, got {rows}")

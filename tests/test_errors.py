@@ -18,6 +18,7 @@ from triton.runtime.jit import KernelInterface
 import fnn
 import fnn.functional
 import kernels.linear_act
+import kernels.network  # loaded before no_launch patches: it imports names from kernels.linear_act
 from fnn import reference
 from kernels.checks import as_activation, check_linear_args
 from kernels.launch import CachedLauncher
@@ -254,8 +255,9 @@ def test_launchers_refuse_empty_layers_integers_and_mismatched_h(device, no_laun
     gradient (before, db came back unwritten), integer tensors (before, an error from inside
     Triton), negative widths in the network kernels (before, accepted: zeros) and an H of
     another dtype than x for the network backward (before, not checked)."""
-    import kernels.network as kn
     from fnn import network_ops
+
+    kn = kernels.network
 
     ops = kernels.linear_act
     dy, y = _t(4, 5, device=device, grad=False), _t(4, 5, device=device, grad=False)
@@ -363,6 +365,66 @@ def test_backward_launcher_arguments(device, no_launch):
         "(2, 4, 3)",
         inputs=inputs,
     )
+
+
+def _bad_op_calls():
+    """(what, call) pairs: bad calls of every registered per-layer op (torch.ops.fnn.*)."""
+    ops = torch.ops.fnn
+    dy, y, w, x = _t(4, 5, grad=False), _t(4, 5, grad=False), _t(5, 3, grad=False), _t(4, 3, grad=False)
+    wide = _t(80, 80, grad=False)
+    xw, dyw = _t(4, 80, grad=False), _t(4, 80, grad=False)
+    return {
+        "forward, x 3-D": lambda: ops.linear_act_forward(_t(2, 4, 3, grad=False), w, None, "sigmoid"),
+        "forward, x int32": lambda: ops.linear_act_forward(x.int(), w, None, "sigmoid"),
+        "forward, bias shape": lambda: ops.linear_act_forward(x, w, _t(4, grad=False), "sigmoid"),
+        "forward, unknown activation": lambda: ops.linear_act_forward(x, w, None, "swish"),
+        "forward_z, weight dtype": lambda: ops.linear_act_forward_z(x, w.double(), None, "gelu"),
+        "backward_input, y shape": lambda: ops.linear_act_backward_input(
+            dy, _t(4, 6, grad=False), w, "sigmoid", None, "identity"
+        ),
+        "backward_input, prev without x": lambda: ops.linear_act_backward_input(
+            dy, y, w, "sigmoid", None, "relu"
+        ),
+        "backward_input, weight int32": lambda: ops.linear_act_backward_input(
+            dy, y, w.int(), "sigmoid", None, "identity"
+        ),
+        "backward_weight, K=0": lambda: ops.linear_act_backward_weight(
+            dy, y, _t(4, 0, grad=False), "sigmoid", True, None
+        ),
+        "backward_weight, dy dtype": lambda: ops.linear_act_backward_weight(
+            dy.double(), y, x, "sigmoid", True, None
+        ),
+        "backward_weight, split 0": lambda: ops.linear_act_backward_weight(dy, y, x, "sigmoid", True, 0),
+        "backward_weight, rows 3 of 4": lambda: ops.linear_act_backward_weight(
+            dy, y, x, "sigmoid", True, None, rows=3
+        ),
+        "backward, wider than the fused tile": lambda: ops.linear_act_backward(
+            dyw, _t(4, 80, grad=False), wide, xw, "sigmoid", True
+        ),
+        "backward, x shape": lambda: ops.linear_act_backward(dy, y, w, _t(4, 2, grad=False), "sigmoid", True),
+    }
+
+
+def test_registered_ops_refuse_bad_calls_alike_on_every_backend(monkeypatch, no_launch):
+    """A bad call of a registered op fails the same way (type and message) on the CPU reference
+    backend as on the kernels' (the interpreter here), before the reference computes anything.
+    Before, the reference ran unchecked: PyTorch's error, or a result of the wrong shape."""
+    for name in ("linear_act_forward_z", "linear_act_backward"):
+        monkeypatch.setattr(reference, name, _NoKernel(f"fnn.reference.{name}"))
+    calls = _bad_op_calls()
+    errors = {}
+    for backend_env in ("1", None):
+        if backend_env is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", backend_env)
+        assert fnn.backend("cpu") == ("interpreter" if backend_env else "reference")
+        for what, call in calls.items():
+            with pytest.raises((ValueError, TypeError)) as info:
+                call()
+            errors.setdefault(what, []).append((type(info.value), str(info.value)))
+    for what, (kernel_error, reference_error) in errors.items():
+        assert kernel_error == reference_error, (what, kernel_error, reference_error)
 
 
 # ---------------------------------------------------------------------------------------------
