@@ -308,8 +308,11 @@ def check_linear_args(
 # them, so a bad call fails the same way on every backend.
 
 
-def check_2d(name: str, t: object, shape: tuple[int, int], like: torch.Tensor) -> None:
-    """`t` a tensor of `shape` with `like`'s dtype and device."""
+def check_2d(name: str, t: object, shape: tuple[int, int], like: torch.Tensor, who: str = "") -> None:
+    """`t` a tensor of `shape` with `like`'s dtype and device; `who`, if given, prefixes the
+    message."""
+    if who:
+        name = f"{who}: {name}"
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if tuple(t.shape) != shape:

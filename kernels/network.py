@@ -78,7 +78,7 @@ from .activations import (
     tanh,
     tanh_grad,
 )
-from .checks import Activation, as_activation, check_tensor
+from .checks import Activation, as_activation, check_2d, check_tensor
 from .configs import cached_plan, cdiv
 from .launch import launcher
 from .linear_act import INTERPRETED, _acc_dtype, cast, input_precision, mma
@@ -1032,15 +1032,6 @@ def _check_net(
     return padded_width(sizes)
 
 
-def _check_rows(name: str, t: torch.Tensor, shape: tuple[int, int], like: torch.Tensor, who: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.dtype != like.dtype or t.device != like.device:
-        raise TypeError(f"{who}: {name} is {t.dtype} on {t.device}; expected {like.dtype} on {like.device}")
-
-
 def _check_x(x: object, sizes: Sequence[int], who: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != sizes[0]:
         raise ValueError(f"{who}: x must be a 2-D tensor (M, {sizes[0]})")
@@ -1378,7 +1369,7 @@ def network_forward(
     p = _check_net(params, meta, act_params, sizes, biased, x, who)
     m = x.shape[0]
     if z_out is not None:
-        _check_rows("z_out", z_out, (m, sizes[-1]), x, who)
+        check_2d("z_out", z_out, (m, sizes[-1]), x, who)
         if not z_out.is_contiguous():
             raise ValueError(f"{who}: z_out must be contiguous")
     y, h = forward_unchecked(x, params, meta, tuple(sizes), tuple(biased), store_hidden, act_params, z_out, acts)
@@ -1410,8 +1401,8 @@ def network_backward(
     _check_x(x, sizes, who)
     p = _check_net(params, meta, act_params, sizes, biased, x, who)
     m, n_layers = x.shape[0], len(sizes) - 1
-    _check_rows("dy", dy, (m, sizes[-1]), x, who)
-    _check_rows("y", y, (m, sizes[-1]), x, who)
+    check_2d("dy", dy, (m, sizes[-1]), x, who)
+    check_2d("y", y, (m, sizes[-1]), x, who)
     if n_layers > 1:
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"{who}: h must be a torch.Tensor, got {type(h).__name__}")
@@ -1462,7 +1453,7 @@ def network_train_step(
         )
     _check_net(params, meta, act_params, sizes, biased, x, who)
     m = x.shape[0]
-    _check_rows("target", target, (m, sizes[-1]), x, who)
+    check_2d("target", target, (m, sizes[-1]), x, who)
     if m == 0:
         raise ValueError(f"{who}: empty batch")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
