@@ -853,12 +853,24 @@ def check_layers(
             return acts
     for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
         who = f"layer {i} of the network"
-        if i == 0:
-            check_linear_args(x, w, b, a, who=who)
-        else:
-            # The input of layer i is the output of layer i - 1: check it as an empty batch.
-            check_linear_args(x.new_empty((0, weights[i - 1].shape[0])), w, b, a, who=who)
+        check_linear_args(layer_input(x, weights, i, who), w, b, a, who=who)
     return [as_activation(a) for a in activations]
+
+
+def layer_input(x: torch.Tensor, weights: Sequence[object], i: int, who: str) -> torch.Tensor:
+    """Layer i's input as check_linear_args checks it: x for layer 0, else an empty batch of
+    layer i - 1's outputs, once a width that does not chain has raised an error naming both
+    layers (check_linear_args would name the empty batch, which is not the caller's x)."""
+    if i == 0:
+        return x
+    prev, w = weights[i - 1], weights[i]
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] != prev.shape[0]:
+        raise ValueError(
+            f"{who}: weight has in_features={w.shape[1]} (shape {tuple(w.shape)}) but layer {i - 1} "
+            f"has out_features={prev.shape[0]} (weight shape {tuple(prev.shape)}): each layer's "
+            "in_features must be the previous layer's out_features"
+        )
+    return x.new_empty((0, prev.shape[0]))
 
 
 def _needs_grad(

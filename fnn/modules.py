@@ -285,4 +285,8 @@ class FNN(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, fusion={self.fusion!r}"
+        try:
+            sizes = self.sizes
+        except (TypeError, ValueError) as e:  # model.layers edited into no network: still printable
+            return f"invalid ({e}), fusion={self.fusion!r}"
+        return f"sizes={sizes}, fusion={self.fusion!r}"

@@ -24,6 +24,7 @@ from torch import nn
 from torch._C._functorch import unwrap_if_dead
 from torch.autograd import forward_ad
 from torch.autograd.function import FunctionCtx
+from torch.nn.utils import parametrize
 
 from kernels.checks import Activation, as_activation, check_linear_args
 
@@ -46,6 +47,7 @@ from .functional import (
     _with_graph,
     fast_apply,
     has_tangents,
+    layer_input,
 )
 from .network_ops import layer_sizes, padded_width
 from .plan import FNNPlan, flat_views, plan
@@ -159,10 +161,13 @@ def flatten_parameters(model: nn.Module) -> bool:
     optimizers and hooks holding them see no change. Nothing happens where they already are
     such views. Returns whether the parameters are now the flat buffer's views.
 
-    Refuses (returns False, changing nothing) where a parameter is not a plain tensor of a
-    real device (FSDP's sharded DTensors, fake or meta tensors), where the parameters differ
-    in dtype or device, where one Parameter serves two layers (tied weights), and while
-    torch.compile traces."""
+    Refuses (returns False) where a parameter is not a plain tensor of a real device (FSDP's
+    sharded DTensors, fake or meta tensors), where the parameters differ in dtype or device,
+    where one Parameter serves two layers (tied weights), where a layer is parametrized
+    (torch.nn.utils.parametrize: its weight is computed, its Parameters are others), and while
+    torch.compile traces. A refusal changes no parameter; it drops the module's reference to
+    a flat buffer the parameters no longer all view (after `to("meta")` or FSDP's sharding,
+    the old parameters' memory is then freed, as for any module)."""
     if torch.compiler.is_compiling():
         return False
     weights, biases = _layers_parameters(model)
@@ -171,9 +176,11 @@ def flatten_parameters(model: nn.Module) -> bool:
     params = [*weights, *(b for b in biases if b is not None)]
     first = params[0]
     if (
-        not all(_plain(p) and p.dtype == first.dtype and p.device == first.device for p in params)
+        any(parametrize.is_parametrized(layer) for layer in model.layers)
+        or not all(_plain(p) and p.dtype == first.dtype and p.device == first.device for p in params)
         or len({id(p) for p in params}) != len(params)
     ):
+        model.__dict__["_flat"] = None
         return False
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -388,8 +395,7 @@ def check_network_args(
         )
     for i, (w, b, a) in enumerate(zip(weights, biases, activations, strict=True)):
         who = f"layer {i} of the network"
-        xi = x if i == 0 else x.new_empty((0, weights[i - 1].shape[0]))
-        check_linear_args(xi, w, b, a, who=who)
+        check_linear_args(layer_input(x, weights, i, who), w, b, a, who=who)
     sizes = [weights[0].shape[1], *(w.shape[0] for w in weights)]
     check_fusion("network", sizes)
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 from kernels.checks import Activation, act_set, as_activation
 
-__all__ = ["FNNPlan", "flat_views", "has_hooks", "must_call", "plan", "parameters"]
+__all__ = ["FNNPlan", "flat_views", "global_hooks", "has_hooks", "must_call", "plan", "parameters"]
 
 MAX_WIDTH = 128  # kernels.network.MAX_WIDTH (this module imports no triton)
 _is_compiling = torch.compiler.is_compiling
@@ -58,6 +59,7 @@ class FNNPlan:
     )
 
     def __init__(self, layers: tuple, activation_attrs: tuple, fusion: object, model: nn.Module) -> None:
+        check_layers(layers)
         self.layers = layers  # the FusedLinear objects, in order
         # (each layer's `activation` attribute, whether it has no bias, its weight's shape (None
         # without a weight Parameter of its own)), as read: see `plan`
@@ -130,15 +132,32 @@ class FNNPlan:
     def calls_layers(self) -> bool:
         """Whether the FNN calls its layers one by one, as an nn.Sequential of them would (the
         usual path reads the layers' parameters and never calls them): a layer has a forward,
-        forward-pre or backward hook of its own, which runs only if the layer is called, or a
-        weight that is not its own Parameter (`unplanned`)."""
-        return self.unplanned or any(self.hook_dicts)
+        forward-pre or backward hook of its own, or a global module hook is registered (module
+        trackers, FLOP counters), which runs for a layer only if the layer is called, or a
+        weight is not its layer's own Parameter (`unplanned`)."""
+        return self.unplanned or any(self.hook_dicts) or global_hooks()
 
     def parameters(self) -> list[torch.Tensor | None]:
         """The layers' current parameters, [w_1, b_1, ..., w_L, b_L] (None for no bias), read
         from each layer's parameter dict, as nn.Module's attribute lookup finds them, without
         its Python __getattr__."""
         return [d.get(name) for d in self.param_dicts for name in ("weight", "bias")]
+
+
+def check_layers(layers: tuple) -> None:
+    """An FNN's layers (`model.layers`, which users may edit): at least one, each a
+    FusedLinear; else a ValueError or TypeError that says so."""
+    from .modules import FusedLinear  # fnn.modules imports this module
+
+    if not layers:
+        raise ValueError("FNN: model.layers is empty; an FNN needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, FusedLinear):
+            raise TypeError(
+                f"FNN: layers[{i}] is a {type(layer).__name__}; an FNN's layers must be fnn.FusedLinear "
+                "(fnn.FusedLinear.from_linear converts an nn.Linear, fnn.fuse a model's Linear + "
+                "activation pairs)"
+            )
 
 
 def _hook_dicts(module: nn.Module) -> tuple:
@@ -156,10 +175,24 @@ def has_hooks(module: nn.Module) -> bool:
     return any(_hook_dicts(module))
 
 
+# nn.Module's global hooks (torch.nn.modules.module.register_module_forward_hook and its
+# siblings), which apply to every module call: dicts that torch fills and empties in place.
+_G_FORWARD = _module._global_forward_hooks
+_G_FORWARD_PRE = _module._global_forward_pre_hooks
+_G_BACKWARD = _module._global_backward_hooks
+_G_BACKWARD_PRE = _module._global_backward_pre_hooks
+
+
+def global_hooks() -> bool:
+    """Whether a global forward, forward-pre or backward module hook is registered."""
+    return bool(_G_FORWARD or _G_FORWARD_PRE or _G_BACKWARD or _G_BACKWARD_PRE)
+
+
 def must_call(layer: nn.Module) -> bool:
     """Whether an FNN must call `layer` rather than read its parameters (FNNPlan.calls_layers,
-    for the traced forward, which has no plan): hooks, or a parametrized weight or bias."""
-    return has_hooks(layer) or parametrize.is_parametrized(layer)
+    for the traced forward, which has no plan): hooks (its own or global ones), or a
+    parametrized weight or bias."""
+    return has_hooks(layer) or global_hooks() or parametrize.is_parametrized(layer)
 
 
 def plan(model: nn.Module) -> FNNPlan:
@@ -168,16 +201,20 @@ def plan(model: nn.Module) -> FNNPlan:
     (which then replaces it). A layer resized in place gets a new plan; so does one that
     torch.nn.utils.parametrize takes over (its weight, or bias, leaves `_parameters`)."""
     layers = tuple(model._modules["layers"]._modules.values())
-    attrs = tuple(
-        [
-            (
-                layer.activation,
-                (d := layer._parameters).get("bias") is None,
-                getattr(d.get("weight"), "shape", None),
-            )
-            for layer in layers
-        ]
-    )
+    try:
+        attrs = tuple(
+            [
+                (
+                    layer.activation,
+                    (d := layer._parameters).get("bias") is None,
+                    getattr(d.get("weight"), "shape", None),
+                )
+                for layer in layers
+            ]
+        )
+    except AttributeError:  # a layer that is not a FusedLinear (no `activation`)
+        check_layers(layers)
+        raise
     fusion = model.__dict__.get("fusion")
     p = model.__dict__.get("_fnn_plan")
     if p is not None and p.layers == layers and p.activation_attrs == attrs and p.fusion == fusion:

@@ -18,6 +18,7 @@ from .plan import FNNPlan, flat_views, has_hooks, parameters, plan
 
 _is_compiling = torch.compiler.is_compiling
 _any_autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "bce": F.binary_cross_entropy,  # mean, as nn.BCELoss
@@ -88,8 +89,10 @@ class Trainer:
         self.momentum = momentum
         self._optimizer: torch.optim.SGD | None = None
         self._hyper: tuple[tuple, torch.Tensor] | None = None
-        # (the flat parameter buffer it belongs to, weakly; the flat momentum buffer)
-        self._momentum: tuple[weakref.ref, torch.Tensor] | None = None
+        # (the flat parameter buffer it belongs to, weakly; the flat momentum buffer; the
+        # Parameter objects it holds the momentum of, in the flat buffer's order, weakly, with
+        # their shapes)
+        self._momentum: tuple[weakref.ref, torch.Tensor, tuple] | None = None
         # Which path's momentum is current: "fused" (the flat buffer above) or "autograd" (the
         # optimizer's state); the other's is handed over when the model changes path.
         self._momentum_at: str | None = None
@@ -131,7 +134,7 @@ class Trainer:
             and backend(device) != "reference"
             and not autocast_for(torch.device(device).type)  # autograd follows it, as FNN.forward does
             and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
-            and all(p.requires_grad for p in model.parameters())  # frozen ones: autograd's SGD skips them
+            and _trainable(*parameters(plan(model)))  # frozen ones: autograd's SGD skips them; hooks
             and (self.loss != "bce" or plan(model).names[-1] == "sigmoid")  # outputs in [0, 1]
         )
 
@@ -168,13 +171,18 @@ class Trainer:
         """One SGD step on the batch (x, y); returns the loss before the update (0-dim)."""
         if _is_compiling():
             return _step_outside_graph(self, x, y)
+        if not _grad_enabled():  # the fused step needs no autograd, but a step is a backward
+            raise RuntimeError(
+                "Trainer.step needs gradients: it was called with grad mode off (under torch.no_grad() "
+                "or torch.inference_mode())"
+            )
         model = self._fnn()
         if model is not None:  # the fused step with every check cheap (None: take the full path)
             loss = self._planned_step(model, plan(model), x, y)
             if loss is not None:
                 return loss
         x, y = self._check_batch(x, y)
-        if self.fused(x.device):
+        if self.fused(x.device) and not x.requires_grad:  # x.grad: the fused step computes no dX
             loss = self._fused_step(x, y)
             if loss is not None:
                 return loss
@@ -229,7 +237,7 @@ class Trainer:
         if p.fusion != "network" and network.resolve_fusion(p.fusion, p.sizes, device) != "network":
             return None
         weights, biases = parameters(p)
-        if not _trainable(weights, biases):  # a frozen parameter: the autograd step leaves it be
+        if not _trainable(weights, biases):  # frozen or hooked parameters: autograd's step
             return None
         flat = model.__dict__.get("_flat")
         if not flat_views(p, flat, weights, biases):
@@ -250,6 +258,7 @@ class Trainer:
             or x.numel() == 0
             or x.layout is not torch.strided
             or y.layout is not torch.strided
+            or x.requires_grad  # x.grad: autograd's step fills it, the fused one computes no dX
             or x.dtype is not dtype
             or y.dtype is not dtype
             or device != flat.device
@@ -257,7 +266,7 @@ class Trainer:
             or not train_step_fits(p.sizes, dtype)
         ):
             return None
-        hyper, buf = self._step_state(flat, device)
+        hyper, buf = self._step_state(flat, device, weights, biases)
         from kernels.network import train_step_unchecked
 
         return train_step_unchecked(
@@ -276,11 +285,15 @@ class Trainer:
         )
 
     def _step_state(
-        self, flat: torch.Tensor, device: torch.device
+        self, flat: torch.Tensor, device: torch.device, weights: list, biases: list
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hyper, momentum buffer or None) for the fused step on `flat`: the (lr, momentum)
-        tensor in the accumulator dtype, built once per (lr, momentum, dtype, device) rather
-        than every step, and the momentum buffer, a new zero one for a new flat buffer."""
+        """(hyper, momentum buffer or None) for the fused step on `flat` (whose views are the
+        parameters `weights` and `biases`): the (lr, momentum) tensor in the accumulator dtype,
+        built once per (lr, momentum, dtype, device) rather than every step, and the momentum
+        buffer. A new flat buffer for the same Parameter objects (the model moved by `to()`,
+        or flattened again after `p.data = ...`) takes over the old momentum, in the new dtype
+        and device, as torch.optim.SGD's state follows its Parameters; new Parameter objects
+        (`load_state_dict(assign=True)`, a new layer) start from zero, as a new optimizer."""
         acc = torch.float64 if flat.dtype is torch.float64 else torch.float32
         key = (self.lr, self.momentum, acc, device)
         if self._hyper is None or self._hyper[0] != key:
@@ -288,8 +301,18 @@ class Trainer:
         buf = None
         if self.momentum > 0:
             state = self._momentum
-            if state is None or state[0]() is not flat:  # a new flat buffer: a new momentum
-                state = self._momentum = (weakref.ref(flat), torch.zeros_like(flat))
+            if state is None or state[0]() is not flat:  # a new flat buffer
+                params = [t for t in (*weights, *biases) if t is not None]
+                new_buf = torch.zeros_like(flat)
+                if (
+                    state is not None
+                    and state[1].numel() == flat.numel()
+                    and len(state[2]) == len(params)
+                    and all(r() is t and s == t.shape for (r, s), t in zip(state[2], params, strict=True))
+                ):
+                    new_buf.copy_(state[1])
+                held = tuple((weakref.ref(t), t.shape) for t in params)
+                state = self._momentum = (weakref.ref(flat), new_buf, held)
             buf = state[1]
             if self._momentum_at == "autograd":
                 self._momentum_from_optimizer(flat, buf)
@@ -340,7 +363,7 @@ class Trainer:
                 return None
             weights, biases = [la.weight for la in layers], [la.bias for la in layers]
             flat = flat_buffer(model, weights, biases)
-        hyper, buf = self._step_state(flat, x.device)
+        hyper, buf = self._step_state(flat, x.device, weights, biases)
         sizes = network_ops.layer_sizes(weights)
         biased = tuple(b is not None for b in biases)
         with torch.no_grad():
@@ -360,12 +383,11 @@ class Trainer:
 
 
 def _trainable(weights: list, biases: list) -> bool:
-    """Whether every parameter requires grad (the fused step updates the whole flat buffer)."""
-    for w in weights:
-        if not w.requires_grad:
-            return False
-    for b in biases:
-        if b is not None and not b.requires_grad:
+    """Whether every parameter requires grad (the fused step updates the whole flat buffer)
+    and none has a hook of its own (`register_hook`, `register_post_accumulate_grad_hook`:
+    the fused step makes no gradient for them to see)."""
+    for t in (*weights, *biases):
+        if t is not None and (not t.requires_grad or t._backward_hooks or t._post_accumulate_grad_hooks):
             return False
     return True
 

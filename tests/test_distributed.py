@@ -114,6 +114,7 @@ def _worker(rank: int, port: int, state: dict, out_dir: str) -> None:
             else:
                 fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
                 assert not model.flatten_parameters(), "sharded parameters must be left alone"
+                assert model._flat is None, "the pre-shard flat buffer is dropped, not kept alive"
                 _train(model, x[rows], y[rows], by)
                 weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
             results[(wrapper, fusion, by)] = {k: v.detach().clone() for k, v in weights.items()}

@@ -367,6 +367,30 @@ def test_backward_launcher_arguments(device, no_launch):
     )
 
 
+def test_edited_layers_give_errors_that_say_what_is_wrong(device, no_launch):
+    """model.layers is a ModuleList users may edit. An nn.Linear among the layers is a
+    TypeError naming it (before, AttributeError: no `activation`); an emptied list a ValueError
+    (before, IndexError, from print(model) too, which now still prints); a layer whose width
+    does not chain a ValueError naming both layers (before, the message named an empty batch
+    of the right width as if it were the caller's x)."""
+    x = _t(5, 3, device=device, grad=False)
+    for fusion in ("layer", "network"):
+        linear = fnn.FNN([3, 4, 2], fusion=fusion, device=device)
+        linear.layers.append(torch.nn.Linear(2, 2, device=device))
+        _raises(lambda m=linear: m(x), TypeError, "layers[2] is a Linear", "fnn.FusedLinear", inputs=(x,))
+        wide = fnn.FNN([3, 4, 2], fusion=fusion, device=device)
+        wide.layers.append(fnn.FusedLinear(5, 1, device=device))
+        why = ("layer 2", "in_features=5", "layer 1 has out_features=2")
+        _raises(lambda m=wide: m(x), ValueError, *why, inputs=(x,))
+        empty = fnn.FNN([3, 4, 2], fusion=fusion, device=device)
+        del empty.layers[:]
+        _raises(lambda m=empty: m(x), ValueError, "model.layers is empty", inputs=(x,))
+        assert "invalid" in repr(empty) and "empty" in repr(empty)
+    weights = [_t(4, 3, device=device), _t(2, 5, device=device)]
+    forward = lambda: fnn.fnn_forward(x, weights, [None, None], ["tanh"] * 2)  # noqa: E731
+    _raises(forward, ValueError, "layer 1", "in_features=5", "layer 0 has out_features=4")
+
+
 def _bad_op_calls():
     """(what, call) pairs: bad calls of every registered per-layer op (torch.ops.fnn.*)."""
     ops = torch.ops.fnn

@@ -7,6 +7,8 @@ PyTorch's autograd; launches are counted by wrapping the jit kernels.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -524,12 +526,22 @@ def test_parameters_replaced_or_substituted(device, cats):
 
 
 def test_flatten_refuses_what_it_cannot_flatten(device, cats):
-    """Meta parameters and tied weights are left as they are (the forward concatenates);
-    to_empty() from meta flattens; tied weights keep their single gradient by autograd."""
+    """Meta parameters, a parametrized layer and tied weights are left as they are (the
+    forward concatenates); to_empty() from meta flattens; tied weights keep their single
+    gradient by autograd. A refusal drops the module's old flat buffer, which no parameter
+    views any more (before, `to("meta")` kept the old parameters' memory alive, and
+    flatten_parameters said True for a parametrized layer whose Parameters it never moved)."""
     meta = fnn.FNN([3, 4, 2], device="meta", fusion="network")
     assert meta._flat is None and not meta.flatten_parameters()
     meta.to_empty(device=device)
     assert _views_of_own_flat(meta)
+    old = weakref.ref(meta._flat)
+    meta.to("meta")
+    gc.collect()
+    assert meta._flat is None and old() is None, "to('meta') keeps no real memory alive"
+    normed = _model([3, 5, 2], ["tanh", "sigmoid"], True, torch.float32, device, "network")
+    torch.nn.utils.parametrizations.weight_norm(normed.layers[0])
+    assert not normed.flatten_parameters() and normed._flat is None
     tied = _model([4, 4, 4], ["tanh", "sigmoid"], False, torch.float32, device, "network")
     tied.layers[1].weight = tied.layers[0].weight
     assert not tied.flatten_parameters() and not _views_of_own_flat(tied)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close
 from test_network import LaunchCounter
 
 import fnn
@@ -298,38 +299,147 @@ def test_trainer_and_torch_compile(device, launches):
     torch._dynamo.reset()
 
 
-def test_momentum_buffer_follows_the_flat_buffer(device):
-    """The flat momentum buffer is kept from step to step, and made again (from zero, as a
-    new torch.optim.SGD would) when the FNN's flat parameter buffer is replaced: by `to()`,
-    or by the step's own flattening of assigned parameters, which happens once."""
+def test_momentum_follows_the_parameters(device):
+    """The flat momentum buffer is kept from step to step. A new flat parameter buffer for the
+    same Parameter objects (`to()`, or the step's flattening again after `p.data = ...`) takes
+    the momentum over, in its dtype, as torch.optim.SGD's state follows its Parameters
+    (before, the fused step restarted from zero there, and differed from SGD by 1e-1); new
+    Parameter objects (`load_state_dict(assign=True)`) start from zero, as a new optimizer
+    over them would."""
     torch.manual_seed(7)
     model = fnn.FNN([3, 8, 2], activation=["tanh", "sigmoid"], device=device, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
     x, y = torch.randn(10, 3, device=device), torch.rand(10, 2, device=device)
     trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
-    trainer.step(x, y)
-    buf = trainer._momentum[1]
-    trainer.step(x, y)
-    assert trainer._momentum[1] is buf
-    for change in ("double", "assign"):
-        if change == "double":
-            model.double()
-            x, y = x.double(), y.double()
-        else:
-            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
-        ref = copy.deepcopy(model)
-        ref.fusion = "layer"
-        opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+
+    def steps(what, rtol=1e-5):
         for step in range(2):
+            assert trainer.fused(device), what
             trainer.step(x, y)
-            if step == 0:
-                flat = model._flat
             opt.zero_grad()
             torch.nn.functional.mse_loss(ref(x), y).backward()
             opt.step()
-            _assert_params(model, list(ref.parameters()), f"after {change}, step {step}")
-        assert model._flat is flat and trainer._momentum[1] is not buf
-        assert trainer._momentum[1].dtype == torch.float64
+            _assert_params(model, list(ref.parameters()), f"{what}, step {step}", rtol)
+
+    steps("float32")
+    buf = trainer._momentum[1]
+    for change in ("double", "p.data", "assign"):
+        flat = model._flat
+        if change == "double":  # SGD keeps its float32 momentum buffers: equal to float32's rounding
+            model.double()
+            ref.double()
+            x, y = x.double(), y.double()
+        elif change == "p.data":
+            for m in (model, ref):
+                vec = torch.nn.utils.parameters_to_vector(m.parameters())
+                torch.nn.utils.vector_to_parameters(vec * 0.5, m.parameters())
+        else:
+            for m in (model, ref):
+                m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+            opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+        steps(f"after {change}", 1e-5 if change == "double" else 1e-12)
+        assert model._flat is not flat, change
+        assert trainer._momentum[1] is not buf and trainer._momentum[1].dtype == torch.float64
         buf = trainer._momentum[1]
+
+
+def test_parameter_hooks_take_the_autograd_step(device, launches):
+    """A hook on a parameter tensor (`register_hook`, here a gradient mask that freezes rows
+    of a weight, or `register_post_accumulate_grad_hook`) runs only where autograd makes the
+    gradient: such a model trains through autograd and torch.optim.SGD, hooks and all
+    (before, the fused step skipped them and the masked rows moved). Removing the hooks
+    brings the fused step back."""
+    x = torch.rand(9, 3, device=device, dtype=torch.float64)
+    y = torch.rand(9, 2, device=device, dtype=torch.float64)
+    mask = torch.tensor([[1.0], [0.0], [1.0], [0.0]], device=device, dtype=torch.float64)
+    torch.manual_seed(8)
+    model = fnn.FNN([3, 4, 2], fusion="network", device=device, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    calls = []
+    handles = []
+    for m in (model, ref):
+        w = m.layers[0].weight
+        handles.append(w.register_hook(lambda g: g * mask))
+        handles.append(w.register_post_accumulate_grad_hook(lambda p: calls.append(p.shape)))
+    frozen = model.layers[0].weight.detach()[1].clone()
+    trainer = fnn.Trainer(model, loss="mse", lr=0.5, momentum=0.9)
+    assert not trainer.fused(device)
+    _steps_match_sgd(trainer, model, ref, x, y, "mse", 0.5, 0.9, 1e-12)
+    assert torch.equal(model.layers[0].weight.detach()[1], frozen), "the masked row moved"
+    assert len(calls) == 6, calls  # 3 steps, model and reference
+    for h in handles:
+        h.remove()
+    assert trainer.fused(device)
+    launches.calls.clear()
+    trainer.step(x, y)
+    assert launches.calls == ["network_bwd_kernel"], launches.calls
+
+
+def test_global_module_hooks_see_the_layers(device, launches):
+    """A global module hook (torch.nn.modules.module.register_module_forward_hook: module
+    trackers, FLOP counters) sees every module call. The FNN then calls its layers, as an
+    nn.Sequential would, and the Trainer takes autograd's step (before, the hook saw the FNN
+    alone, and nothing at all in a fused step)."""
+    x = torch.rand(9, 3, device=device)
+    y = torch.rand(9, 2, device=device)
+    model = fnn.FNN([3, 4, 2], fusion="network", device=device)
+    ref = copy.deepcopy(model)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: seen.append(type(mod).__name__)
+    )
+    try:
+        out = model(x)
+        assert seen == ["FusedLinear", "FusedLinear", "FNN"], seen
+        assert_close(out, ref.layers[1](ref.layers[0](x)), 1e-6, 1e-7, "the layers called")
+        trainer = fnn.Trainer(model, loss="mse", lr=0.5)
+        assert not trainer.fused(device)
+        seen.clear()
+        trainer.step(x, y)
+        assert seen == ["FusedLinear", "FusedLinear", "FNN"], seen
+    finally:
+        handle.remove()
+    assert trainer.fused(device)
+    seen.clear()
+    launches.calls.clear()
+    trainer.step(x, y)
+    assert seen == [] and launches.calls == ["network_bwd_kernel"], (seen, launches.calls)
+
+
+def test_step_needs_grad_mode(device):
+    """Under torch.no_grad() or torch.inference_mode() a step raises, as autograd's backward
+    would, and changes nothing (before, the fused step trained there, and could turn the
+    parameters into inference tensors that no later step could train)."""
+    model = fnn.FNN([3, 4, 2], fusion="network", device=device)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # not flat
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = fnn.Trainer(model, loss="mse", lr=0.5)
+    x, y = torch.rand(9, 3, device=device), torch.rand(9, 2, device=device)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), pytest.raises(RuntimeError, match="grad mode off"):
+            trainer.step(x, y)
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q) and not p.is_inference()
+    trainer.step(x, y)  # and it trains afterwards
+    assert not torch.equal(model.layers[0].weight, before[0])
+
+
+def test_an_input_that_requires_grad_gets_its_gradient(device):
+    """x.requires_grad: the step takes autograd's path, which fills x.grad (the fused step
+    computes no dX: before, x.grad stayed None)."""
+    torch.manual_seed(9)
+    model = fnn.FNN([3, 4, 2], fusion="network", device=device, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    x = torch.rand(9, 3, device=device, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = torch.rand(9, 2, device=device, dtype=torch.float64)
+    fnn.Trainer(model, loss="mse", lr=0.5).step(x, y)
+    torch.nn.functional.mse_loss(ref(x_ref), y).backward()
+    assert x.grad is not None and x.grad.abs().max() > 0
+    assert_close(x.grad, x_ref.grad, 1e-12, 1e-14, "x.grad")
 
 
 @pytest.mark.parametrize("switch", ["freeze", "fusion"])
