@@ -43,8 +43,9 @@ class Trainer:
     (buf = momentum * buf + grad, the first buf = grad; p -= lr * buf).
 
     Fused path: an `FNN` whose `fusion` resolves to "network" (fnn.network.resolve_fusion)
-    on a kernel backend, outside torch.autocast, without hooks or a forward of its own, every
-    parameter requiring grad (and, for "bce", a sigmoid output
+    on a kernel backend, outside torch.autocast, without module hooks (its own, its layers'
+    or global ones), parameter hooks or a forward of its own, every parameter requiring grad,
+    x not requiring grad (and, for "bce", a sigmoid output
     layer, whose outputs lie in [0, 1] as nn.BCELoss requires), runs the whole step in one
     kernel launch when the batch fits one program of the backward
     (kernels.network.network_programs), else in two (the second sums the per-program
@@ -54,12 +55,14 @@ class Trainer:
     `load_state_dict(assign=True)`, `p.data = ...`), the step first calls
     `model.flatten_parameters()` (same Parameter objects, same values). `.grad` is not
     touched; bce targets are not checked for [0, 1] (that would sync). The momentum buffer
-    is one flat buffer in the same layout, owned by the Trainer, and starts again from zero
-    when the flat parameter buffer is replaced. Otherwise (a frozen parameter included: SGD
-    leaves it as it is): autograd and torch.optim.SGD, the same maths. A model that changes path
+    is one flat buffer in the same layout, owned by the Trainer; a new flat parameter buffer
+    for the same Parameter objects (`to()`, a new flattening) takes it over. Otherwise (a
+    frozen parameter included: SGD leaves it as it is): autograd and torch.optim.SGD, the same
+    maths. A model that changes path
     between steps (a layer frozen, then thawed) keeps its momentum: the flat buffer's slices
     become the optimizer's momentum buffers, and back, so the steps are one SGD run's. The
-    momentum starts again from zero when the model's Parameter objects are replaced.
+    momentum starts again from zero when the model's Parameter objects are replaced. A step
+    with grad mode off (torch.no_grad, torch.inference_mode) raises, as a backward would.
 
     torch.compile: the fused step is one launch already, with nothing around it for a
     compiler to fuse, so the Trainer is not meant to be compiled. A model given as
