@@ -449,8 +449,9 @@ def fnn_network_forward(model: nn.Module, x: torch.Tensor, p: FNNPlan | None = N
         and x.shape[-1] == p.sizes[0]
     ):
         check_network_args(x, weights, biases, p.acts)  # raises where an argument is wrong
-        if flat is not None:  # the parameters left it (FSDP2's sharding, assigned ones): drop it
-            model.__dict__["_flat"] = flat = None  # flatten_parameters() makes a new one
+        # The parameters are not the flat buffer's views: concatenate them. The buffer stays
+        # (functional_call substitutes parameters for one call; flatten_parameters drops it).
+        flat = None
     if _grad_enabled() and (x.requires_grad or _requires_grad(params)):
         if use_registered_ops():
             return _planned_network(x, p, flat, *params)
