@@ -621,10 +621,13 @@ def network_bwd_kernel(
                 # in the last slot), else h_l for the hidden layers; masked stores, no branches.
                 # A hidden layer that keeps Z also leaves its output in hsc, for the products of
                 # the next layer and of dW (this scratch is the program's own: nothing saved).
+                # An output layer whose derivative is read off Y by a heavy code (elu, softplus
+                # saving Y) leaves Y in the last slot: _delta_tile reads it back from there.
                 h_ptrs = h_l + h_rows[:, None] * P + offs_p[None, :]
                 tl.store(h_ptrs, cast(z, dtype, UPCAST), mask=_rows_if(offs_m, row_end, sz))
                 h = cast(_layer_out(z, code, a, b, n_out, asc, BLOCK_M, P, ACT_ROWS, ACTS), dtype, UPCAST)
-                tl.store(h_ptrs, h, mask=_rows_if(offs_m, row_end, ~sz & (li < L - 1)))
+                keep_h = ~sz & ((li < L - 1) | heavy_rt(code))
+                tl.store(h_ptrs, h, mask=_rows_if(offs_m, row_end, keep_h))
                 hs_ptrs = hsc + li * BLOCK_M * P + offs_r[:, None] * P + offs_p[None, :]
                 tl.store(hs_ptrs, h, mask=_rows_if(offs_m, row_end, sz & (li < L - 1)))
                 if STREAM_FWD:

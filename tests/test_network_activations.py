@@ -336,9 +336,14 @@ def test_inf_in_the_backward_stays_inf(dtype, device):
         (["gelu", A("softplus", beta=2.0, threshold=1.0)], "mse", 37, "registers"),
         (["silu", A("leaky_relu", negative_slope=-0.1), "gelu_tanh"], "sse", 520, "scratch"),
         ([A("elu", alpha=-0.5), "leaky_relu", "sigmoid"], "bce", 37, "registers"),
+        # Heavy output layers that save Y: their delta reads Y back from the H scratch's last
+        # slot, which the step's forward left unwritten before (wrong steps, NaN for softplus).
+        (["tanh", "elu"], "mse", 37, "scratch"),
+        (["gelu", "softplus"], "sse", 520, "registers"),
     ],
     ids=["gelu-softplus_z-mse", "gelu-softplus_z-mse-registers", "silu-leaky_neg-gelu_tanh-sse-G>1",
-         "elu_neg-leaky-sigmoid-bce-registers"],  # fmt: skip
+         "elu_neg-leaky-sigmoid-bce-registers", "tanh-elu-mse",
+         "gelu-softplus-sse-G>1-registers"],  # fmt: skip
 )
 def test_train_step_equals_torch_sgd(device, acts, loss, batch, form, launches, monkeypatch):
     """Three fused steps (one kernel launch each, or two for 520 rows: several programs and
@@ -396,6 +401,7 @@ def _torch_module(act: Activation) -> torch.nn.Module:
         return nn.Softplus(act.beta, act.threshold)
     return {
         "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
         "gelu": nn.GELU,
         "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
         "silu": nn.SiLU,
