@@ -35,6 +35,15 @@ def _check_number(value: object, name: str) -> float:
     return float(value)
 
 
+def _check_hyper(lr: object, momentum: object) -> tuple[float, float]:
+    lr, momentum = _check_number(lr, "lr"), _check_number(momentum, "momentum")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if momentum < 0:
+        raise ValueError(f"momentum must be >= 0, got {momentum}")
+    return lr, momentum
+
+
 class Trainer:
     """Full-batch training by SGD: `step(x, y)` = forward, loss, backward, update.
 
@@ -78,12 +87,7 @@ class Trainer:
             raise TypeError(f"loss must be a string, one of {sorted(LOSSES)}; got {type(loss).__name__}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-        lr = _check_number(lr, "lr")
-        momentum = _check_number(momentum, "momentum")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if momentum < 0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        lr, momentum = _check_hyper(lr, momentum)
         if not any(True for _ in model.parameters()):
             raise ValueError("Trainer: the model has no parameters to train")
         self.model = model
@@ -101,16 +105,25 @@ class Trainer:
         self._momentum_at: str | None = None
         self._model_fnn: tuple = (None, None)  # (self.model, the FNN it is or wraps, or None)
 
+    def _check_hyper(self) -> None:
+        """lr and momentum as the constructor checks them (they may be set between steps)."""
+        self.lr, self.momentum = _check_hyper(self.lr, self.momentum)
+
     def _fnn(self) -> FNN | None:
         """The FNN the fused step would train: the model, or the one torch.compile wraps. None
         for an FNN subclass whose forward is its own (the fused step computes FNN.forward's)."""
         model = self.model
         cached = self._model_fnn
         if cached[0] is model:
-            return cached[1]
-        inner = getattr(model, "_orig_mod", model)
-        inner = inner if isinstance(inner, FNN) and type(inner).forward is FNN.forward else None
-        self._model_fnn = (model, inner)
+            inner = cached[1]
+        else:
+            inner = getattr(model, "_orig_mod", model)
+            inner = inner if isinstance(inner, FNN) and type(inner).forward is FNN.forward else None
+            self._model_fnn = (model, inner)
+        # A forward set on the FNN instance (wrappers such as accelerate's do that), at any
+        # time. (torch.compile's wrapper sets its own `forward`: the FNN's is what counts.)
+        if inner is not None and "forward" in inner.__dict__:
+            return None
         return inner
 
     def _hooked(self, model: FNN, p: FNNPlan) -> bool:
@@ -200,6 +213,7 @@ class Trainer:
         return [self.step(x, y).item() for _ in range(epochs)]
 
     def _autograd_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._check_hyper()
         params = list(self.model.parameters())
         opt = self._optimizer
         if opt is None or not _same_objects(opt.param_groups[0]["params"], params):
@@ -300,6 +314,7 @@ class Trainer:
         acc = torch.float64 if flat.dtype is torch.float64 else torch.float32
         key = (self.lr, self.momentum, acc, device)
         if self._hyper is None or self._hyper[0] != key:
+            self._check_hyper()
             self._hyper = (key, torch.tensor([self.lr, self.momentum], dtype=acc, device=device))
         buf = None
         if self.momentum > 0:
@@ -325,13 +340,16 @@ class Trainer:
     def _momentum_to_optimizer(self, params: list) -> None:
         """Fused path -> autograd path: each parameter's slice of the flat momentum buffer
         becomes its torch.optim.SGD momentum buffer (what the fused steps left), in place of
-        whatever an earlier autograd phase left there. A parameter that is no longer a view of
-        that flat buffer starts from zero, as for replaced parameters."""
+        whatever an earlier autograd phase left there. The slices are found by the Parameter
+        objects the buffer was made for (not by address: the flat parameter buffer may have
+        been replaced since, by `to()` or `p.data = ...`, the Parameters staying). Where the
+        model's Parameters are not those objects (one replaced), every one starts from zero,
+        as the new optimizer the autograd path then makes would."""
         state = self._optimizer.state
-        flat, buf = (self._momentum[0](), self._momentum[1]) if self._momentum is not None else (None, None)
+        views = _momentum_views(self._momentum, params)
         for p in params:
             state[p].pop("momentum_buffer", None)
-            view = _flat_slice(flat, buf, p)
+            view = views.get(id(p))
             if view is not None:
                 state[p]["momentum_buffer"] = view.clone()
 
@@ -397,6 +415,26 @@ def _trainable(weights: list, biases: list) -> bool:
 
 # Under torch.compile, `step` is run as it is, outside any graph (see Trainer's docstring).
 _step_outside_graph = torch.compiler.disable(Trainer.step)
+
+
+def _momentum_views(momentum: tuple | None, params: list) -> dict[int, torch.Tensor]:
+    """id(p) -> p's slice of the fused path's momentum buffer, shaped as p, for every p of
+    `params`; empty unless `params` are exactly the Parameter objects (and shapes) the buffer
+    holds the momentum of (`Trainer._momentum`: the flat buffer's order, every weight then
+    every bias)."""
+    if momentum is None:
+        return {}
+    _, buf, held = momentum
+    views, offset = {}, 0
+    for ref, shape in held:
+        t, n = ref(), shape.numel()
+        if t is None or t.shape != shape:
+            return {}
+        views[id(t)] = buf[offset : offset + n].view(shape)
+        offset += n
+    if len(views) != len(params) or any(id(p) not in views for p in params):
+        return {}
+    return views
 
 
 def _flat_slice(flat: torch.Tensor | None, buf: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor | None:

@@ -345,6 +345,83 @@ def test_momentum_follows_the_parameters(device):
         buf = trainer._momentum[1]
 
 
+@pytest.mark.parametrize("change", ["p.data", "float-double"])
+def test_momentum_reaches_the_optimizer_after_a_new_flat_buffer(device, launches, change):
+    """Fused steps, then a new flat parameter buffer for the same Parameter objects, then
+    autograd's steps (a forward hook), then fused again: one torch.optim.SGD run throughout.
+    Before, the hand-over to the optimizer found the momentum by address in the old flat
+    buffer, gone by then: it restarted from zero (off by 9e-2)."""
+    torch.manual_seed(12)
+    dt = torch.float64
+    model = fnn.FNN([3, 6, 2], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    x, y = torch.randn(10, 3, device=device, dtype=dt), torch.rand(10, 2, device=device, dtype=dt)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+
+    def steps(n, fused, what):
+        for step in range(n):
+            assert trainer.fused(device) == fused, what
+            launches.calls.clear()
+            trainer.step(x, y)
+            assert (launches.calls == ["network_bwd_kernel"]) == fused, (what, launches.calls)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            opt.step()
+            _assert_params(model, list(ref.parameters()), f"{what}, step {step}", rtol=1e-12)
+
+    steps(2, True, "fused")
+    for m in (model, ref):
+        if change == "p.data":
+            m.layers[0].weight.data = m.layers[0].weight.data.clone()
+        else:
+            m.float().double()
+    handle = model.register_forward_hook(lambda mod, inp, out: out)
+    steps(2, False, f"autograd after {change}")
+    handle.remove()
+    steps(1, True, "fused again")
+
+
+def test_a_forward_set_on_the_instance_takes_the_autograd_step(device):
+    """`model.forward = ...` on the FNN instance (as wrappers such as accelerate's do) is what
+    `model(x)` runs: the step takes autograd's path with it (before, the fused step computed
+    FNN.forward: a wrong loss, wrong updates)."""
+    torch.manual_seed(13)
+    model = fnn.FNN([3, 4, 1], fusion="network", device=device, dtype=torch.float64)
+    ref = copy.deepcopy(model)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.5)
+    x = torch.rand(9, 3, device=device, dtype=torch.float64)
+    y = torch.rand(9, 1, device=device, dtype=torch.float64)
+    trainer.step(x, y)  # fused, and the model cached
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    ref_opt.zero_grad()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    ref_opt.step()
+    for m in (model, ref):
+        m.forward = lambda x, m=m: 2 * fnn.FNN.forward(m, x)
+    assert not trainer.fused(device)
+    _steps_match_sgd(trainer, model, ref, x, y, "mse", 0.5, 0.0, 1e-12)
+    del model.forward
+    assert trainer.fused(device)
+
+
+def test_lr_and_momentum_set_between_steps_are_checked(device):
+    """lr and momentum assigned after construction are checked as the constructor checks
+    them, on either path (before, the fused step took momentum -0.5 as 0 and autograd's
+    raised torch's error)."""
+    x, y = torch.rand(9, 3, device=device), torch.rand(9, 1, device=device)
+    for fusion in ("network", "layer"):
+        trainer = fnn.Trainer(fnn.FNN([3, 4, 1], fusion=fusion, device=device), loss="mse", lr=0.5)
+        trainer.step(x, y)
+        bad = (("momentum", -0.5, ValueError), ("lr", 0.0, ValueError), ("lr", "0.1", TypeError))
+        for name, value, exc in bad:
+            setattr(trainer, name, value)
+            with pytest.raises(exc, match=name):
+                trainer.step(x, y)
+            setattr(trainer, name, 0.5 if name == "lr" else 0.0)
+
+
 def test_parameter_hooks_take_the_autograd_step(device, launches):
     """A hook on a parameter tensor (`register_hook`, here a gradient mask that freezes rows
     of a weight, or `register_post_accumulate_grad_hook`) runs only where autograd makes the
