@@ -141,17 +141,20 @@ class Trainer:
         fusion resolves to "network", on a kernel backend, with plain parameters (FSDP's
         sharded DTensors train through autograd, where FSDP's hooks run)."""
         model = self._fnn()
+        if model is None:
+            return False
+        p = plan(model)
+        sizes = list(p.sizes)
         return (
-            model is not None
-            and not self._hooked(model, plan(model))
-            and fits_network(model.sizes)
-            and train_step_fits(model.sizes, next(model.parameters()).dtype)
-            and resolve_fusion(model.fusion, model.sizes, device) == "network"
+            not self._hooked(model, p)
+            and fits_network(sizes)
+            and train_step_fits(sizes, next(model.parameters()).dtype)
+            and resolve_fusion(model.fusion, sizes, device) == "network"
             and backend(device) != "reference"
             and not autocast_for(torch.device(device).type)  # autograd follows it, as FNN.forward does
-            and all(type(p) is nn.Parameter or type(p) is torch.Tensor for p in model.parameters())
-            and _trainable(*parameters(plan(model)))  # frozen ones: autograd's SGD skips them; hooks
-            and (self.loss != "bce" or plan(model).names[-1] == "sigmoid")  # outputs in [0, 1]
+            and all(type(t) is nn.Parameter or type(t) is torch.Tensor for t in model.parameters())
+            and _trainable(*parameters(p))  # frozen ones: autograd's SGD skips them; hooks
+            and (self.loss != "bce" or p.names[-1] == "sigmoid")  # outputs in [0, 1]
         )
 
     def _check_batch(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:

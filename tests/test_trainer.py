@@ -345,20 +345,26 @@ def test_momentum_follows_the_parameters(device):
         buf = trainer._momentum[1]
 
 
+def _fused_and_sgd(device, width: int, seed: int):
+    """A float64 FNN on the network path and its copy on the layer path, a batch, a Trainer
+    (mse, lr 0.3, momentum 0.9) over the first and a torch.optim.SGD over the copy."""
+    torch.manual_seed(seed)
+    dt = torch.float64
+    model = fnn.FNN([3, width, 2], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="network")
+    ref = copy.deepcopy(model)
+    ref.fusion = "layer"
+    x, y = torch.randn(10, 3, device=device, dtype=dt), torch.rand(10, 2, device=device, dtype=dt)
+    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
+    return model, ref, x, y, trainer, torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+
+
 @pytest.mark.parametrize("change", ["p.data", "float-double"])
 def test_momentum_reaches_the_optimizer_after_a_new_flat_buffer(device, launches, change):
     """Fused steps, then a new flat parameter buffer for the same Parameter objects, then
     autograd's steps (a forward hook), then fused again: one torch.optim.SGD run throughout.
     Before, the hand-over to the optimizer found the momentum by address in the old flat
     buffer, gone by then: it restarted from zero (off by 9e-2)."""
-    torch.manual_seed(12)
-    dt = torch.float64
-    model = fnn.FNN([3, 6, 2], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="network")
-    ref = copy.deepcopy(model)
-    ref.fusion = "layer"
-    x, y = torch.randn(10, 3, device=device, dtype=dt), torch.rand(10, 2, device=device, dtype=dt)
-    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    model, ref, x, y, trainer, opt = _fused_and_sgd(device, 6, seed=12)
 
     def steps(n, fused, what):
         for step in range(n):
@@ -525,14 +531,7 @@ def test_momentum_carries_across_path_changes(device, launches, switch):
     switched) keeps its momentum, as one torch.optim.SGD run throughout would: the fused
     step's flat buffer is handed to the optimizer and back (each used to start from zero, or
     from its stale state)."""
-    torch.manual_seed(11)
-    dt = torch.float64
-    model = fnn.FNN([3, 8, 2], activation=["tanh", "sigmoid"], device=device, dtype=dt, fusion="network")
-    ref = copy.deepcopy(model)
-    ref.fusion = "layer"
-    x, y = torch.randn(10, 3, device=device, dtype=dt), torch.rand(10, 2, device=device, dtype=dt)
-    trainer = fnn.Trainer(model, loss="mse", lr=0.3, momentum=0.9)
-    opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.9)
+    model, ref, x, y, trainer, opt = _fused_and_sgd(device, 8, seed=11)
     paths = []
     for phase, fused in enumerate((True, False, True, False)):
         for m in (model, ref):
